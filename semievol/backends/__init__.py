@@ -1,0 +1,70 @@
+"""The one seam between the algorithm and a model: the Backend protocol.
+
+Three backends implement it and never inherit from each other:
+``hf`` (transformers + peft LoRA, local), ``openai`` (the official SDK: fine-tuning jobs,
+chat completions with logprobs, embeddings) and ``fake`` (deterministic, in-process, for
+tests). Pick one by name with :func:`load_backend`.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+
+from ..errors import BackendUnavailable, ConfigError
+from ..types import ChatExample, Generation, Message, Usage
+
+if TYPE_CHECKING:
+    from ..config import FinetuneConfig
+
+__all__ = ["Backend", "load_backend"]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+    """"hf", "openai" or "fake"."""
+    default_model: str
+    """The model reference used when none is named."""
+    usage: Usage
+    """Tokens (and dollars) used so far by this backend object."""
+
+    def finetune(self, base: str, examples: Sequence[ChatExample], config: "FinetuneConfig",
+                 *, key: str) -> str:
+        """Fine-tune ``base`` (a base model or an earlier fine-tuned reference) on chat
+        examples; return the new model's reference. ``key`` is an idempotency key: a second
+        call with the same key returns the same model without training or paying again."""
+        ...
+
+    def generate_with_logprobs(self, model: str, prompts: Sequence[list[Message]], *,
+                               n: int = 1, temperature: float = 0.0, max_tokens: int = 64,
+                               seed: int | None = None) -> list[list[Generation]]:
+        """n generations per prompt, each with its tokens' raw log-probabilities."""
+        ...
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """One L2-normalised row per text, shape (len(texts), d)."""
+        ...
+
+
+def load_backend(name: str, **options) -> Backend:
+    """Build a backend by name. Options are the backend's own (``workdir`` for all: where it
+    keeps adapters or job records; ``base_url`` / ``api_key`` for openai; ...)."""
+    if name == "fake":
+        from .fake import FakeBackend
+
+        return FakeBackend(**options)
+    if name == "hf":
+        try:
+            from .hf import HFBackend
+        except ImportError as e:
+            raise BackendUnavailable(
+                f"the hf backend needs torch, transformers and peft ({e.name} is missing): "
+                'pip install "semievol[hf]"') from e
+        return HFBackend(**options)
+    if name == "openai":
+        from .openai import OpenAIBackend
+
+        return OpenAIBackend(**options)
+    raise ConfigError(f"unknown backend {name!r}: choose hf, openai or fake")

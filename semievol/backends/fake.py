@@ -1,0 +1,126 @@
+"""A deterministic in-process backend for fast tests of the algorithm.
+
+No model and no network. Answers come from a ``rule`` you give it (scripted per prompt,
+sample and model), or by default from what it was "trained" on: a fine-tuned reference
+answers a training prompt with that example's answer, and everything else with
+``default_answer``. Token logprobs are derived from a hash of the text (or given by the
+rule), embeddings are hashed bags of words, and every call is recorded in ``calls``.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..types import ChatExample, Generation, Message, Usage
+
+
+@dataclass(frozen=True)
+class FakeCall:
+    """What a rule sees for one sample."""
+
+    model: str
+    messages: list[Message]
+    sample: int
+    temperature: float
+    seed: int | None
+    trained: tuple[ChatExample, ...]
+    """Every example the model (and the models it continued) was fine-tuned on."""
+
+    @property
+    def user(self) -> str:
+        return self.messages[-1]["content"]
+
+
+Rule = Callable[[FakeCall], "str | Generation"]
+
+
+class FakeBackend:
+    name = "fake"
+    default_model = "fake-base"
+
+    def __init__(self, rule: Rule | None = None, *, default_answer: str = "I don't know",
+                 dim: int = 64, workdir: str | Path | None = None):
+        self.rule = rule
+        self.default_answer = default_answer
+        self.dim = dim
+        self.workdir = workdir
+        self.usage = Usage()
+        self.calls: list[tuple[str, dict]] = []
+        self.trained: dict[str, tuple[str, tuple[ChatExample, ...]]] = {}
+        """reference -> (its base, the examples it was fine-tuned on)."""
+
+    # -- Backend protocol ---------------------------------------------------------------
+    def finetune(self, base, examples, config, *, key):
+        ref = f"fake-ft:{key}"
+        self.calls.append(("finetune", {"base": base, "n_examples": len(examples), "key": key}))
+        if ref not in self.trained:
+            self.trained[ref] = (base, tuple(tuple(dict(m) for m in ex) for ex in examples))
+            self.usage.add(trained=sum(_count(m["content"]) for ex in examples for m in ex))
+        return ref
+
+    def generate_with_logprobs(self, model, prompts, *, n=1, temperature=0.0, max_tokens=64,
+                               seed=None):
+        self.calls.append(("generate", {"model": model, "n_prompts": len(prompts), "n": n,
+                                        "temperature": temperature, "seed": seed}))
+        trained = self._lineage(model)
+        out = []
+        for messages in prompts:
+            self.usage.add(prompt=sum(_count(m["content"]) for m in messages))
+            samples = []
+            for i in range(n):
+                call = FakeCall(model, list(messages), i, temperature, seed, trained)
+                result = self.rule(call) if self.rule else self._remember(call)
+                gen = result if isinstance(result, Generation) else _generation(result)
+                self.usage.add(completion=len(gen.tokens))
+                samples.append(gen)
+            out.append(samples)
+        return out
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        self.calls.append(("embed", {"n_texts": len(texts)}))
+        vectors = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in _words(text):
+                vectors[row, _hash(word) % self.dim] += 1.0
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors / np.where(norms == 0, 1.0, norms)
+
+    # -- helpers ------------------------------------------------------------------------
+    def _lineage(self, model: str) -> tuple[ChatExample, ...]:
+        examples: list[ChatExample] = []
+        while model in self.trained:
+            model, own = self.trained[model]
+            examples.extend(own)
+        return tuple(examples)
+
+    def _remember(self, call: FakeCall) -> str:
+        for example in reversed(call.trained):
+            if example[-2]["content"] == call.user:
+                return example[-1]["content"]
+        return self.default_answer
+
+    def calls_of(self, method: str) -> list[dict]:
+        return [kwargs for name, kwargs in self.calls if name == method]
+
+
+def _generation(text: str) -> Generation:
+    tokens = tuple(re.findall(r"\S+|\s+", text)) or ()
+    logprobs = tuple(-(_hash(tok) % 1000) / 1000.0 for tok in tokens)
+    return Generation(text=text, tokens=tokens, logprobs=logprobs)
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def _count(text: str) -> int:
+    return len(_words(text))
+
+
+def _hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")

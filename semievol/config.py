@@ -1,0 +1,131 @@
+"""Run and fine-tuning configuration: frozen dataclasses, validated on construction and saved
+as JSON beside the results, so every run says exactly how it was made."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How one fine-tune is done. Defaults are the paper's (LoRA r=16 on all linear layers,
+    lr 1e-4, 2 epochs, cosine schedule, warm-up ratio 0.1)."""
+
+    epochs: float = 2
+    learning_rate: float = 1e-4
+    """Local LoRA learning rate. The OpenAI backend uses ``learning_rate_multiplier``."""
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    batch_size: int = 8
+    warmup_ratio: float = 0.1
+    lr_scheduler: str = "cosine"
+    max_length: int = 1024
+    """Training examples longer than this many tokens are cut (local backend)."""
+    seed: int = 0
+    learning_rate_multiplier: float | None = None
+    """OpenAI fine-tuning only; None lets the API choose."""
+
+    def __post_init__(self):
+        _check(self.epochs > 0, "epochs must be > 0")
+        _check(self.learning_rate > 0, "learning_rate must be > 0")
+        _check(self.lora_rank >= 1, "lora_rank must be >= 1")
+        _check(self.batch_size >= 1, "batch_size must be >= 1")
+        _check(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")
+        _check(0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)")
+        _check(self.max_length >= 8, "max_length must be >= 8")
+
+    def replace(self, **changes) -> "FinetuneConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that decides what a `semievol run` does (saved as config.json)."""
+
+    data: str
+    backend: str = "hf"
+    model: str | None = None
+    """Base model reference; None means the backend's default."""
+    n: int = 4
+    """Collaborating inferences per unlabeled question."""
+    k: int = 3
+    """Retrieved labeled examples per unlabeled question (in-context propagation)."""
+    theta: float = 0.5
+    """Keep pseudo-labels whose entropy is under this percentile of all entropies."""
+    rounds: int = 1
+    iwp: bool = True
+    icp: bool = True
+    cl: bool = True
+    adaptive_selection: bool = True
+    limit_labeled: int | None = None
+    limit_unlabeled: int | None = None
+    limit_test: int | None = None
+    seed: int = 0
+    temperature: float = 1.0
+    """Sampling temperature of the collaborating inferences (the authors' code: 1.0)."""
+    max_tokens: int = 32
+    prompt_style: str = "text"
+    """"text": the model answers with the option's text (best for small models);
+    "letter": the paper's "Answer: X" format."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evolve_finetune: FinetuneConfig | None = None
+    """Fine-tuning of the evolve step; None means the same as ``finetune``."""
+    base_url: str | None = None
+    max_cost_usd: float | None = None
+    batch_size: int = 16
+    """Questions per generation call."""
+
+    def __post_init__(self):
+        _check(self.backend in ("hf", "openai", "fake"), f"unknown backend {self.backend!r}")
+        _check(1 <= self.n <= 16, "n must be between 1 and 16")
+        _check(0 <= self.k <= 16, "k must be between 0 and 16")
+        _check(0 < self.theta <= 1, "theta must be in (0, 1]")
+        _check(self.rounds >= 1, "rounds must be >= 1")
+        _check(self.temperature >= 0, "temperature must be >= 0")
+        _check(self.max_tokens >= 1, "max_tokens must be >= 1")
+        _check(self.batch_size >= 1, "batch_size must be >= 1")
+        _check(self.prompt_style in ("text", "letter"), "prompt_style must be 'text' or 'letter'")
+        for name in ("limit_labeled", "limit_unlabeled", "limit_test"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"{name} must be >= 1")
+        _check(self.max_cost_usd is None or self.max_cost_usd >= 0, "max_cost_usd must be >= 0")
+
+    @property
+    def evolve_ft(self) -> FinetuneConfig:
+        return self.evolve_finetune or self.finetune
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        data = dict(data)
+        data["finetune"] = FinetuneConfig(**data.get("finetune", {}))
+        if data.get("evolve_finetune") is not None:
+            data["evolve_finetune"] = FinetuneConfig(**data["evolve_finetune"])
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise ConfigError(f"config: {e}") from None
+
+    def save(self, path: Path) -> None:
+        from .rundir import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "RunConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)

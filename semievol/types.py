@@ -1,0 +1,110 @@
+"""The plain data the stages pass around."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+Message = dict[str, str]
+"""A chat message: ``{"role": "system" | "user" | "assistant", "content": str}``."""
+
+ChatExample = list[Message]
+"""A training example: chat messages ending with the assistant's answer."""
+
+AnswerKind = Literal["choice", "numeric", "text"]
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One question of a task split."""
+
+    id: str
+    question: str
+    options: tuple[str, ...] | None = None
+    """The answer options, or None for a free answer (numeric or short text)."""
+    answer: str | None = None
+    """The gold answer: an option letter ("A", "B", ...) for multi-choice, else the free
+    answer text. None on the unlabeled split (its answers are hidden at load time)."""
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+    """Extra columns of the source row, kept as they were."""
+
+    @property
+    def kind(self) -> AnswerKind:
+        if self.options is not None:
+            return "choice"
+        return "numeric" if _is_number(self.answer) else "text"
+
+    def option_of(self, letter: str) -> str:
+        """The text of the option with this letter."""
+        return self.options[LETTERS.index(letter)]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One sampled response with the log-probability of each of its tokens.
+
+    ``logprobs[i]`` is log P(tokens[i] | prompt, tokens[:i]) under the model's raw
+    distribution (not temperature-scaled), so entropies compare across backends."""
+
+    text: str
+    tokens: tuple[str, ...] = ()
+    logprobs: tuple[float, ...] = ()
+    finish_reason: str = "stop"
+
+    def __post_init__(self):
+        if len(self.tokens) != len(self.logprobs):
+            raise ValueError(f"{len(self.tokens)} tokens but {len(self.logprobs)} logprobs")
+
+    @property
+    def entropy(self) -> float:
+        """Mean negative token log-probability (paper eq. 6); inf for an empty response."""
+        if not self.logprobs:
+            return math.inf
+        return -sum(self.logprobs) / len(self.logprobs)
+
+
+@dataclass
+class Usage:
+    """Tokens a backend has used (and paid for, where it costs money)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    trained_tokens: int = 0
+    cost_usd: float | None = None
+
+    def add(self, prompt: int = 0, completion: int = 0, trained: int = 0,
+            cost: float | None = None) -> None:
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
+        self.trained_tokens += trained
+        if cost is not None:
+            self.cost_usd = (self.cost_usd or 0.0) + cost
+
+    def to_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "trained_tokens": self.trained_tokens, "cost_usd": self.cost_usd}
+
+
+@dataclass
+class Task:
+    """A task directory loaded: three splits, and the unlabeled answers kept apart.
+
+    ``hidden`` maps unlabeled ids to their answers when the file had them. Only reporting
+    (pseudo-label accuracy) may read it; the algorithm never does."""
+
+    name: str
+    labeled: list[Example]
+    unlabeled: list[Example]
+    test: list[Example]
+    hidden: dict[str, str] = field(default_factory=dict, repr=False)
+
+
+def _is_number(text: str | None) -> bool:
+    if text is None:
+        return False
+    try:
+        return math.isfinite(float(text.replace(",", "").strip()))
+    except ValueError:
+        return False
