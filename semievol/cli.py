@@ -1,0 +1,205 @@
+"""The `semievol` command line: run, eval, report, compare, serve, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .config import FinetuneConfig, RunConfig
+from .errors import SemievolError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except SemievolError as e:
+        print(f"semievol: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("semievol: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="semievol", description=
+                                "Evolve an LLM with a little labeled and a lot of unlabeled data (SemiEvol).")
+    p.add_argument("-v", "--verbose", action="store_true", help="log each stage")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run (or resume) SemiEvol on a task directory",
+                         description="Run SemiEvol: warm-up fine-tune, in-context retrieval, "
+                         "collaborative pseudo-labelling, entropy selection, evolve, evaluate. "
+                         "Running again on the same --out resumes.")
+    run.add_argument("--data", required=True, help="directory with labeled, unlabeled and test "
+                     "files (.csv or .jsonl: question, options, answer)")
+    _backend_args(run)
+    run.add_argument("--out", help="run directory (default: runs/<task>-<backend>)")
+    run.add_argument("--n", type=int, default=4, help="collaborating inferences per question (4)")
+    run.add_argument("--k", type=int, default=3, help="retrieved labeled examples per question (3)")
+    run.add_argument("--theta", type=float, default=0.5, help="entropy percentile to keep (0.5)")
+    run.add_argument("--rounds", type=int, default=1, help="rounds of mining and evolving (1)")
+    run.add_argument("--epochs", type=float, default=2, help="fine-tuning epochs (2)")
+    run.add_argument("--lr", type=float, default=1e-4, help="LoRA learning rate (1e-4)")
+    run.add_argument("--evolve-lr", type=float, help="learning rate of the evolve step (as --lr)")
+    run.add_argument("--batch-size", type=int, default=8, help="fine-tuning batch size (8)")
+    run.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1.0)")
+    run.add_argument("--max-tokens", type=int, default=32, help="max tokens per answer (32)")
+    run.add_argument("--prompt-style", choices=["text", "letter"], default="text",
+                     help="answer with the option's text (default) or the paper's 'Answer: X'")
+    for stage, what in [("iwp", "in-weight propagation (warm-up fine-tune)"),
+                        ("icp", "in-context propagation (retrieved examples)"),
+                        ("cl", "collaborative learning (one greedy inference instead)"),
+                        ("as", "adaptive selection (keep every pseudo-label)")]:
+        run.add_argument(f"--no-{stage}", action="store_true", help=f"ablation: without {what}")
+    for split in ("labeled", "unlabeled", "test"):
+        run.add_argument(f"--limit-{split}", type=int, metavar="N", help=f"use the first N {split} items")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--max-cost-usd", type=float, help="stop before a step that would pass this cost")
+    run.add_argument("--dry-run", action="store_true", help="print the estimated cost and stop")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=_cmd_run)
+
+    ev = sub.add_parser("eval", help="evaluate one model on a split",
+                        description="Evaluate a model reference on a split of a task directory.")
+    ev.add_argument("--data", required=True)
+    _backend_args(ev)
+    ev.add_argument("--split", default="test", choices=["labeled", "unlabeled", "test"])
+    ev.add_argument("--limit", type=int, metavar="N", help="only the first N items")
+    ev.add_argument("--prompt-style", choices=["text", "letter"], default="text")
+    ev.add_argument("--max-tokens", type=int, default=32)
+    ev.set_defaults(func=_cmd_eval)
+
+    rep = sub.add_parser("report", help="write report.md and figures for a run",
+                         description="Write RUN_DIR/report.md with PNG figures.")
+    rep.add_argument("run_dir")
+    rep.set_defaults(func=_cmd_report)
+
+    cmp_ = sub.add_parser("compare", help="several runs side by side",
+                          description="Print a table comparing runs and write a figure.")
+    cmp_.add_argument("run_dirs", nargs="+")
+    cmp_.add_argument("--figure", default="compare.png", help="where to write the figure")
+    cmp_.set_defaults(func=_cmd_compare)
+
+    srv = sub.add_parser("serve", help="serve an OpenAI-compatible API over a local backend",
+                         description="OpenAI-compatible fine-tuning, chat (with logprobs) and "
+                         "embeddings API over a local backend.")
+    srv.add_argument("--backend", default="hf", choices=["hf", "fake"])
+    srv.add_argument("--model", help="base model (default: the embedded smollm2-135m)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--state-dir", help="where files, jobs and adapters live (default: ./semievol-serve)")
+    srv.add_argument("--api-key", help="require this bearer token (or set SEMIEVOL_API_KEY)")
+    srv.set_defaults(func=_cmd_serve)
+
+    demo = sub.add_parser("demo", help="the embedded default end to end on a synthetic task",
+                          description="Generate a small synthetic task and run SemiEvol on the "
+                          "embedded SmolLM2-135M (CPU, a few minutes).")
+    demo.add_argument("--out", default="runs/demo", help="run directory (runs/demo)")
+    demo.add_argument("--quiet", action="store_true")
+    demo.set_defaults(func=_cmd_demo)
+    return p
+
+
+def _backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="hf", choices=["hf", "openai", "fake"],
+                   help="hf: local LoRA (default); openai: the OpenAI API; fake: tests only")
+    p.add_argument("--model", help="model reference (default: the backend's default)")
+    p.add_argument("--base-url", help="OpenAI-compatible API base URL (e.g. a `semievol serve`)")
+    p.add_argument("--api-key", help="API key (default: $OPENAI_API_KEY); never written anywhere")
+    p.add_argument("--openai-batch", action="store_true",
+                   help="use the OpenAI Batch API for inference (half price, up to 24 h)")
+
+
+def make_backend(args, workdir: Path | None, max_cost_usd: float | None = None):
+    from .backends import load_backend
+
+    if args.backend == "hf":
+        return load_backend("hf", model=args.model, workdir=workdir)
+    if args.backend == "openai":
+        return load_backend("openai", model=args.model, base_url=args.base_url,
+                            api_key=args.api_key, workdir=workdir, max_cost_usd=max_cost_usd,
+                            batch_mode=args.openai_batch)
+    return load_backend("fake", workdir=workdir)
+
+
+def _run_config(args) -> RunConfig:
+    ft = FinetuneConfig(epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size,
+                        seed=args.seed)
+    return RunConfig(
+        data=str(args.data), backend=args.backend, model=args.model, n=args.n, k=args.k,
+        theta=args.theta, rounds=args.rounds, iwp=not args.no_iwp, icp=not args.no_icp,
+        cl=not args.no_cl, adaptive_selection=not args.no_as, limit_labeled=args.limit_labeled,
+        limit_unlabeled=args.limit_unlabeled, limit_test=args.limit_test, seed=args.seed,
+        temperature=args.temperature, max_tokens=args.max_tokens, prompt_style=args.prompt_style,
+        finetune=ft, evolve_finetune=ft.replace(learning_rate=args.evolve_lr) if args.evolve_lr else None,
+        base_url=args.base_url, max_cost_usd=args.max_cost_usd)
+
+
+def _cmd_run(args) -> int:
+    from . import pipeline, report
+    from .data import load_task
+
+    config = _run_config(args)
+    task = load_task(config.data, limits=pipeline._limits(config))
+    if args.dry_run:
+        from .cost import print_estimate
+
+        print_estimate(task, config)
+        return 0
+    out = Path(args.out or f"runs/{task.name}-{args.backend}")
+    backend = make_backend(args, out / "backend", args.max_cost_usd)
+    results = pipeline.run(config, backend, out, task=task, quiet=args.quiet)
+    print(report.summary(results))
+    print(f"\nrun directory: {out}   (semievol report {out})")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from . import evaluate
+    from .data import load_split, find_split
+
+    items = load_split(find_split(Path(args.data), args.split), split=args.split)[: args.limit]
+    backend = make_backend(args, Path("semievol-work"))
+    records: list[dict] = []
+    evaluate.predict(backend, args.model or backend.default_model, items,
+                     style=args.prompt_style, max_tokens=args.max_tokens, batch_size=16,
+                     on_records=records.extend)
+    scores = evaluate.metrics(records, items)
+    print(json.dumps({"model": args.model or backend.default_model, "split": args.split, **scores}))
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from . import report
+
+    path = report.write_report(Path(args.run_dir))
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from . import report
+
+    print(report.compare([Path(d) for d in args.run_dirs], Path(args.figure)))
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    from .server import serve
+
+    serve(backend=args.backend, model=args.model, host=args.host, port=args.port,
+          state_dir=args.state_dir, api_key=args.api_key or os.environ.get("SEMIEVOL_API_KEY"))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from . import demo
+
+    demo.main(Path(args.out), quiet=args.quiet)
+    return 0

@@ -1,0 +1,302 @@
+"""Load a task's splits from CSV or JSONL files, with errors that point at file:line:field.
+
+A split file holds one question per row (CSV, header on line 1) or per line (JSONL):
+
+    question   required, non-empty text
+    options    a JSON list of >= 2 non-empty strings (a JSON string in CSV, a list or a
+               JSON string in JSONL); absent, empty or ``[]`` means a free answer
+    answer     multi-choice: a letter ("B", "b"), a 1-based number ("2", as ARC writes
+               some labels) or the exact text of an option, all stored as the letter;
+               free answer: the text, stripped. Required unless ``require_answer=False``.
+    id         optional; else ``<split>-<row index>`` (0-based)
+
+Every other column is kept, as read, in ``Example.meta``. Anything malformed raises one
+:class:`~semievol.errors.DataError` naming the file, the line where the row starts (the
+CSV header is line 1) and the field.
+
+A task directory holds ``labeled``, ``unlabeled`` and ``test`` files. The unlabeled answers,
+where the file has them, are taken out at load time into ``Task.hidden`` so that only
+reporting can see them (see :func:`load_task`).
+"""
+from __future__ import annotations
+
+import codecs
+import csv
+import dataclasses
+import io
+import json
+import math
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import ConfigError, DataError
+from .types import LETTERS, Example, Task
+
+SPLITS = ("labeled", "unlabeled", "test")
+EXTENSIONS = (".csv", ".jsonl")
+
+_KNOWN = ("id", "question", "options", "answer")
+_SURROGATE = re.compile("[\udc80-\udcff]")  # an undecodable byte under surrogateescape
+
+
+def load_task(directory: str | Path, *, limits: dict[str, int | None] | None = None) -> Task:
+    """Load ``labeled``, ``unlabeled`` and ``test`` (each ``.csv`` or ``.jsonl``) from a directory.
+
+    Labeled and test rows must have answers. Unlabeled answers (optional) go to
+    ``Task.hidden`` (id -> answer letter or text) and the unlabeled Examples carry
+    ``answer=None``; a column that restates the answer on every unlabeled row (fpb's ``gt``,
+    the sentiment word) is dropped from their meta too, so the algorithm cannot read it.
+
+    ``limits`` maps a split name to N (or None for all): the first N rows of that file are
+    kept, after the whole file has been validated.
+    """
+    directory = Path(directory)
+    limits = _check_limits(limits or {})
+    splits = {}
+    for split in SPLITS:
+        examples = load_split(find_split(directory, split), split=split,
+                              require_answer=split != "unlabeled")
+        splits[split] = examples[:limits.get(split)]
+
+    hidden = {ex.id: ex.answer for ex in splits["unlabeled"] if ex.answer is not None}
+    leaks = _answer_columns(splits["unlabeled"])
+    splits["unlabeled"] = [
+        dataclasses.replace(ex, answer=None,
+                            meta={k: v for k, v in ex.meta.items() if k not in leaks})
+        for ex in splits["unlabeled"]
+    ]
+    return Task(name=directory.resolve().name, hidden=hidden, **splits)
+
+
+def load_split(path: str | Path, *, split: str | None = None,
+               require_answer: bool = True) -> list[Example]:
+    """Read one split file (``.csv`` or ``.jsonl``) into Examples, in file order.
+
+    ``split`` names the split in generated ids (default: the file name's stem). With
+    ``require_answer=False`` the answer column/field may be missing or empty (answer None);
+    an answer that is there is still checked and normalised.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in EXTENSIONS:
+        raise DataError(f"unknown file type {path.suffix!r}; expected .csv or .jsonl",
+                        file=str(path))
+    text = _read_text(path)
+    required = ("question", "answer") if require_answer else ("question",)
+    if path.suffix.lower() == ".csv":
+        records = _csv_records(text, str(path), required)
+    else:
+        records = _jsonl_records(text, str(path))
+
+    prefix = split or path.stem
+    examples: list[Example] = []
+    first_line: dict[str, int] = {}
+    for index, (line, record) in enumerate(records):
+        example = _example(record, str(path), line, f"{prefix}-{index}", required)
+        if example.id in first_line:
+            raise DataError(f"duplicate id {example.id!r} (first at line "
+                            f"{first_line[example.id]})", file=str(path), line=line, field="id")
+        first_line[example.id] = line
+        examples.append(example)
+    if not examples:
+        raise DataError("the split is empty: no rows", file=str(path), line=1)
+    return examples
+
+
+# --- reading files --------------------------------------------------------------------
+
+
+def _read_text(path: Path) -> str:
+    """The file as text: UTF-8 (a leading BOM is skipped), strictly."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read: {e.strerror}", file=str(path)) from None
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # Parse again with the bad bytes escaped, only to say which field holds them.
+        line = data.count(b"\n", 0, e.start) + 1
+        field = _field_with_bad_byte(path, data.decode("utf-8", "surrogateescape"))
+        raise DataError(f"byte 0x{data[e.start]:02x} is not valid UTF-8", file=str(path),
+                        line=line, field=field) from None
+
+
+def _field_with_bad_byte(path: Path, text: str) -> str | None:
+    reader = _csv_records if path.suffix.lower() == ".csv" else _jsonl_records
+    try:
+        for _, record in reader(text, str(path), ()):
+            for key, value in record.items():
+                if isinstance(value, str) and _SURROGATE.search(value):
+                    return key
+    except DataError:
+        pass
+    return None
+
+
+def _csv_records(text: str, file: str, required: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
+    """(line where the row starts, {column: value}) for each non-blank CSV row."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    line = 1
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise DataError("the split is empty: no header and no rows", file=file, line=1)
+        for name in required:
+            if name not in header:
+                raise DataError(f"missing column (the header has {header})", file=file,
+                                line=1, field=name)
+        while True:
+            line = reader.line_num + 1
+            row = next(reader, None)
+            if row is None:
+                return
+            if not row:
+                continue  # a blank line
+            if len(row) != len(header):
+                field = header[len(row)] if len(row) < len(header) else None
+                raise DataError(f"the row has {len(row)} values but the header has "
+                                f"{len(header)} columns", file=file, line=line, field=field)
+            yield line, dict(zip(header, row))
+    except csv.Error as e:
+        raise DataError(f"malformed CSV: {e}", file=file, line=line) from None
+
+
+def _jsonl_records(text: str, file: str, required=()) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank JSONL line."""
+    # Split on "\n" only: str.splitlines would also split at U+2028 inside JSON strings.
+    for line, raw in enumerate(text.split("\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataError(f"invalid JSON at column {e.colno}: {e.msg}", file=file,
+                            line=line) from None
+        if not isinstance(record, dict):
+            raise DataError(f"expected a JSON object, found {type(record).__name__}",
+                            file=file, line=line)
+        yield line, record
+
+
+# --- checking one row -----------------------------------------------------------------
+
+
+def _example(record: dict, file: str, line: int, default_id: str,
+             required: tuple[str, ...]) -> Example:
+    def fail(field: str, message: str) -> DataError:
+        return DataError(message, file=file, line=line, field=field)
+
+    for name in required:
+        if name not in record:
+            raise fail(name, "missing field")
+    question = record["question"]
+    if not isinstance(question, str) or not question.strip():
+        raise fail("question", f"must be non-empty text, found {question!r}")
+    options = _options(record.get("options"), fail)
+    answer = _answer(record.get("answer"), options, fail)
+    if answer is None and "answer" in required:
+        raise fail("answer", "is empty")
+    raw_id = record.get("id")
+    example_id = str(raw_id).strip() if raw_id is not None and str(raw_id).strip() else default_id
+    meta = {k: v for k, v in record.items() if k not in _KNOWN}
+    return Example(id=example_id, question=question.strip(), options=options, answer=answer,
+                   meta=meta)
+
+
+def _options(raw, fail) -> tuple[str, ...] | None:
+    """None for a free answer; else the options, each a non-empty string."""
+    if isinstance(raw, str):
+        if not raw.strip():
+            return None
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise fail("options", f"not a JSON list: {e}") from None
+    if raw is None or raw == []:
+        return None
+    if not isinstance(raw, list):
+        raise fail("options", f"must be a list of strings, found {type(raw).__name__}")
+    if len(raw) < 2:
+        raise fail("options", f"needs at least 2 options, found {len(raw)}")
+    options = []
+    for i, option in enumerate(raw):
+        if isinstance(option, float) and math.isnan(option):
+            # pandas wrote MMLU's option "None" as NaN (its default NA strings include
+            # "None"); ten MMLU rows have it, one as the gold answer.
+            option = "None"
+        if not isinstance(option, str) or not option.strip():
+            raise fail("options", f"option {LETTERS[i] if i < len(LETTERS) else i + 1} "
+                                  f"must be non-empty text, found {option!r}")
+        options.append(option)
+    if len(options) > len(LETTERS):
+        raise fail("options", f"at most {len(LETTERS)} options, found {len(options)}")
+    return tuple(options)
+
+
+def _answer(raw, options: tuple[str, ...] | None, fail) -> str | None:
+    """The answer normalised: an option letter for multi-choice, else stripped text."""
+    if raw is None:
+        return None
+    if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
+        raise fail("answer", f"must be text, found {raw!r}")
+    text = str(raw).strip()
+    if not text:
+        return None
+    if options is None:
+        return text
+    letters = LETTERS[:len(options)]
+    if len(text) == 1 and text.upper() in letters:
+        return text.upper()
+    if text.isdigit() and 1 <= int(text) <= len(options):
+        return letters[int(text) - 1]  # ARC's 1-based labels
+    if text in options:
+        return letters[options.index(text)]
+    raise fail("answer", f"{text!r} is not an option: expected one of {', '.join(letters)}, "
+                         f"1-{len(options)} or an option's exact text")
+
+
+# --- task-level helpers ---------------------------------------------------------------
+
+
+def find_split(directory: Path, split: str) -> Path:
+    if not directory.is_dir():
+        raise DataError("is not a directory", file=str(directory))
+    found = [directory / f"{split}{ext}" for ext in EXTENSIONS
+             if (directory / f"{split}{ext}").is_file()]
+    if not found:
+        raise DataError(f"no {split} split: expected {split}.csv or {split}.jsonl",
+                        file=str(directory))
+    if len(found) > 1:
+        raise DataError(f"two files for the {split} split ({', '.join(p.name for p in found)}); "
+                        "keep one", file=str(directory))
+    return found[0]
+
+
+def _check_limits(limits: dict) -> dict:
+    for split, n in limits.items():
+        if split not in SPLITS:
+            raise ConfigError(f"limits: unknown split {split!r}; expected one of {SPLITS}")
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise ConfigError(f"limits: {split} must be a positive integer or None, got {n!r}")
+    return limits
+
+
+def _answer_columns(examples: list[Example]) -> set[str]:
+    """Meta columns equal to the answer (its letter or option text) on every answered row."""
+    answered = [ex for ex in examples if ex.answer is not None]
+    if not answered:
+        return set()
+
+    def says_answer(ex: Example, value) -> bool:
+        value = str(value).strip().lower()
+        texts = {ex.answer.lower()}
+        if ex.options is not None:
+            texts.add(ex.option_of(ex.answer).strip().lower())
+        return value in texts
+
+    columns = set().union(*(ex.meta for ex in answered))
+    return {c for c in columns
+            if all(c in ex.meta and says_answer(ex, ex.meta[c]) for ex in answered)}

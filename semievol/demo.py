@@ -1,0 +1,76 @@
+"""`semievol demo`: the embedded SmolLM2-135M, end to end, on a task made here.
+
+The task is synthetic and its labels are computable: route a customer-support ticket to
+the team that handles it (billing, shipping or technical). Each ticket is a template
+around a problem phrase of one team, so the true label is known for every item, including
+the unlabeled ones (hidden from the algorithm, used only to score the pseudo-labels).
+Sized to finish in a few minutes on a 2-core CPU.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from .config import FinetuneConfig, RunConfig
+
+TEAMS = ("billing", "shipping", "technical")
+PROBLEMS = {
+    "billing": ["I was charged twice for my subscription", "my invoice shows the wrong amount",
+                "I need a refund for last month", "the payment was declined but the money left my account",
+                "I want to update the credit card on file", "the VAT on my receipt is wrong",
+                "my discount code was not applied to the bill", "I was billed after cancelling",
+                "the annual plan price changed without notice", "I cannot download my invoices"],
+    "shipping": ["my parcel has not arrived yet", "the tracking number does not work",
+                 "the courier left the box at the wrong address", "I want to change the delivery date",
+                 "the package arrived damaged", "only half of my order was delivered",
+                 "the delivery is stuck at customs", "I need to ship to a different country",
+                 "the driver never rang the bell", "my order says delivered but nothing came"],
+    "technical": ["the app crashes when I log in", "I cannot reset my password",
+                  "the website shows an error 500", "the device does not turn on after the update",
+                  "syncing between my phone and laptop fails", "the screen flickers after the firmware upgrade",
+                  "two-factor codes never reach me", "the export button does nothing",
+                  "the software freezes at startup", "notifications stopped working on my tablet"],
+}
+TEMPLATES = ["Hello, {p}. Please help.", "Urgent: {p}!", "Hi team, {p} since yesterday.",
+             "I am writing because {p}.", "{P}. What should I do?", "Good morning. {P}, can you check?",
+             "Not happy: {p}.", "Quick question - {p}."]
+QUESTION = "Which team should handle this support ticket?\nTicket: {ticket}"
+SIZES = {"labeled": 24, "unlabeled": 120, "test": 60}
+RECIPE = FinetuneConfig(epochs=4, learning_rate=4e-4, batch_size=8)
+"""Small-model recipe: more epochs and a higher LoRA learning rate than the paper's."""
+
+
+def make_task(directory: Path, seed: int = 0) -> Path:
+    """Write labeled / unlabeled / test JSONL files of the ticket-routing task."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    items = [_ticket(rng, i) for i in range(sum(SIZES.values()))]
+    start = 0
+    for split, size in SIZES.items():
+        with open(directory / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            for item in items[start:start + size]:
+                f.write(json.dumps(item) + "\n")
+        start += size
+    return directory
+
+
+def _ticket(rng: random.Random, i: int) -> dict:
+    team = rng.choice(TEAMS)
+    problem = rng.choice(PROBLEMS[team])
+    text = rng.choice(TEMPLATES).format(p=problem, P=problem[0].upper() + problem[1:])
+    return {"id": f"ticket-{i}", "question": QUESTION.format(ticket=text),
+            "options": list(TEAMS), "answer": "ABC"[TEAMS.index(team)]}
+
+
+def main(out: Path, quiet: bool = False) -> dict:
+    from . import pipeline, report
+    from .backends import load_backend
+
+    data = make_task(out / "data")
+    config = RunConfig(data=str(data), backend="hf", finetune=RECIPE)
+    backend = load_backend("hf", workdir=out / "backend")
+    results = pipeline.run(config, backend, out, quiet=quiet)
+    print(report.summary(results))
+    print(f"\nreport: {report.write_report(out)}")
+    return results

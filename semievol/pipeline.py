@@ -1,0 +1,239 @@
+"""The SemiEvol pipeline, top to bottom as in the paper: propagate (in weight and in
+context), collaborate, select, evolve; then evaluate vanilla, SFT and SemiEvol.
+
+Every stage records its output in the run directory as it finishes, so running again on
+the same directory resumes: done stages are skipped, item-wise stages continue after their
+last finished item, and fine-tunes are keyed so none is trained (or paid for) twice.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+from . import collaborate, evaluate, evolve, propagate, selection
+from .backends import Backend
+from .config import RunConfig
+from .data import load_task
+from .errors import ConfigError
+from .rundir import RunDir
+from .types import Example, Task
+
+log = logging.getLogger("semievol")
+
+
+def run(config: RunConfig, backend: Backend, run_dir: str | Path, *, task: Task | None = None,
+        quiet: bool = False) -> dict:
+    """Run (or resume) SemiEvol; return the results also written to results.json."""
+    rd = RunDir(run_dir)
+    _check_config(rd, config)
+    task = task or load_task(config.data, limits=_limits(config))
+    run = _Run(config, backend, rd, quiet)
+    base = config.model or backend.default_model
+
+    warm = run.warm_up(base, task.labeled) if config.iwp else base
+    pool, remaining, miner, evolved = list(task.labeled), list(task.unlabeled), warm, warm
+    rounds = []
+    for r in range(1, config.rounds + 1):
+        if not remaining:
+            break
+        shots = run.retrieve(r, pool, remaining)
+        records = run.collaborate(r, miner, remaining, shots)
+        chosen = run.select(r, records)
+        by_id = {ex.id: ex for ex in remaining}
+        pairs = [(by_id[rec["id"]], rec["pseudo_label"]) for rec in chosen]
+        if not config.iwp and r == 1:  # w/o IWP: one fine-tune of the base on D_L + D_selected
+            pairs = [(ex, ex.answer) for ex in task.labeled] + pairs
+        evolved = run.evolve(r, miner, pairs)
+        rounds.append({"round": r, "mined": len(records), "selected": len(chosen),
+                       "consistent": sum(rec["consistent"] for rec in records),
+                       "justified": sum(rec["justified"] for rec in records),
+                       "threshold": rd.read_json(f"selection_r{r}.json")["threshold"],
+                       "model": evolved})
+        chosen_ids = {rec["id"] for rec in chosen}
+        pool += [dataclasses.replace(ex, answer=label) for ex, label in pairs
+                 if ex.id in chosen_ids]
+        remaining = [ex for ex in remaining if ex.id not in chosen_ids]
+        miner = evolved
+
+    models = {"base": base, "warm": warm if config.iwp else None, "evolved": evolved}
+    scores = {"vanilla": run.evaluate("vanilla", base, task.test)}
+    scores["sft"] = run.evaluate("sft", warm, task.test) if config.iwp else None
+    scores["semievol"] = run.evaluate("semievol", evolved, task.test)
+    results = _results(config, backend, rd, task, models, scores, rounds)
+    rd.write_json("results.json", results)
+    return results
+
+
+class _Run:
+    """The stages, each persisted in the run directory and skipped when already done."""
+
+    def __init__(self, config: RunConfig, backend: Backend, rd: RunDir, quiet: bool):
+        self.config, self.backend, self.rd, self.quiet = config, backend, rd, quiet
+        self.style = config.prompt_style
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        """Time a stage and add the tokens it used to the manifest."""
+        before = self.backend.usage.to_dict()
+        start = time.perf_counter()
+        log.info("stage %s", name)
+        try:
+            yield
+        finally:
+            self.rd.add_time(name, time.perf_counter() - start)
+            after = self.backend.usage.to_dict()
+            self.rd.add_usage({k: after[k] - (before[k] or 0) for k in after if after[k] is not None})
+
+    def warm_up(self, base: str, labeled: list[Example]) -> str:
+        if not self.rd.done("warmup"):
+            with self.stage("warmup"):
+                model = propagate.warm_up(self.backend, base, labeled, self.config.finetune,
+                                          style=self.style, key=f"{self.rd.run_id}-warmup")
+            self.rd.finish("warmup", model=model, examples=len(labeled))
+        return self.rd.stage_info("warmup")["model"]
+
+    def retrieve(self, r: int, pool: list[Example], items: list[Example]) -> dict[str, list[Example]]:
+        if not self.config.icp or self.config.k == 0:
+            return {}
+        name = f"retrieve_r{r}"
+        if not self.rd.done(name):
+            with self.stage(name):
+                neighbours = propagate.retrieve(self.backend, pool, items, self.config.k)
+            self.rd.write_json(f"{name}.json", neighbours)
+            self.rd.finish(name)
+        by_id = {ex.id: ex for ex in pool}
+        return {uid: [by_id[i] for i in ids] for uid, ids in self.rd.read_json(f"{name}.json").items()}
+
+    def collaborate(self, r: int, model: str, items: list[Example],
+                    shots: dict[str, list[Example]]) -> list[dict]:
+        name, c = f"collaborate_r{r}", self.config
+        if not self.rd.done(name):
+            finished = {rec["id"] for rec in self.rd.records(name)}
+            todo = [ex for ex in items if ex.id not in finished]
+            views = collaborate.make_views(c.n if c.cl else 1, c.temperature, icp=c.icp)
+            with self.stage(name):
+                collaborate.mine(self.backend, model, todo, shots, views, style=self.style,
+                                 max_tokens=c.max_tokens, seed=c.seed + 1000 * r,
+                                 batch_size=c.batch_size, justify=c.cl,
+                                 on_records=lambda recs: self.rd.append(name, recs),
+                                 quiet=self.quiet)
+            self.rd.finish(name)
+        return _unique(self.rd.records(name))
+
+    def select(self, r: int, records: list[dict]) -> list[dict]:
+        name = f"selection_r{r}"
+        if not self.rd.done(name):
+            chosen, tau = selection.select(records, self.config.theta,
+                                           adaptive=self.config.adaptive_selection)
+            self.rd.write_json(f"{name}.json", {"threshold": tau if tau != float("inf") else None,
+                                                "selected": [rec["id"] for rec in chosen]})
+            self.rd.finish(name, selected=len(chosen))
+        keep = set(self.rd.read_json(f"{name}.json")["selected"])
+        return [rec for rec in records if rec["id"] in keep]
+
+    def evolve(self, r: int, start: str, pairs: list[tuple[Example, str]]) -> str:
+        name = f"evolve_r{r}"
+        if not self.rd.done(name):
+            if len(pairs) < getattr(self.backend, "min_finetune_examples", 1):
+                log.warning("round %d selected %d examples, too few to fine-tune: "
+                            "the evolved model stays %s", r, len(pairs), start)
+                model = start
+            else:
+                with self.stage(name):
+                    model = evolve.evolve(self.backend, start, pairs, self.config.evolve_ft,
+                                          style=self.style, key=f"{self.rd.run_id}-evolve-r{r}")
+            self.rd.finish(name, model=model, examples=len(pairs))
+        return self.rd.stage_info(name)["model"]
+
+    def evaluate(self, label: str, model: str, test: list[Example]) -> dict:
+        name = f"eval_{label}"
+        if not self.rd.done(name):
+            finished = {rec["id"] for rec in self.rd.records(name)}
+            todo = [ex for ex in test if ex.id not in finished]
+            with self.stage(name):
+                evaluate.predict(self.backend, model, todo, style=self.style,
+                                 max_tokens=self.config.max_tokens,
+                                 batch_size=self.config.batch_size, desc=f"eval {label}",
+                                 on_records=lambda recs: self.rd.append(name, recs),
+                                 quiet=self.quiet)
+            self.rd.finish(name, model=model)
+        return evaluate.metrics(_unique(self.rd.records(name)), test)
+
+
+def _results(config, backend, rd: RunDir, task: Task, models, scores, rounds) -> dict:
+    vanilla = scores["vanilla"]["accuracy"]
+    for row in scores.values():
+        if row is not None:
+            row["error_reduction"] = evaluate.error_reduction(row["accuracy"], vanilla)
+    mined = [rec for r in rounds for rec in _unique(rd.records(f"collaborate_r{r['round']}"))]
+    selected = {i for r in rounds for i in rd.read_json(f"selection_r{r['round']}.json")["selected"]}
+    accuracy = _pseudo_label_report(rd, task, mined, selected)
+    return {
+        "run_id": rd.run_id, "task": task.name, "backend": backend.name,
+        "base_model": models["base"], "models": models, "eval": scores,
+        "unlabeled": {"total": len(task.unlabeled),
+                      "consistent": sum(r["consistent"] for r in rounds),
+                      "justified": sum(r["justified"] for r in rounds),
+                      "selected": len(selected), "pseudo_label_accuracy": accuracy},
+        "rounds": rounds,
+        "sizes": {"labeled": len(task.labeled), "unlabeled": len(task.unlabeled),
+                  "test": len(task.test)},
+        "usage": {"prompt_tokens": 0, "completion_tokens": 0, "trained_tokens": 0,
+                  "cost_usd": None, **rd.manifest["usage"]},
+        "timings_s": dict(rd.manifest["timings_s"]),
+        "config": config.to_dict(),
+    }
+
+
+def _pseudo_label_report(rd: RunDir, task: Task, mined: list[dict], selected: set[str]) -> dict:
+    """Pseudo-label accuracy of all and of selected pseudo-labels, from the hidden answers.
+    This is the only place that reads ``task.hidden``, after the algorithm has finished."""
+    if not task.hidden:
+        return {"all": None, "selected": None}
+    from .answers import is_correct
+
+    by_id = {ex.id: ex for ex in task.unlabeled}
+    rows = [{"id": rec["id"], "entropy": rec["entropy"], "justified": rec["justified"],
+             "selected": rec["id"] in selected, "pseudo_label": rec["pseudo_label"],
+             "correct": is_correct(rec["pseudo_label"], by_id[rec["id"]], task.hidden.get(rec["id"]))}
+            for rec in mined if rec["id"] in task.hidden]
+    rd.write_json("pseudo_labels.json", rows)
+
+    def acc(subset):
+        return sum(r["correct"] for r in subset) / len(subset) if subset else None
+
+    return {"all": acc([r for r in rows if r["pseudo_label"] is not None]),
+            "selected": acc([r for r in rows if r["selected"]])}
+
+
+def _unique(records: list[dict]) -> list[dict]:
+    """One record per id (the first), in case a resumed batch was written twice."""
+    seen, out = set(), []
+    for rec in records:
+        if rec["id"] not in seen:
+            seen.add(rec["id"])
+            out.append(rec)
+    return out
+
+
+def _limits(config: RunConfig) -> dict:
+    return {"labeled": config.limit_labeled, "unlabeled": config.limit_unlabeled,
+            "test": config.limit_test}
+
+
+def _check_config(rd: RunDir, config: RunConfig) -> None:
+    """A run directory belongs to one configuration: resuming with another is refused."""
+    path = rd.path / "config.json"
+    if not path.exists():
+        config.save(path)
+        return
+    saved = json.loads(path.read_text())
+    changed = sorted(k for k, v in config.to_dict().items() if saved.get(k) != v)
+    if changed:
+        raise ConfigError(f"{rd.path} was made with a different configuration "
+                          f"({', '.join(changed)} differ): resume it with the same options, "
+                          "or choose a new --out")

@@ -1,0 +1,139 @@
+"""The run directory: everything a run made, written so that a crash or kill at any point
+loses no finished work.
+
+    RUN_DIR/
+      config.json          the RunConfig (written once, atomically)
+      manifest.json        run id, stage status, model references, usage, timings (atomic)
+      <stage>.jsonl        one record per finished item, appended and flushed as it finishes
+      <stage>.json         whole-stage outputs (atomic)
+      results.json         written last, atomically
+      backend/             what the backend keeps (adapters, fine-tuning job records)
+
+Resume is the simple way: a stage marked done in the manifest is skipped; an item-wise stage
+reads its JSONL and continues after the last complete line (a torn last line from a kill is
+dropped); a fine-tune is keyed, so the backend returns the finished model instead of
+training or paying again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a whole file so readers see the old content or the new, never a mix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+class RunDir:
+    """One run's directory and its manifest."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        manifest = self.path / "manifest.json"
+        if manifest.exists():
+            self.manifest = json.loads(manifest.read_text())
+        else:
+            self.manifest = {"run_id": uuid.uuid4().hex[:12], "stages": {}, "models": {},
+                             "usage": {}, "timings_s": {}}
+            self.save()
+
+    @property
+    def run_id(self) -> str:
+        return self.manifest["run_id"]
+
+    @property
+    def backend_dir(self) -> Path:
+        return self.path / "backend"
+
+    def save(self) -> None:
+        atomic_write_json(self.path / "manifest.json", self.manifest)
+
+    # -- stages ------------------------------------------------------------------------
+    def done(self, stage: str) -> bool:
+        return self.manifest["stages"].get(stage, {}).get("status") == "done"
+
+    def stage_info(self, stage: str) -> dict:
+        return self.manifest["stages"].get(stage, {})
+
+    def finish(self, stage: str, **info) -> None:
+        """Mark a stage done, with what it made (a model reference, counts)."""
+        self.manifest["stages"][stage] = {"status": "done", **info}
+        self.save()
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        timings = self.manifest["timings_s"]
+        timings[stage] = round(timings.get(stage, 0.0) + seconds, 3)
+        self.save()
+
+    def add_usage(self, delta: dict) -> None:
+        usage = self.manifest["usage"]
+        for name, value in delta.items():
+            if value is not None:
+                usage[name] = usage.get(name, 0) + value
+        self.save()
+
+    # -- item-wise JSONL artifacts -----------------------------------------------------
+    def records(self, name: str) -> list[dict]:
+        """The complete records of ``name``.jsonl (a torn last line is dropped)."""
+        return read_jsonl(self.path / f"{name}.jsonl")
+
+    def append(self, name: str, records: Iterable[dict]) -> None:
+        """Append finished records and flush them to disk before returning."""
+        path = self.path / f"{name}.jsonl"
+        _drop_torn_tail(path)
+        with open(path, "a", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write_json(self, name: str, data) -> None:
+        atomic_write_json(self.path / name, data)
+
+    def read_json(self, name: str):
+        return json.loads((self.path / name).read_text())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not Path(path).exists():
+        return []
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines(keepends=True):
+        if not line.endswith("\n"):
+            break  # torn by a kill mid-write
+        if line.strip():
+            records.append(json.loads(line))
+    return records
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a last line that a kill left without its newline, so appends stay whole."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    keep = data.rfind(b"\n") + 1
+    with open(path, "r+b") as f:
+        f.truncate(keep)

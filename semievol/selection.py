@@ -1,0 +1,31 @@
+"""Knowledge adaptive selection (paper section 3.4): keep the pseudo-labels the warm model
+is confident about. Entropy of a pseudo-response is its mean negative token log-probability
+(eq. 6, computed in `Generation.entropy`); the threshold is the theta-percentile of the
+entropies over all pseudo-responses (eq. 7); kept are those strictly under it (eq. 8), or
+all of them when theta is 1."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def threshold(entropies: Sequence[float], theta: float) -> float:
+    """tau = Percentile_theta of the entropies (linear interpolation); inf when empty."""
+    finite = [h for h in entropies if h is not None and math.isfinite(h)]
+    if not finite:
+        return math.inf
+    return float(np.percentile(finite, 100 * theta))
+
+
+def select(records: Sequence[dict], theta: float, *, adaptive: bool = True) -> tuple[list[dict], float]:
+    """The records to train on, and the threshold used. Records without a pseudo-label are
+    never kept; without adaptive selection every labeled record is."""
+    labeled = [r for r in records if r.get("pseudo_label") is not None]
+    if not adaptive:
+        return labeled, math.inf
+    tau = threshold([r["entropy"] for r in labeled], theta)
+    if theta >= 1:
+        return [r for r in labeled if r["entropy"] is not None], tau
+    return [r for r in labeled if r["entropy"] is not None and r["entropy"] < tau], tau

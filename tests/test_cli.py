@@ -1,0 +1,69 @@
+"""The command line on the fake backend: run, report, compare, help, and bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from semievol.cli import main
+from semievol.demo import make_task
+
+
+def semievol(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "semievol", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=120)
+
+
+@pytest.mark.parametrize("command", ["run", "eval", "report", "compare", "serve", "demo"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert "usage: semievol " + command in capsys.readouterr().out
+
+
+def test_run_report_compare(tmp_path, capsys):
+    data = make_task(tmp_path / "data")
+    for name in ("a", "b"):
+        assert main(["run", "--data", str(data), "--backend", "fake", "--out", str(tmp_path / name),
+                     "--limit-unlabeled", "20", "--limit-test", "10", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "SemiEvol" in out and "Vanilla" in out and "pseudo-label accuracy" in out
+    assert main(["report", str(tmp_path / "a")]) == 0
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert "accuracy.png" in report and "entropy.png" in report
+    for png in ("accuracy.png", "entropy.png", "pseudo_accuracy.png"):
+        assert (tmp_path / "a" / png).read_bytes()[:4] == b"\x89PNG"
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"),
+                 "--figure", str(tmp_path / "cmp.png")]) == 0
+    assert "a " in capsys.readouterr().out and (tmp_path / "cmp.png").exists()
+
+
+def test_bad_row_exits_nonzero_naming_file_line_field(tmp_path):
+    data = make_task(tmp_path / "data")
+    lines = (data / "labeled.jsonl").read_text().splitlines()
+    row = json.loads(lines[6])
+    row["answer"] = "F"  # outside the three options
+    lines[6] = json.dumps(row)
+    (data / "labeled.jsonl").write_text("\n".join(lines) + "\n")
+    result = semievol("run", "--data", str(data), "--backend", "fake", "--out", str(tmp_path / "run"))
+    assert result.returncode != 0
+    assert "labeled.jsonl:7" in result.stderr and "answer" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_missing_split_exits_nonzero(tmp_path):
+    data = make_task(tmp_path / "data")
+    (data / "test.jsonl").unlink()
+    result = semievol("run", "--data", str(data), "--backend", "fake", "--out", str(tmp_path / "run"))
+    assert result.returncode != 0 and "test" in result.stderr and str(data) in result.stderr
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_bad_option_value_is_a_clear_error(tmp_path):
+    data = make_task(tmp_path / "data")
+    result = semievol("run", "--data", str(data), "--backend", "fake", "--theta", "2")
+    assert result.returncode != 0 and "theta" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,252 @@
+"""The algorithm on the fake backend: every stage, the switches, rounds, resume, and that
+the hidden unlabeled answers are never read by the algorithm."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from semievol import RunConfig, load_backend, selection
+from semievol.collaborate import make_views
+from semievol.demo import PROBLEMS, TEAMS, make_task
+from semievol.errors import ConfigError
+from semievol.pipeline import run
+from semievol.types import Generation
+
+
+def team_of(text: str) -> str:
+    ticket = text.split("Ticket:")[-1].lower()
+    return next(t for t, phrases in PROBLEMS.items() if any(p.lower() in ticket for p in phrases))
+
+
+def _unit(*parts) -> float:
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+def ticket_rule(call):
+    """A model that knows more the more it was trained on: right answers come with low
+    entropy, wrong ones with high entropy; self-justify picks the right candidate."""
+    if "Candidate answers" in call.user:
+        truth, u = team_of(call.user), _unit(call.user, "justify")
+        if u < 0.7:
+            return Generation(truth, (truth,), (-0.2 - 0.3 * u,))
+        wrong = next(t for t in TEAMS if t != truth)
+        return Generation(wrong, (wrong,), (-1.5,))
+    truth = team_of(call.user)
+    skill = min(0.95, 0.35 + 0.01 * len(call.trained))
+    u = _unit(call.user, call.sample, call.seed) if call.temperature > 0 else _unit(call.user)
+    if u < skill:
+        return Generation(truth, (truth,), (-0.05 - 0.1 * u,))
+    wrong = [t for t in TEAMS if t != truth][int(u * 100) % 2]
+    return Generation(wrong, (wrong,), (-1.0 - u,))
+
+
+@pytest.fixture()
+def task_dir(tmp_path):
+    return make_task(tmp_path / "data")
+
+
+def go(task_dir, tmp_path, backend=None, name="run", **options):
+    backend = backend or load_backend("fake", rule=ticket_rule)
+    config = RunConfig(data=str(task_dir), backend="fake", **options)
+    return run(config, backend, tmp_path / name, quiet=True), backend
+
+
+def test_end_to_end_results(task_dir, tmp_path):
+    results, backend = go(task_dir, tmp_path)
+    assert set(results) >= {"backend", "base_model", "models", "eval", "unlabeled", "usage", "timings_s"}
+    fts = backend.calls_of("finetune")
+    assert len(fts) == 2
+    assert fts[0]["base"] == "fake-base" and fts[0]["n_examples"] == 24
+    assert fts[1]["base"] == results["models"]["warm"]  # evolve continues the warm model
+    u = results["unlabeled"]
+    assert u["total"] == 120 and u["consistent"] + u["justified"] == 120
+    assert 50 <= u["selected"] <= 90
+    acc = u["pseudo_label_accuracy"]
+    assert acc["selected"] > acc["all"]
+    ev = results["eval"]
+    assert ev["sft"]["accuracy"] > ev["vanilla"]["accuracy"]
+    assert ev["semievol"]["n"] == 60 and 0 <= ev["semievol"]["macro_f1"] <= 1
+    assert results["usage"]["prompt_tokens"] > 0 and results["usage"]["cost_usd"] is None
+    assert json.loads((tmp_path / "run" / "results.json").read_text()) == results
+
+
+def test_consistent_answers_skip_justify_and_disagreements_are_justified(task_dir, tmp_path):
+    results, backend = go(task_dir, tmp_path)
+    records = [json.loads(l) for l in (tmp_path / "run" / "collaborate_r1.jsonl").read_text().splitlines()]
+    assert len(records) == 120 and len({r["id"] for r in records}) == 120
+    for r in records:
+        assert len(r["responses"]) == 4
+        if r["consistent"]:
+            assert not r["justified"] and r["pseudo_label"] == r["answers"][0]
+        else:
+            assert r["justified"] and r["justify_response"]
+            assert r["entropy"] > 0.2  # the verdict's own entropy
+    assert results["unlabeled"]["justified"] == sum(not r["consistent"] for r in records) > 0
+
+
+def test_threshold_is_the_theta_percentile():
+    entropies = [0.1, 0.2, 0.3, 0.4, 0.5]
+    assert selection.threshold(entropies, 0.5) == pytest.approx(0.3)
+    assert selection.threshold(entropies, 0.25) == pytest.approx(0.2)
+    records = [{"id": str(i), "pseudo_label": "A", "entropy": h} for i, h in enumerate(entropies)]
+    records.append({"id": "x", "pseudo_label": None, "entropy": None})
+    kept, tau = selection.select(records, 0.5)
+    assert [r["id"] for r in kept] == ["0", "1"] and tau == pytest.approx(0.3)  # H < tau
+    assert len(selection.select(records, 1.0)[0]) == 5
+    assert len(selection.select(records, 0.5, adaptive=False)[0]) == 5
+
+
+def test_views():
+    assert make_views(4, 1.0, icp=True) == [make_views(4, 1.0, icp=True)[0]]
+    assert make_views(1, 1.0, icp=False)[0].temperature == 0.0
+    diverse = make_views(4, 1.0, icp=True, diverse=True)
+    assert len({v.temperature for v in diverse}) == 4 and len({v.seed_offset for v in diverse}) == 4
+    assert {v.shots for v in diverse} == {True, False}
+
+
+def test_without_iwp_mines_with_the_base_and_trains_once(task_dir, tmp_path):
+    results, backend = go(task_dir, tmp_path, iwp=False)
+    fts = backend.calls_of("finetune")
+    assert len(fts) == 1 and fts[0]["base"] == "fake-base"
+    assert fts[0]["n_examples"] == 24 + results["unlabeled"]["selected"]
+    assert results["eval"]["sft"] is None and results["models"]["warm"] is None
+    mining = [c for c in backend.calls_of("generate") if c["n"] == 4]
+    assert {c["model"] for c in mining} == {"fake-base"}
+
+
+def test_without_icp_no_retrieval_and_no_shots(task_dir, tmp_path):
+    seen = []
+
+    def rule(call):
+        seen.append(len(call.messages))
+        return ticket_rule(call)
+
+    _, backend = go(task_dir, tmp_path, backend=load_backend("fake", rule=rule), icp=False)
+    assert backend.calls_of("embed") == [] and set(seen) == {2}
+    _, backend = go(task_dir, tmp_path, name="with", backend=load_backend("fake", rule=rule))
+    assert backend.calls_of("embed") and 2 + 2 * 3 in seen  # system + 3 solved shots + question
+
+
+def test_without_cl_one_greedy_inference_and_no_justify(task_dir, tmp_path):
+    results, backend = go(task_dir, tmp_path, cl=False)
+    gens = backend.calls_of("generate")
+    assert all(c["n"] == 1 and c["temperature"] == 0.0 for c in gens)
+    assert results["unlabeled"]["justified"] == 0
+
+
+def test_without_as_keeps_every_pseudo_label(task_dir, tmp_path):
+    results, _ = go(task_dir, tmp_path, adaptive_selection=False)
+    assert results["unlabeled"]["selected"] == 120
+
+
+def test_rounds_mine_the_rest_and_continue_training(task_dir, tmp_path):
+    results, backend = go(task_dir, tmp_path, rounds=2)
+    r1, r2 = results["rounds"]
+    assert r2["mined"] == 120 - r1["selected"]
+    ids1 = {json.loads(l)["id"] for l in (tmp_path / "run" / "collaborate_r1.jsonl").open()}
+    ids2 = {json.loads(l)["id"] for l in (tmp_path / "run" / "collaborate_r2.jsonl").open()}
+    sel1 = set(json.loads((tmp_path / "run" / "selection_r1.json").read_text())["selected"])
+    assert ids2 == ids1 - sel1
+    fts = backend.calls_of("finetune")
+    assert len(fts) == 3 and fts[2]["base"] == r1["model"]
+    assert results["models"]["evolved"] == r2["model"]
+    assert results["unlabeled"]["selected"] == r1["selected"] + r2["selected"]
+
+
+class Tripwire(dict):
+    """Hidden answers that count the reads made before reporting starts."""
+
+    def __init__(self, data):
+        super().__init__(data)
+        self.reporting, self.early_reads = False, 0
+
+    def _note(self):
+        self.early_reads += not self.reporting
+
+    def get(self, *a):
+        self._note()
+        return super().get(*a)
+
+    def __getitem__(self, k):
+        self._note()
+        return super().__getitem__(k)
+
+    def __iter__(self):
+        self._note()
+        return super().__iter__()
+
+    def __contains__(self, k):
+        self._note()
+        return super().__contains__(k)
+
+    def __len__(self):
+        self._note()
+        return super().__len__()
+
+
+def test_hidden_answers_are_never_read_by_the_algorithm(task_dir, tmp_path, monkeypatch):
+    from semievol import pipeline
+    from semievol.data import load_task
+
+    task = load_task(task_dir)
+    assert all(ex.answer is None for ex in task.unlabeled)
+    task.hidden = hidden = Tripwire(task.hidden)
+    report = pipeline._results
+
+    def reporting(*args):
+        hidden.reporting = True
+        return report(*args)
+
+    monkeypatch.setattr(pipeline, "_results", reporting)
+    results = run(RunConfig(data=str(task_dir), backend="fake"),
+                  load_backend("fake", rule=ticket_rule), tmp_path / "run", task=task, quiet=True)
+    assert hidden.reporting and hidden.early_reads == 0
+    assert results["unlabeled"]["pseudo_label_accuracy"]["all"] is not None
+
+
+def test_resume_after_a_crash_loses_and_repeats_nothing(task_dir, tmp_path):
+    calls = {"n": 0}
+
+    def crashing(call):
+        calls["n"] += 1
+        if calls["n"] > 24 * 4 + 16 * 4:  # part-way through collaborate
+            raise KeyboardInterrupt("killed")
+        return ticket_rule(call)
+
+    with pytest.raises(KeyboardInterrupt):
+        go(task_dir, tmp_path, backend=load_backend("fake", rule=crashing), batch_size=8)
+    partial = (tmp_path / "run" / "collaborate_r1.jsonl").read_text().splitlines()
+    assert 0 < len(partial) < 120
+    backend = load_backend("fake", rule=ticket_rule)
+    results, _ = go(task_dir, tmp_path, backend=backend, batch_size=8)
+    lines = [json.loads(l) for l in (tmp_path / "run" / "collaborate_r1.jsonl").open()]
+    assert len(lines) == 120 and len({r["id"] for r in lines}) == 120
+    assert lines[: len(partial)] == [json.loads(l) for l in partial]
+    fts = backend.calls_of("finetune")
+    assert [f["key"].endswith("evolve-r1") for f in fts] == [True]  # no second warm-up
+    first_mining = [c for c in backend.calls_of("generate") if c["n"] == 4]
+    assert sum(c["n_prompts"] for c in first_mining) == 120 - len(partial)
+    assert results["unlabeled"]["total"] == 120
+
+
+def test_torn_last_line_is_dropped_on_resume(task_dir, tmp_path):
+    go(task_dir, tmp_path, limit_test=8)
+    path = tmp_path / "run" / "eval_semievol.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:5]) + lines[5][:10])  # a kill mid-write
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    del manifest["stages"]["eval_semievol"]
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps(manifest))
+    results, backend = go(task_dir, tmp_path, limit_test=8)
+    assert len(path.read_text().splitlines()) == 8
+    assert sum(c["n_prompts"] for c in backend.calls_of("generate")) == 3
+    assert results["eval"]["semievol"]["n"] == 8
+
+
+def test_resuming_with_another_configuration_is_refused(task_dir, tmp_path):
+    go(task_dir, tmp_path, limit_test=8)
+    with pytest.raises(ConfigError, match="theta"):
+        go(task_dir, tmp_path, limit_test=8, theta=0.3)
