@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--lr", type=float, default=1e-4, help="LoRA learning rate (1e-4)")
     run.add_argument("--evolve-lr", type=float, help="learning rate of the evolve step (as --lr)")
     run.add_argument("--batch-size", type=int, default=8, help="fine-tuning batch size (8)")
+    run.add_argument("--generation-batch", type=int, default=16,
+                     help="questions per generation call (16)")
     run.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1.0)")
     run.add_argument("--max-tokens", type=int, default=32, help="max tokens per answer (32)")
     run.add_argument("--prompt-style", choices=["text", "letter"], default="text",
@@ -138,7 +140,8 @@ def _run_config(args) -> RunConfig:
         limit_unlabeled=args.limit_unlabeled, limit_test=args.limit_test, seed=args.seed,
         temperature=args.temperature, max_tokens=args.max_tokens, prompt_style=args.prompt_style,
         finetune=ft, evolve_finetune=ft.replace(learning_rate=args.evolve_lr) if args.evolve_lr else None,
-        base_url=args.base_url, max_cost_usd=args.max_cost_usd)
+        base_url=args.base_url, max_cost_usd=args.max_cost_usd,
+        generation_batch=args.generation_batch)
 
 
 def _cmd_run(args) -> int:

@@ -77,8 +77,8 @@ class RunConfig:
     """Fine-tuning of the evolve step; None means the same as ``finetune``."""
     base_url: str | None = None
     max_cost_usd: float | None = None
-    batch_size: int = 16
-    """Questions per generation call."""
+    generation_batch: int = 16
+    """Questions per generation call (each with its n samples)."""
 
     def __post_init__(self):
         _check(self.backend in ("hf", "openai", "fake"), f"unknown backend {self.backend!r}")
@@ -88,7 +88,7 @@ class RunConfig:
         _check(self.rounds >= 1, "rounds must be >= 1")
         _check(self.temperature >= 0, "temperature must be >= 0")
         _check(self.max_tokens >= 1, "max_tokens must be >= 1")
-        _check(self.batch_size >= 1, "batch_size must be >= 1")
+        _check(self.generation_batch >= 1, "generation_batch must be >= 1")
         _check(self.prompt_style in ("text", "letter"), "prompt_style must be 'text' or 'letter'")
         for name in ("limit_labeled", "limit_unlabeled", "limit_test"):
             value = getattr(self, name)

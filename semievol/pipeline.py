@@ -118,7 +118,7 @@ class _Run:
             with self.stage(name):
                 collaborate.mine(self.backend, model, todo, shots, views, style=self.style,
                                  max_tokens=c.max_tokens, seed=c.seed + 1000 * r,
-                                 batch_size=c.batch_size, justify=c.cl,
+                                 batch_size=c.generation_batch, justify=c.cl,
                                  on_records=lambda recs: self.rd.append(name, recs),
                                  quiet=self.quiet)
             self.rd.finish(name)
@@ -157,7 +157,7 @@ class _Run:
             with self.stage(name):
                 evaluate.predict(self.backend, model, todo, style=self.style,
                                  max_tokens=self.config.max_tokens,
-                                 batch_size=self.config.batch_size, desc=f"eval {label}",
+                                 batch_size=self.config.generation_batch, desc=f"eval {label}",
                                  on_records=lambda recs: self.rd.append(name, recs),
                                  quiet=self.quiet)
             self.rd.finish(name, model=model)

@@ -217,11 +217,11 @@ def test_resume_after_a_crash_loses_and_repeats_nothing(task_dir, tmp_path):
         return ticket_rule(call)
 
     with pytest.raises(KeyboardInterrupt):
-        go(task_dir, tmp_path, backend=load_backend("fake", rule=crashing), batch_size=8)
+        go(task_dir, tmp_path, backend=load_backend("fake", rule=crashing), generation_batch=8)
     partial = (tmp_path / "run" / "collaborate_r1.jsonl").read_text().splitlines()
     assert 0 < len(partial) < 120
     backend = load_backend("fake", rule=ticket_rule)
-    results, _ = go(task_dir, tmp_path, backend=backend, batch_size=8)
+    results, _ = go(task_dir, tmp_path, backend=backend, generation_batch=8)
     lines = [json.loads(l) for l in (tmp_path / "run" / "collaborate_r1.jsonl").open()]
     assert len(lines) == 120 and len({r["id"] for r in lines}) == 120
     assert lines[: len(partial)] == [json.loads(l) for l in partial]
