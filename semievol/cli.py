@@ -149,11 +149,13 @@ def _cmd_run(args) -> int:
     from .data import load_task
 
     config = _run_config(args)
+    if args.openai_batch:  # one Batch API job per stage, not one per generation call
+        config = config.replace(generation_batch=1_000_000)
     task = load_task(config.data, limits=pipeline._limits(config))
     if args.dry_run:
         from .cost import print_estimate
 
-        print_estimate(task, config)
+        print_estimate(task, config, batch=args.openai_batch)
         return 0
     out = Path(args.out or f"runs/{task.name}-{args.backend}")
     backend = make_backend(args, out / "backend", args.max_cost_usd)

@@ -31,6 +31,8 @@ def run(config: RunConfig, backend: Backend, run_dir: str | Path, *, task: Task 
     rd = RunDir(run_dir)
     _check_config(rd, config)
     task = task or load_task(config.data, limits=_limits(config))
+    if rd.manifest["usage"].get("cost_usd") is not None:  # a resumed run's budget counts what it spent
+        backend.usage.cost_usd = (backend.usage.cost_usd or 0.0) + rd.manifest["usage"]["cost_usd"]
     run = _Run(config, backend, rd, quiet)
     base = config.model or backend.default_model
 

@@ -1,0 +1,629 @@
+"""The OpenAI backend: fine-tuning jobs, chat completions with logprobs, embeddings — through
+the official ``openai`` SDK only, against api.openai.com or any server that speaks its API
+(``semievol serve`` with ``base_url="http://127.0.0.1:PORT/v1"``).
+
+What it promises beyond the Backend protocol:
+
+* **Never pay twice.** A fine-tune is found again by its idempotency ``key``: first in the
+  record ``workdir/jobs/<slug>.json`` (written atomically the moment the file id and the job
+  id exist), then among the organisation's jobs by ``metadata["semievol_key"]``. A job that
+  succeeded is reused, one still running is waited on; only when neither exists is a job
+  created, with an ``Idempotency-Key`` header. Batch-mode generation keeps its batch ids in
+  ``workdir/batches/`` the same way, and resubmits only the requests that failed or expired.
+* **Validated before upload**, as OpenAI's file validation and the cookbook's data-prep
+  check do (:func:`validate_training_data`): roles, string contents, an assistant message per
+  example, at least 10 examples, the per-example token limit of the target model.
+* **Costs are known.** Each spending step is priced first (:mod:`semievol.cost`) and checked
+  against ``max_cost_usd``; tokens and dollars actually used accumulate in ``usage``.
+* **Faults.** The SDK retries 408/409/429/5xx and connection errors (honouring Retry-After)
+  ``max_retries`` times, each request limited to ``timeout`` seconds; we poll jobs and
+  batches with tenacity. What still fails is translated, in :meth:`OpenAIBackend._api`
+  only, into the semievol tree; every step is resumable by running again::
+
+      openai.APIConnectionError, APITimeoutError ─┐
+      openai.AuthenticationError, PermissionDenied├─> BackendError  (message says what to do)
+      openai.RateLimitError, other APIStatusError ┘
+      job status failed / cancelled ─────────────────> FinetuneFailed (the job's own error)
+      invalid training examples ─────────────────────> DataError
+      a step that would pass max_cost_usd ───────────> BudgetExceeded
+      no API key, fractional epochs ─────────────────> ConfigError
+
+* **The API key** comes from the argument or ``OPENAI_API_KEY`` and lives only inside the
+  SDK client: it is never written to the workdir, logged, or left in an error message. A
+  server on loopback (``semievol serve`` without ``--api-key``) needs none; the SDK is then
+  given the placeholder ``"semievol-local"``.
+
+Embeddings: ``text-embedding-3-small`` on OpenAI; with a ``base_url`` the served model itself
+(``semievol serve`` embeds with the model it serves), unless ``embed_model`` names another.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import openai
+from openai.types.chat import ChatCompletion
+from tenacity import (Retrying, retry_if_result, stop_after_delay, stop_never,
+                      wait_exponential)
+
+from .. import cost
+from ..errors import BackendError, ConfigError, DataError, FinetuneFailed
+from ..types import ChatExample, Generation, Message, Usage
+
+__all__ = ["OpenAIBackend", "validate_training_data", "TrainingStats"]
+
+DEFAULT_MODEL = "gpt-4o-mini-2024-07-18"
+
+DEFAULT_EMBED_MODEL = "text-embedding-3-small"
+
+LOCAL_API_KEY = "semievol-local"
+"""What the SDK is given as key for a loopback server when no key is set."""
+
+MIN_EXAMPLES = 10
+"""OpenAI rejects a fine-tuning file with fewer examples."""
+
+TRAINING_TOKEN_LIMITS = {"gpt-4o-mini": 65_536, "gpt-4o": 65_536, "gpt-4.1": 65_536,
+                         "gpt-4.1-mini": 65_536, "gpt-4.1-nano": 65_536,
+                         "gpt-3.5-turbo": 16_385}
+"""Tokens one training example may have, per base model (OpenAI's fine-tuning guide)."""
+DEFAULT_TRAINING_TOKEN_LIMIT = 65_536
+
+EMBED_MAX_INPUTS = 2048
+EMBED_MAX_TOKENS = 270_000
+"""Per embeddings request: the API allows 2048 inputs and 300k tokens; 10% margin because
+offline the tokens may be counted with a neighbouring tokenizer."""
+
+BATCH_MAX_REQUESTS = 50_000
+BATCH_ROUNDS = 3
+"""Batch submissions per chunk: the first, then resubmissions of what failed or expired."""
+
+JOB_LIST_PAGES = 10
+"""Pages of 100 jobs searched for one carrying the key (the metadata filter makes it one)."""
+JOB_DONE = {"succeeded", "failed", "cancelled"}
+BATCH_DONE = {"completed", "failed", "expired", "cancelled"}
+ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
+MESSAGE_KEYS = {"role", "content", "name", "weight", "function_call", "tool_calls",
+                "tool_call_id"}
+
+
+class OpenAIBackend:
+    """The Backend protocol over the OpenAI API (see the module docstring)."""
+
+    name = "openai"
+    min_finetune_examples = MIN_EXAMPLES
+
+    def __init__(self, model: str | None = None, *, base_url: str | None = None,
+                 api_key: str | None = None, workdir: str | Path | None = None,
+                 max_concurrency: int = 8, batch_mode: bool = False,
+                 prices: dict | None = None, max_cost_usd: float | None = None,
+                 embed_model: str | None = None, timeout: float = 60.0,
+                 max_retries: int = 5, poll_interval: float = 5.0,
+                 max_wait: float | None = None, quiet: bool = False, http_client=None):
+        """
+        ``workdir``: where job and batch records are kept (the run directory's own folder);
+        None keeps none, and only the API's job list protects against paying twice.
+        ``embed_model``: None means OpenAI's ``text-embedding-3-small``, or with a
+        ``base_url`` the served model itself (``semievol serve`` embeds with its model).
+        ``max_concurrency``: chat requests in flight at once. ``batch_mode``: generate
+        through the Batch API (half price, results within 24 h). ``prices``: overrides of
+        :data:`semievol.cost.PRICES`. ``timeout``: seconds per HTTP request;
+        ``max_retries``: the SDK's retries per request. ``poll_interval``: first wait between
+        job/batch polls (backing off to 12x). ``max_wait``: give up waiting on a job or batch
+        after this many seconds (None: wait as long as it takes); the run resumes waiting on
+        it when run again. ``http_client``: an ``httpx2.Client`` for the SDK (proxies, test
+        hooks). ``quiet``: no progress lines on stderr.
+        """
+        self.default_model = model or DEFAULT_MODEL
+        self.embed_model = embed_model or (self.default_model if base_url
+                                           else DEFAULT_EMBED_MODEL)
+        self.workdir = Path(workdir) if workdir is not None else None
+        self.max_concurrency = max_concurrency
+        self.batch_mode = batch_mode
+        self.prices = cost.price_table(prices)
+        self.poll_interval = poll_interval
+        self.max_wait = max_wait
+        self.quiet = quiet
+        self.usage = Usage()
+        self.budget = cost.Budget(max_cost_usd, self.usage)
+        self._lock = threading.Lock()
+        self._counted_jobs: set[str] = set()
+        key = api_key or os.environ.get("OPENAI_API_KEY")
+        if not key:
+            if not (base_url and _is_loopback(base_url)):
+                raise ConfigError("no OpenAI API key: set OPENAI_API_KEY (or pass --api-key)")
+            key = LOCAL_API_KEY
+        self._secret = key
+        self.client = openai.OpenAI(api_key=key, base_url=base_url, timeout=timeout,
+                                    max_retries=max_retries, http_client=http_client)
+
+    def __repr__(self) -> str:
+        return f"OpenAIBackend(model={self.default_model!r}, base_url={self.base_url!r})"
+
+    @property
+    def base_url(self) -> str:
+        return str(self.client.base_url)
+
+    # -- fine-tuning --------------------------------------------------------------------
+    def finetune(self, base: str, examples: Sequence[ChatExample], config, *, key: str) -> str:
+        """Supervised fine-tuning job on ``base`` (a model or an ``ft:`` model, to continue
+        training); returns the ``fine_tuned_model``. Reuses or resumes the job of ``key``."""
+        epochs = _whole_epochs(config.epochs)
+        record = self._read_record("jobs", key) or {"key": key}
+        tag = _tag(key)
+        job = self._find_job(record, tag)
+        if job is None:
+            stats = validate_training_data(examples, base)
+            trained = stats.total_tokens * epochs
+            estimate = cost.training_cost(base, trained, prices=self.prices)
+            self._say(f"fine-tuning {base}: {stats.n_examples} examples, {stats.total_tokens:,}"
+                      f" tokens x {epochs} epochs = {trained:,} trained tokens"
+                      + (f", about {cost.format_usd(estimate)}" if estimate is not None else ""))
+            self.budget.check(f"fine-tuning {base} on {stats.n_examples} examples", estimate)
+            data = _jsonl({"messages": list(ex)} for ex in examples)
+            if not record.get("file_id"):
+                with self._api("uploading the training file"):
+                    upload = self.client.files.create(
+                        file=(f"{_slug(key)}.jsonl", data, "application/jsonl"),
+                        purpose="fine-tune")
+                record["file_id"] = upload.id
+                self._write_record("jobs", key, record)
+            hyperparameters = {"n_epochs": epochs, "batch_size": config.batch_size}
+            if config.learning_rate_multiplier is not None:
+                hyperparameters["learning_rate_multiplier"] = config.learning_rate_multiplier
+            attempt = record.get("attempt", 0)
+            with self._api("creating the fine-tuning job"):
+                job = self.client.fine_tuning.jobs.create(
+                    model=base, training_file=record["file_id"],
+                    method={"type": "supervised",
+                            "supervised": {"hyperparameters": hyperparameters}},
+                    seed=config.seed, suffix=_suffix(key),
+                    metadata={"semievol_key": tag, "semievol_data": _digest(data)[:16]},
+                    extra_headers={"Idempotency-Key": f"semievol-{_digest(key)[:32]}-{attempt}"})
+            record.update(job_id=job.id, status=job.status, base=base,
+                          examples=stats.n_examples, training_tokens=stats.total_tokens)
+            self._write_record("jobs", key, record)
+            self._say(f"fine-tuning job {job.id} created ({job.status})")
+        job = self._wait_for_job(job, record)
+        self._count_job(job, base)
+        return job.fine_tuned_model
+
+    def _find_job(self, record: dict, tag: str):
+        """The job already made for this key, if it succeeded or is still going: the one in
+        the record, else one carrying the key in its metadata. Failed or cancelled jobs are
+        left behind (a rerun is a deliberate new attempt)."""
+        if record.get("job_id"):
+            with self._api("looking up the recorded fine-tuning job"):
+                job = self.client.fine_tuning.jobs.retrieve(record["job_id"])
+            if job.status not in ("failed", "cancelled"):
+                self._say(f"resuming fine-tuning job {job.id} ({job.status})")
+                return job
+            # a rerun after a failure is a new attempt, with a fresh upload
+            record.update(job_id=None, file_id=None, status=job.status,
+                          attempt=record.get("attempt", 0) + 1)
+        found = []
+        with self._api("listing fine-tuning jobs"):
+            page = self.client.fine_tuning.jobs.list(metadata={"semievol_key": tag}, limit=100)
+            for _ in range(JOB_LIST_PAGES):
+                # check the metadata again: a server may ignore the filter
+                found += [job for job in page.data
+                          if (job.metadata or {}).get("semievol_key") == tag
+                          and job.status not in ("failed", "cancelled")]
+                if not page.has_next_page():
+                    break
+                page = page.get_next_page()
+        if not found:
+            return None
+        job = max(found, key=lambda j: (j.status == "succeeded", j.created_at))
+        record.update(job_id=job.id, file_id=job.training_file, status=job.status)
+        self._write_record("jobs", record["key"], record)
+        self._say(f"found fine-tuning job {job.id} ({job.status}) for this step; not creating "
+                  "another")
+        return job
+
+    def _wait_for_job(self, job, record: dict):
+        """Poll until the job is done, printing its new events; the job that succeeded, or
+        FinetuneFailed with the job's own error."""
+        seen: set[str] = set()
+
+        def fetch():
+            with self._api(f"checking fine-tuning job {job.id}"):
+                current = self.client.fine_tuning.jobs.retrieve(job.id)
+                events = self.client.fine_tuning.jobs.list_events(job.id, limit=10).data
+            if current.status != record.get("status"):
+                self._say(f"  {job.id}: status {current.status}")
+                record.update(status=current.status, fine_tuned_model=current.fine_tuned_model)
+                self._write_record("jobs", record["key"], record)
+            for event in reversed(events):          # the API lists the newest first
+                if event.id not in seen:
+                    seen.add(event.id)
+                    self._say(f"  {job.id}: {event.message}")
+            return current
+
+        job = job if job.status in JOB_DONE else self._poll(fetch, lambda j: j.status in JOB_DONE)
+        if job.status not in JOB_DONE:
+            raise BackendError(
+                f"fine-tuning job {job.id} is still {job.status} after {self.max_wait:g} s; "
+                "run again to resume waiting on it (no second job is created)")
+        record.update(status=job.status, fine_tuned_model=job.fine_tuned_model)
+        self._write_record("jobs", record["key"], record)
+        if job.status != "succeeded":
+            reason = (f"{job.error.code}: {job.error.message}" if job.error and job.error.message
+                      else "no reason given")
+            raise FinetuneFailed(f"fine-tuning job {job.id} {job.status}: {self._scrub(reason)}")
+        self._say(f"fine-tuning job {job.id} succeeded: {job.fine_tuned_model}")
+        return job
+
+    def _count_job(self, job, base: str) -> None:
+        """Add a finished job's trained tokens (and their price) to ``usage`` once."""
+        if job.id in self._counted_jobs:
+            return
+        self._counted_jobs.add(job.id)
+        trained = job.trained_tokens or 0
+        self._account(trained=trained,
+                      cost=cost.training_cost(base, trained, prices=self.prices))
+
+    # -- generation ---------------------------------------------------------------------
+    def generate_with_logprobs(self, model: str, prompts: Sequence[list[Message]], *,
+                               n: int = 1, temperature: float = 0.0, max_tokens: int = 64,
+                               seed: int | None = None) -> list[list[Generation]]:
+        """One chat completion per prompt with ``n`` choices and token logprobs (the prompt
+        is billed once, not n times); ``max_concurrency`` requests at a time, or one Batch
+        API job per 50,000 prompts in batch mode."""
+        if self.budget.limit_usd is not None:
+            prompt_tokens = sum(cost.count_chat_tokens(p, model) for p in prompts)
+            self.budget.check(
+                f"generating {n} x {len(prompts)} responses with {model}",
+                cost.chat_cost(model, prompt_tokens, len(prompts) * n * max_tokens,
+                               batch=self.batch_mode, prices=self.prices))
+        bodies = [_chat_body(model, p, n=n, temperature=temperature, max_tokens=max_tokens,
+                             seed=seed) for p in prompts]
+        if self.batch_mode:
+            out: list[list[Generation]] = []
+            for start in range(0, len(bodies), BATCH_MAX_REQUESTS):
+                out.extend(self._generate_batch(bodies[start:start + BATCH_MAX_REQUESTS]))
+            return out
+        with ThreadPoolExecutor(self.max_concurrency) as pool:
+            return list(pool.map(self._chat, bodies))
+
+    def _chat(self, body: dict) -> list[Generation]:
+        with self._api(f"chat completion with {body['model']}"):
+            completion = self.client.chat.completions.create(**body)
+        return self._generations(completion, body)
+
+    def _generations(self, completion: ChatCompletion, body: dict, *,
+                     batch: bool = False) -> list[Generation]:
+        """The n choices of a completion as Generations (tokens and logprobs from
+        ``choices[i].logprobs.content``), with its usage accounted."""
+        usage = completion.usage
+        if usage is not None:
+            details = usage.prompt_tokens_details
+            cached = (details.cached_tokens or 0) if details else 0
+            self._account(prompt=usage.prompt_tokens, completion=usage.completion_tokens,
+                          cost=cost.chat_cost(body["model"], usage.prompt_tokens,
+                                              usage.completion_tokens, cached_tokens=cached,
+                                              batch=batch, prices=self.prices))
+        choices = sorted(completion.choices, key=lambda c: c.index)
+        if len(choices) != body["n"]:
+            raise BackendError(f"asked {completion.model or body['model']} for {body['n']} "
+                               f"samples, the server returned {len(choices)} choices")
+        generations = []
+        for choice in choices:
+            text = choice.message.content or ""
+            content = (choice.logprobs.content if choice.logprobs else None) or []
+            if text and not content:
+                raise BackendError(f"{body['model']} returned no token logprobs "
+                                   "(the server must support logprobs=true)")
+            generations.append(Generation(
+                text=text, tokens=tuple(t.token for t in content),
+                logprobs=tuple(t.logprob for t in content),
+                finish_reason=choice.finish_reason or "stop"))
+        return generations
+
+    def _generate_batch(self, bodies: list[dict]) -> list[list[Generation]]:
+        """Chat requests through the Batch API: submit, wait, read the output file, and
+        resubmit only what failed or expired (up to BATCH_ROUNDS submissions). The batch
+        ids are recorded first thing, so a rerun waits on the same batches."""
+        ids = [f"r{i}" for i in range(len(bodies))]
+        by_id = dict(zip(ids, bodies))
+        key = "batch-" + _digest(json.dumps(bodies, sort_keys=True))[:24]
+        record = self._read_record("batches", key) or {"key": key, "batch_ids": []}
+        results: dict[str, list[Generation]] = {}
+        errors: list[str] = []
+        for batch_id in record["batch_ids"]:
+            self._say(f"resuming batch {batch_id}")
+            self._collect_batch(self._wait_for_batch(batch_id), by_id, results, errors)
+        while missing := [i for i in ids if i not in results]:
+            if len(record["batch_ids"]) >= BATCH_ROUNDS:
+                raise BackendError(
+                    f"{len(missing)} of {len(ids)} batch requests still failed after "
+                    f"{BATCH_ROUNDS} submissions ({errors[-1] if errors else 'no reason given'})"
+                    "; run again to retry them")
+            lines = _jsonl({"custom_id": i, "method": "POST", "url": "/v1/chat/completions",
+                            "body": by_id[i]} for i in missing)
+            with self._api("submitting a batch"):
+                upload = self.client.files.create(file=(f"{key}.jsonl", lines,
+                                                        "application/jsonl"), purpose="batch")
+                batch = self.client.batches.create(
+                    input_file_id=upload.id, endpoint="/v1/chat/completions",
+                    completion_window="24h", metadata={"semievol_key": key})
+            record["batch_ids"].append(batch.id)
+            self._write_record("batches", key, record)
+            self._say(f"batch {batch.id} submitted: {len(missing)} requests")
+            self._collect_batch(self._wait_for_batch(batch.id), by_id, results, errors)
+        return [results[i] for i in ids]
+
+    def _wait_for_batch(self, batch_id: str):
+        def fetch():
+            with self._api(f"checking batch {batch_id}"):
+                batch = self.client.batches.retrieve(batch_id)
+            counts = batch.request_counts
+            self._say(f"  batch {batch_id}: {batch.status}" + (
+                f" ({counts.completed}/{counts.total} done, {counts.failed} failed)"
+                if counts else ""))
+            return batch
+
+        batch = self._poll(fetch, lambda b: b.status in BATCH_DONE)
+        if batch.status not in BATCH_DONE:
+            raise BackendError(f"batch {batch_id} is still {batch.status} after "
+                               f"{self.max_wait:g} s; run again to resume waiting on it")
+        return batch
+
+    def _collect_batch(self, batch, by_id: dict, results: dict, errors: list) -> None:
+        """Read a finished batch's output (and error) file into ``results``; what failed
+        goes to ``errors`` and stays missing, to be resubmitted."""
+        for data in (batch.errors.data or []) if batch.errors else []:
+            errors.append(f"batch {batch.id} {batch.status}: {data.message}")
+        for file_id in (batch.output_file_id, batch.error_file_id):
+            if not file_id:
+                continue
+            for line in self._read_file(file_id).splitlines():
+                if not line.strip():
+                    continue
+                item = json.loads(line)
+                response, custom_id = item.get("response") or {}, item.get("custom_id")
+                if response.get("status_code") == 200 and custom_id in by_id:
+                    completion = ChatCompletion.model_validate(response["body"])
+                    results[custom_id] = self._generations(completion, by_id[custom_id],
+                                                           batch=True)
+                else:
+                    error = item.get("error") or (response.get("body") or {}).get("error") or {}
+                    errors.append(f"{custom_id}: {error.get('message', 'failed')}")
+
+    def _read_file(self, file_id: str) -> str:
+        with self._api(f"downloading file {file_id}"):
+            # the spec types this body as JSON, the SDK asks for application/binary: ask for
+            # anything, which every server answers
+            return self.client.files.content(file_id, extra_headers={"Accept": "*/*"}).text
+
+    # -- embeddings ---------------------------------------------------------------------
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """L2-normalised embeddings with ``embed_model``, in requests of at most 2048 inputs
+        and the API's token limit."""
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        counts = [cost.count_tokens(t, self.embed_model) for t in texts]
+        self.budget.check(f"embedding {len(texts)} texts with {self.embed_model}",
+                          cost.embedding_cost(self.embed_model, sum(counts), prices=self.prices))
+        rows: list[list[float]] = []
+        for start, stop in _embedding_batches(counts):
+            with self._api(f"embedding with {self.embed_model}"):
+                response = self.client.embeddings.create(
+                    model=self.embed_model, input=list(texts[start:stop]),
+                    encoding_format="float")
+            tokens = response.usage.prompt_tokens if response.usage else sum(counts[start:stop])
+            self._account(prompt=tokens, cost=cost.embedding_cost(self.embed_model, tokens,
+                                                                  prices=self.prices))
+            if len(response.data) != stop - start:
+                raise BackendError(f"sent {stop - start} texts to embed, {self.embed_model} "
+                                   f"returned {len(response.data)} embeddings")
+            rows.extend(d.embedding for d in sorted(response.data, key=lambda d: d.index))
+        vectors = np.asarray(rows, dtype=np.float64)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return (vectors / np.where(norms == 0, 1.0, norms)).astype(np.float32)
+
+    # -- plumbing -----------------------------------------------------------------------
+    @contextmanager
+    def _api(self, what: str):
+        """The one place SDK errors become semievol errors (tree in the module docstring).
+        The SDK has already retried what is worth retrying."""
+        where = self.base_url
+        retries = self.client.max_retries
+        try:
+            yield
+        except openai.APITimeoutError:
+            raise BackendError(f"{what}: {where} did not answer within {self.client.timeout}"
+                               f" s ({retries} retries); run again to resume") from None
+        except openai.APIConnectionError as e:
+            raise BackendError(f"{what}: could not reach {where} ({retries} retries): "
+                               f"{self._scrub(str(e.__cause__ or e))}; run again to resume"
+                               ) from None
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+            raise BackendError(f"{what}: {where} refused the API key (HTTP {e.status_code}): "
+                               f"{self._reason(e)}. Set OPENAI_API_KEY.") from None
+        except openai.RateLimitError as e:
+            raise BackendError(f"{what}: rate-limited or out of quota (HTTP 429) after "
+                               f"{retries} retries: {self._reason(e)}; run again later "
+                               "to resume") from None
+        except openai.APIStatusError as e:
+            hint = "; run again to resume" if e.status_code >= 500 else ""
+            raise BackendError(f"{what}: HTTP {e.status_code} from {where}: "
+                               f"{self._reason(e)}{hint}") from None
+        except openai.OpenAIError as e:
+            raise BackendError(f"{what}: {self._scrub(str(e))}") from None
+
+    def _poll(self, fetch: Callable, done: Callable):
+        """Call ``fetch`` until ``done(result)``, waiting poll_interval, backing off to 12x
+        that; after ``max_wait`` seconds return the last result, done or not."""
+        retrying = Retrying(
+            retry=retry_if_result(lambda result: not done(result)),
+            wait=wait_exponential(multiplier=self.poll_interval, min=self.poll_interval,
+                                  max=12 * self.poll_interval),
+            stop=stop_after_delay(self.max_wait) if self.max_wait is not None else stop_never,
+            retry_error_callback=lambda state: state.outcome.result())
+        return retrying(fetch)
+
+    def _account(self, prompt: int = 0, completion: int = 0, trained: int = 0,
+                 cost: float | None = None) -> None:
+        with self._lock:
+            self.usage.add(prompt=prompt, completion=completion, trained=trained, cost=cost)
+
+    def _reason(self, error: openai.APIStatusError) -> str:
+        """The server's own message (the ``error.message`` of its body), key removed."""
+        body = error.body if isinstance(error.body, dict) else {}
+        return self._scrub(str(body.get("message") or error.message))
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._secret, "***") if len(self._secret) >= 8 else text
+
+    def _say(self, message: str) -> None:
+        if not self.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    def _record_path(self, kind: str, key: str) -> Path | None:
+        return None if self.workdir is None else self.workdir / kind / f"{_slug(key)}.json"
+
+    def _read_record(self, kind: str, key: str) -> dict | None:
+        path = self._record_path(kind, key)
+        return json.loads(path.read_text()) if path is not None and path.exists() else None
+
+    def _write_record(self, kind: str, key: str, record: dict) -> None:
+        """Atomically (write then rename), so a kill never leaves half a record."""
+        path = self._record_path(kind, key)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, path)
+
+
+# -- training data --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainingStats:
+    """What the validated training data amounts to."""
+
+    n_examples: int
+    total_tokens: int
+    """Tokens in the training file; OpenAI bills this x epochs."""
+    max_tokens: int
+    """The longest example."""
+
+
+def validate_training_data(examples: Sequence[ChatExample], model: str) -> TrainingStats:
+    """Check chat examples as OpenAI's file validation does before any upload: each is a list
+    of messages with known roles and keys, string contents, a 0/1 weight if any, at least one
+    assistant message, and no more tokens than ``model`` takes per example; at least 10
+    examples. Raises one DataError naming the first few bad examples."""
+    limit = cost.match_model(TRAINING_TOKEN_LIMITS, cost.base_of(model)) \
+        or DEFAULT_TRAINING_TOKEN_LIMIT
+    problems: list[str] = []
+    lengths: list[int] = []
+    for i, example in enumerate(examples):
+        bad = _example_problem(example)
+        if bad is None:
+            tokens = cost.count_chat_tokens(example, model)
+            lengths.append(tokens)
+            if tokens > limit:
+                bad = f"{tokens:,} tokens, over the {limit:,} a {cost.base_of(model)} " \
+                      "training example may have"
+        if bad:
+            problems.append(f"example {i}: {bad}")
+    if problems:
+        raise DataError(f"{len(problems)} of {len(examples)} training examples are not valid "
+                        "for OpenAI fine-tuning: " + "; ".join(problems[:5])
+                        + ("; ..." if len(problems) > 5 else ""), field="messages")
+    if len(examples) < MIN_EXAMPLES:
+        raise DataError(f"OpenAI fine-tuning needs at least {MIN_EXAMPLES} training examples, "
+                        f"got {len(examples)}")
+    return TrainingStats(len(examples), sum(lengths), max(lengths))
+
+
+def _example_problem(example) -> str | None:
+    if not isinstance(example, (list, tuple)) or not example:
+        return "not a non-empty list of messages"
+    for j, message in enumerate(example):
+        if not isinstance(message, dict):
+            return f"message {j} is not a dict"
+        if "role" not in message or "content" not in message:
+            return f"message {j} lacks 'role' or 'content'"
+        if unknown := set(message) - MESSAGE_KEYS:
+            return f"message {j} has unknown keys {sorted(unknown)}"
+        if message["role"] not in ROLES:
+            return f"message {j} has unknown role {message['role']!r}"
+        if not isinstance(message["content"], str):
+            return f"message {j} content is not a string"
+        if message.get("weight", 1) not in (0, 1):
+            return f"message {j} weight must be 0 or 1"
+    if not any(m["role"] == "assistant" for m in example):
+        return "no assistant message"
+    return None
+
+
+# -- small pure helpers ---------------------------------------------------------------
+
+def _chat_body(model: str, messages: list[Message], *, n: int, temperature: float,
+               max_tokens: int, seed: int | None) -> dict:
+    body = {"model": model, "messages": [dict(m) for m in messages], "n": n,
+            "temperature": temperature, "max_completion_tokens": max_tokens, "logprobs": True}
+    if seed is not None:
+        body["seed"] = seed
+    return body
+
+
+def _embedding_batches(token_counts: Sequence[int]):
+    """(start, stop) ranges of at most EMBED_MAX_INPUTS inputs and EMBED_MAX_TOKENS tokens."""
+    start, tokens = 0, 0
+    for i, count in enumerate(token_counts):
+        if i > start and (i - start >= EMBED_MAX_INPUTS or tokens + count > EMBED_MAX_TOKENS):
+            yield start, i
+            start, tokens = i, 0
+        tokens += count
+    if start < len(token_counts):
+        yield start, len(token_counts)
+
+
+def _whole_epochs(epochs: float) -> int:
+    if epochs != int(epochs):
+        raise ConfigError(f"OpenAI fine-tuning takes a whole number of epochs, not {epochs}")
+    return int(epochs)
+
+
+def _jsonl(rows) -> bytes:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
+
+
+def _digest(data: str | bytes) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def _slug(key: str) -> str:
+    """A file name for a key: its readable part and a hash (keys may hold any character)."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", key).strip("-.")[:60]
+    return f"{readable}-{_digest(key)[:8]}" if readable else _digest(key)[:16]
+
+
+def _suffix(key: str) -> str:
+    """The job's model-name suffix (OpenAI allows up to 64 characters)."""
+    return ("semievol-" + re.sub(r"[^a-z0-9]+", "-", key.lower()).strip("-"))[:40].strip("-")
+
+
+def _tag(key: str) -> str:
+    """The key as a metadata value (at most 512 characters)."""
+    return key if len(key) <= 512 else "sha256:" + _digest(key)
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlparse(url).hostname or ""
+    return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")

@@ -1,0 +1,390 @@
+"""What a run on a paid API costs: a price table, token counting and a budget guard.
+
+Three uses, one set of numbers:
+
+* **Before the run** (``semievol run --dry-run``): describe each spending step as counts
+  (:class:`Step`: prompt tokens, an upper bound on output tokens, training tokens x epochs)
+  and :func:`estimate_run` prices them. :func:`chat_step`, :func:`finetune_step` and
+  :func:`embed_step` count the tokens of real prompts with tiktoken.
+* **During the run**: the OpenAI backend prices each step before it spends and asks a
+  :class:`Budget` whether the step fits under ``--max-cost-usd``; it raises
+  :class:`~semievol.errors.BudgetExceeded` before any money is spent on a step that would not.
+* **After the run**: the backend prices what the API reported it used (response ``usage``
+  fields, the job's ``trained_tokens``) with the same table, into ``results.json``.
+
+Prices are USD per 1M tokens, as OpenAI publishes them, for standard (not priority) processing;
+the Batch API costs half. They change: pass overrides (``prices={"gpt-4o-mini": {...}}``) rather
+than trusting this table for billing. A model is priced by the longest table key it starts
+with (``gpt-4o-mini-2024-07-18`` -> ``gpt-4o-mini``); a fine-tuned model ``ft:BASE:org:...``
+by the key ``ft:BASE``. Models not in the table (a local server's) have no price: their cost
+is ``None``, never a guess.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from .errors import BudgetExceeded, ConfigError
+from .types import ChatExample, Message, Usage
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Price", "PRICES", "price_of", "Step", "Estimate", "estimate_run", "chat_step",
+           "finetune_step", "embed_step", "count_tokens", "count_chat_tokens", "Budget",
+           "chat_cost", "embedding_cost", "training_cost", "base_of", "match_model", "format_usd",
+           "price_table", "estimate_task", "print_estimate"]
+
+PRICES_AS_OF = "2025-06"
+"""When the table below was read from https://openai.com/api/pricing (standard tier)."""
+
+
+@dataclass(frozen=True)
+class Price:
+    """USD per 1M tokens for one model."""
+
+    input: float
+    output: float = 0.0
+    cached_input: float | None = None
+    """Prompt tokens served from the prompt cache; None means billed as ``input``."""
+    training: float | None = None
+    """Fine-tuning: per trained token (tokens in the training file x epochs)."""
+
+
+PRICES: dict[str, Price] = {
+    # chat models that can be fine-tuned: inference, and training per trained token
+    "gpt-4o-mini": Price(input=0.15, cached_input=0.075, output=0.60, training=3.00),
+    "gpt-4o": Price(input=2.50, cached_input=1.25, output=10.00, training=25.00),
+    "gpt-4.1": Price(input=2.00, cached_input=0.50, output=8.00, training=25.00),
+    "gpt-4.1-mini": Price(input=0.40, cached_input=0.10, output=1.60, training=5.00),
+    "gpt-4.1-nano": Price(input=0.10, cached_input=0.025, output=0.40, training=1.50),
+    "gpt-3.5-turbo": Price(input=0.50, output=1.50, training=8.00),
+    # their fine-tuned models (ft:BASE:org:suffix:id) cost more to call
+    "ft:gpt-4o-mini": Price(input=0.30, cached_input=0.15, output=1.20),
+    "ft:gpt-4o": Price(input=3.75, cached_input=1.875, output=15.00),
+    "ft:gpt-4.1": Price(input=3.00, cached_input=0.75, output=12.00),
+    "ft:gpt-4.1-mini": Price(input=0.80, cached_input=0.20, output=3.20),
+    "ft:gpt-4.1-nano": Price(input=0.20, cached_input=0.05, output=0.80),
+    "ft:gpt-3.5-turbo": Price(input=3.00, output=6.00),
+    # embeddings: input only
+    "text-embedding-3-small": Price(input=0.02),
+    "text-embedding-3-large": Price(input=0.13),
+    "text-embedding-ada-002": Price(input=0.10),
+}
+
+BATCH_DISCOUNT = 0.5
+"""The Batch API bills input and output at half the standard price."""
+
+
+def base_of(model: str) -> str:
+    """The base model of a fine-tuned reference: ``ft:gpt-4o-mini-2024-07-18:org::id`` ->
+    ``gpt-4o-mini-2024-07-18``; any other name is its own base."""
+    if model.startswith("ft:"):
+        return model.split(":")[1]
+    return model
+
+
+def price_table(overrides: Mapping[str, Price | Mapping] | None = None) -> dict[str, Price]:
+    """:data:`PRICES` with ``overrides`` laid over it; an override is a :class:`Price` or a
+    dict of its fields (``{"input": 0.15, "output": 0.6}``)."""
+    table = dict(PRICES)
+    for name, value in (overrides or {}).items():
+        if isinstance(value, Mapping):
+            try:
+                value = Price(**value)
+            except TypeError as e:
+                raise ConfigError(f"price of {name!r}: {e}") from None
+        if not isinstance(value, Price):
+            raise ConfigError(f"price of {name!r} must be a Price or a dict, not {value!r}")
+        table[name] = value
+    return table
+
+
+def price_of(model: str, prices: Mapping[str, Price] | None = None) -> Price | None:
+    """The price of ``model``: the longest key it starts with (``ft:BASE`` for a fine-tuned
+    model), or None when the table does not know it."""
+    table = PRICES if prices is None else prices
+    return match_model(table, f"ft:{base_of(model)}" if model.startswith("ft:") else model)
+
+
+def match_model(table: Mapping[str, object], model: str):
+    """The entry of the longest key that ``model`` is, or starts with followed by ``-``
+    (``gpt-4o-mini-2024-07-18`` matches ``gpt-4o-mini``, not ``gpt-4o``); None if none."""
+    keys = [k for k in table if model == k or model.startswith(k + "-")]
+    return table[max(keys, key=len)] if keys else None
+
+
+# -- what a call costs ------------------------------------------------------------------
+
+def chat_cost(model: str, prompt_tokens: int, completion_tokens: int, *, cached_tokens: int = 0,
+              batch: bool = False, prices: Mapping[str, Price] | None = None) -> float | None:
+    """USD for one chat completion as its ``usage`` reports it (``prompt_tokens`` includes
+    ``cached_tokens``)."""
+    p = price_of(model, prices)
+    if p is None:
+        return None
+    cached_rate = p.input if p.cached_input is None else p.cached_input
+    usd = ((prompt_tokens - cached_tokens) * p.input + cached_tokens * cached_rate
+           + completion_tokens * p.output) / 1e6
+    return usd * (BATCH_DISCOUNT if batch else 1.0)
+
+
+def embedding_cost(model: str, tokens: int, *,
+                   prices: Mapping[str, Price] | None = None) -> float | None:
+    p = price_of(model, prices)
+    return None if p is None else tokens * p.input / 1e6
+
+
+def training_cost(base: str, trained_tokens: int, *,
+                  prices: Mapping[str, Price] | None = None) -> float | None:
+    """USD for fine-tuning ``base`` (a base model or an ``ft:`` model, which trains at its
+    base's rate) on ``trained_tokens`` = tokens in the training file x epochs."""
+    p = price_of(base_of(base), prices)
+    return None if p is None or p.training is None else trained_tokens * p.training / 1e6
+
+
+# -- counting tokens --------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _encoding(model: str):
+    """The tiktoken encoding of a model. Unknown models (a local server's) are counted with
+    o200k_base, gpt-4o's; where tiktoken cannot load any encoding (offline, no cache) the
+    count falls back to bytes/4, with a warning, so an estimate still comes out."""
+    import tiktoken
+
+    try:
+        return tiktoken.encoding_for_model(base_of(model))
+    except KeyError:
+        pass
+    except Exception as e:  # the BPE file could not be downloaded
+        log.debug("tiktoken has no encoding for %s here (%s); trying o200k_base", model, e)
+    try:
+        return tiktoken.get_encoding("o200k_base")
+    except Exception as e:
+        log.warning("tiktoken could not load an encoding (%s); counting tokens as bytes/4. "
+                    "Set TIKTOKEN_CACHE_DIR to a folder holding the BPE files.", e)
+        return None
+
+
+def count_tokens(text: str, model: str = "gpt-4o-mini") -> int:
+    """Tokens of ``text`` under ``model``'s tokenizer."""
+    enc = _encoding(model)
+    if enc is None:
+        return math.ceil(len(text.encode()) / 4)
+    return len(enc.encode(text, disallowed_special=()))
+
+
+def count_chat_tokens(messages: Sequence[Message], model: str = "gpt-4o-mini") -> int:
+    """Tokens a chat prompt (or training example) costs, as the OpenAI cookbook counts them:
+    3 per message for the framing, 1 more per ``name``, every value's tokens, and 3 for the
+    start of the reply."""
+    total = 3
+    for message in messages:
+        total += 3
+        for key, value in message.items():
+            if isinstance(value, str):
+                total += count_tokens(value, model)
+            if key == "name":
+                total += 1
+    return total
+
+
+# -- estimating a run -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Step:
+    """One spending step of a run, as token counts."""
+
+    name: str
+    """What the step is, as the table shows it ("warm-up fine-tune", "collaborate", ...)."""
+    model: str
+    """The model billed: the base for fine-tuning, the (``ft:``) model for generation."""
+    input_tokens: int = 0
+    """Prompt tokens (each prompt counted once, however many samples it asks for) or
+    embedding input tokens."""
+    output_tokens: int = 0
+    """Completion tokens; for an estimate the upper bound prompts x n x max_tokens."""
+    trained_tokens: int = 0
+    """Fine-tuning: tokens in the training file x epochs."""
+    requests: int = 0
+    batch: bool = False
+    """Sent through the Batch API (half price)."""
+
+
+def step_cost(step: Step, prices: Mapping[str, Price] | None = None) -> float | None:
+    """USD for a step, or None when a model it uses has no price."""
+    if step.trained_tokens:
+        return training_cost(step.model, step.trained_tokens, prices=prices)
+    return chat_cost(step.model, step.input_tokens, step.output_tokens, batch=step.batch,
+                     prices=prices)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The priced steps of a run and their total."""
+
+    steps: tuple[tuple[Step, float | None], ...]
+    total_usd: float | None = None
+    """Sum of the step costs; None when any step has no price."""
+
+    def format(self) -> str:
+        """A plain table for the terminal."""
+        rows = [("step", "model", "input tok", "output tok", "trained tok", "USD")]
+        for step, usd in self.steps:
+            rows.append((step.name + (" (batch)" if step.batch else ""), step.model,
+                         f"{step.input_tokens:,}", f"{step.output_tokens:,}",
+                         f"{step.trained_tokens:,}", format_usd(usd)))
+        rows.append(("total", "", "", "", "", format_usd(self.total_usd)))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                           for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        note = (f"Estimate at list prices as of {PRICES_AS_OF}; output tokens are an upper "
+                "bound (max_tokens per sample).")
+        return "\n".join(lines + [note])
+
+    def to_dict(self) -> dict:
+        return {"total_usd": self.total_usd,
+                "steps": [{"name": s.name, "model": s.model, "input_tokens": s.input_tokens,
+                           "output_tokens": s.output_tokens, "trained_tokens": s.trained_tokens,
+                           "requests": s.requests, "batch": s.batch, "usd": usd}
+                          for s, usd in self.steps]}
+
+
+def estimate_run(steps: Iterable[Step],
+                 prices: Mapping[str, Price | Mapping] | None = None) -> Estimate:
+    """Price each step (with ``prices`` laid over the table) and sum them."""
+    table = price_table(prices)
+    priced = tuple((s, step_cost(s, table)) for s in steps)
+    costs = [usd for _, usd in priced]
+    total = None if any(c is None for c in costs) else sum(costs)
+    return Estimate(priced, total)
+
+
+def chat_step(name: str, model: str, prompts: Sequence[Sequence[Message]], *, n: int = 1,
+              max_tokens: int, batch: bool = False) -> Step:
+    """A generation step: each prompt billed once (``n`` samples come from one request),
+    output bounded by ``n * max_tokens`` per prompt."""
+    return Step(name, model, input_tokens=sum(count_chat_tokens(p, model) for p in prompts),
+                output_tokens=len(prompts) * n * max_tokens, requests=len(prompts), batch=batch)
+
+
+def finetune_step(name: str, base: str, examples: Sequence[ChatExample], *,
+                  epochs: int) -> Step:
+    """A fine-tuning step: the training file's tokens x epochs, as OpenAI bills them."""
+    tokens = sum(count_chat_tokens(ex, base) for ex in examples)
+    return Step(name, base, trained_tokens=tokens * epochs, requests=1)
+
+
+def embed_step(name: str, model: str, texts: Sequence[str]) -> Step:
+    return Step(name, model, input_tokens=sum(count_tokens(t, model) for t in texts),
+                requests=1)
+
+
+def estimate_task(task, config, *, model: str | None = None,
+                  embed_model: str = "text-embedding-3-small", batch: bool = False,
+                  prices: Mapping[str, Price | Mapping] | None = None) -> Estimate:
+    """What ``semievol run`` would spend on ``task`` (a loaded :class:`~semievol.types.Task`)
+    with ``config`` (a :class:`~semievol.config.RunConfig`), step by step as the pipeline runs
+    them, from the real prompts. Where the run decides as it goes, the estimate takes the
+    dearer side: every unlabeled question goes to self-justify (with candidates of
+    ``max_tokens`` tokens), a round selects theta of what it mines (all of it without
+    adaptive selection), retrieved examples are as long as the labeled set's average, and
+    every response is ``max_tokens`` long."""
+    from . import prompts  # the pipeline's own prompts, so the count is of what is sent
+
+    if model is None:
+        from .backends.openai import DEFAULT_MODEL
+        model = config.model or DEFAULT_MODEL
+    style, n, k = config.prompt_style, (config.n if config.cl else 1), config.k
+    labeled, unlabeled, test = task.labeled, task.unlabeled, task.test
+    warm = f"ft:{model}" if config.iwp else model
+    steps: list[Step] = []
+    if config.iwp:
+        steps.append(finetune_step("warm-up fine-tune", model, [
+            prompts.training_example(e, e.answer, style) for e in labeled],
+            epochs=round(config.finetune.epochs)))
+    miner, remaining = warm, list(unlabeled)
+    for r in range(1, config.rounds + 1):
+        if not remaining:
+            break
+        if config.icp and k and labeled:
+            steps.append(embed_step(f"r{r} embed questions", embed_model,
+                                    [e.question for e in labeled + remaining]))
+        shots = [[labeled[(i * k + j) % len(labeled)] for j in range(min(k, len(labeled)))]
+                 if config.icp and labeled else [] for i in range(len(remaining))]
+        asks = [prompts.question_prompt(ex, style, s) for ex, s in zip(remaining, shots)]
+        steps.append(chat_step(f"r{r} collaborate", miner, asks, n=n,
+                               max_tokens=config.max_tokens, batch=batch))
+        if config.cl and n > 1:
+            justify = chat_step(f"r{r} self-justify", miner, [
+                prompts.justify_prompt(ex, [""] * n, style) for ex in remaining],
+                max_tokens=config.max_tokens, batch=batch)
+            steps.append(dataclasses.replace(justify, input_tokens=justify.input_tokens
+                                             + len(remaining) * n * config.max_tokens))
+        chosen = remaining[:math.ceil(config.theta * len(remaining))] \
+            if config.adaptive_selection else remaining
+        pairs = [prompts.training_example(ex, ex.answer or _any_answer(ex), style)
+                 for ex in chosen]
+        if not config.iwp and r == 1:
+            pairs = [prompts.training_example(e, e.answer, style) for e in labeled] + pairs
+        steps.append(finetune_step(f"r{r} evolve fine-tune", miner, pairs,
+                                   epochs=round(config.evolve_ft.epochs)))
+        miner, remaining = f"ft:{model}", remaining[len(chosen):]
+    evaluated = [("vanilla", model)] + ([("sft", warm)] if config.iwp else []) \
+        + [("semievol", f"ft:{model}")]
+    asks = [prompts.question_prompt(ex, style) for ex in test]
+    steps += [chat_step(f"eval {label}", m, asks, max_tokens=config.max_tokens, batch=batch)
+              for label, m in evaluated]
+    return estimate_run(steps, prices)
+
+
+def print_estimate(task, config, **options) -> Estimate:
+    """Print :func:`estimate_task`'s table (``semievol run --dry-run``) and return it."""
+    estimate = estimate_task(task, config, **options)
+    print(f"Estimated cost of this run ({task.name}: {len(task.labeled)} labeled, "
+          f"{len(task.unlabeled)} unlabeled, {len(task.test)} test):\n")
+    print(estimate.format())
+    limit = getattr(config, "max_cost_usd", None)
+    if limit is not None and estimate.total_usd is not None and estimate.total_usd > limit:
+        print(f"\nThis is over --max-cost-usd {limit}: the run would stop before the step "
+              "that passes it.")
+    return estimate
+
+
+def _any_answer(example) -> str:
+    """A stand-in label for an unlabeled question (its answer is hidden): the first option."""
+    return "A" if example.options else "0"
+
+
+# -- the guard --------------------------------------------------------------------------
+
+class Budget:
+    """Stops a run before a step that would take spending past ``limit_usd``.
+
+    It reads what has been spent from ``usage.cost_usd`` (the backend's running total), so
+    seeding that total from an earlier, resumed part of the run counts it too."""
+
+    def __init__(self, limit_usd: float | None, usage: Usage):
+        self.limit_usd = limit_usd
+        self.usage = usage
+
+    def check(self, step: str, estimate_usd: float | None) -> None:
+        """Raise :class:`BudgetExceeded` if ``step``, costing about ``estimate_usd``, would
+        pass the limit. A step with no price (a local server) always passes."""
+        if self.limit_usd is None or estimate_usd is None:
+            return
+        spent = self.usage.cost_usd or 0.0
+        if spent + estimate_usd > self.limit_usd:
+            raise BudgetExceeded(
+                f"{step} would cost about {format_usd(estimate_usd)}; with "
+                f"{format_usd(spent)} already spent that passes the limit of "
+                f"{format_usd(self.limit_usd)} (--max-cost-usd). "
+                "Nothing was spent on it; raise the limit and rerun to resume.")
+
+
+def format_usd(value: float | None) -> str:
+    return "n/a" if value is None else f"${value:,.4f}"
