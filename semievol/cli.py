@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--epochs", type=float, default=2, help="fine-tuning epochs (2)")
     run.add_argument("--lr", type=float, default=1e-4, help="LoRA learning rate (1e-4)")
     run.add_argument("--evolve-lr", type=float, help="learning rate of the evolve step (as --lr)")
+    run.add_argument("--lr-multiplier", type=float,
+                     help="OpenAI fine-tuning learning-rate multiplier (default: the API's choice)")
     run.add_argument("--batch-size", type=int, default=8, help="fine-tuning batch size (8)")
     run.add_argument("--generation-batch", type=int, default=16,
                      help="questions per generation call (16)")
@@ -97,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--state-dir", help="where files, jobs and adapters live (default: ./semievol-serve)")
     srv.add_argument("--api-key", help="require this bearer token (or set SEMIEVOL_API_KEY)")
+    srv.add_argument("--max-upload-mb", type=int, default=512, help="largest accepted upload (512)")
     srv.set_defaults(func=_cmd_serve)
 
     demo = sub.add_parser("demo", help="the embedded default end to end on a synthetic task",
@@ -132,7 +135,7 @@ def make_backend(args, workdir: Path | None, max_cost_usd: float | None = None):
 
 def _run_config(args) -> RunConfig:
     ft = FinetuneConfig(epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size,
-                        seed=args.seed)
+                        seed=args.seed, learning_rate_multiplier=args.lr_multiplier)
     return RunConfig(
         data=str(args.data), backend=args.backend, model=args.model, n=args.n, k=args.k,
         theta=args.theta, rounds=args.rounds, iwp=not args.no_iwp, icp=not args.no_icp,
@@ -199,7 +202,8 @@ def _cmd_serve(args) -> int:
     from .server import serve
 
     serve(backend=args.backend, model=args.model, host=args.host, port=args.port,
-          state_dir=args.state_dir, api_key=args.api_key or os.environ.get("SEMIEVOL_API_KEY"))
+          state_dir=args.state_dir, api_key=args.api_key or os.environ.get("SEMIEVOL_API_KEY"),
+          max_upload_mb=args.max_upload_mb)
     return 0
 
 

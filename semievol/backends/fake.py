@@ -43,8 +43,10 @@ class FakeBackend:
     name = "fake"
     default_model = "fake-base"
 
-    def __init__(self, rule: Rule | None = None, *, default_answer: str = "I don't know",
-                 dim: int = 64, workdir: str | Path | None = None):
+    def __init__(self, rule: Rule | None = None, *, model: str | None = None,
+                 default_answer: str = "I don't know", dim: int = 64,
+                 workdir: str | Path | None = None):
+        self.default_model = model or "fake-base"
         self.rule = rule
         self.default_answer = default_answer
         self.dim = dim

@@ -1,0 +1,142 @@
+"""The paper's table on a real task with few labels: vanilla, SFT and SemiEvol.
+
+    python benchmarks/quality.py --data ../shared/data/fpb --labeled 64 [--budgets 32,64,128]
+                                 [--ablations] [--rounds 2] [--backend hf|openai ...]
+
+Takes a seeded, class-stratified sample of the labeled split, keeps the full unlabeled and
+test splits, runs SemiEvol (each run resumable in --out), and adds the reference "SFT on all
+labeled examples", so we can say what share of the gap between SFT on the sample and SFT on
+everything SemiEvol closes. Prints a table; the last line is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from semievol import FinetuneConfig, RunConfig, load_backend
+from semievol.data import load_task
+from semievol.pipeline import run
+
+ABLATIONS = {"w/o IWP": {"iwp": False}, "w/o ICP": {"icp": False}, "w/o CL": {"cl": False},
+             "w/o AS": {"adaptive_selection": False}}
+
+
+def stratified(examples, size: int, seed: int):
+    """``size`` examples with the classes in their proportions (at least one each)."""
+    rng = random.Random(seed)
+    by_class = defaultdict(list)
+    for ex in examples:
+        by_class[ex.answer].append(ex)
+    picked = []
+    for label, group in sorted(by_class.items()):
+        rng.shuffle(group)
+        picked += group[:max(1, round(size * len(group) / len(examples)))]
+    rng.shuffle(picked)
+    return picked[:size]
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--labeled", type=int, default=64)
+    p.add_argument("--budgets", help="comma-separated label budgets (overrides --labeled)")
+    p.add_argument("--ablations", action="store_true")
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--backend", default="hf", choices=["hf", "openai"])
+    p.add_argument("--model")
+    p.add_argument("--base-url")
+    p.add_argument("--epochs", type=float, default=4)
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--evolve-lr", type=float)
+    p.add_argument("--limit-unlabeled", type=int)
+    p.add_argument("--limit-test", type=int)
+    p.add_argument("--no-reference", action="store_true", help="skip SFT on all labeled")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/quality")
+    args = p.parse_args(argv)
+
+    full = load_task(args.data, limits={"unlabeled": args.limit_unlabeled, "test": args.limit_test})
+    ft = FinetuneConfig(epochs=args.epochs, learning_rate=args.lr, seed=args.seed)
+    base = RunConfig(data=args.data, backend=args.backend, model=args.model, base_url=args.base_url,
+                     rounds=args.rounds, seed=args.seed, finetune=ft,
+                     evolve_finetune=ft.replace(learning_rate=args.evolve_lr) if args.evolve_lr else None,
+                     limit_unlabeled=args.limit_unlabeled, limit_test=args.limit_test)
+    out = Path(args.out)
+    budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else [args.labeled]
+    rows, started = [], time.perf_counter()
+    for budget in budgets:
+        task = dataclasses.replace(full, labeled=stratified(full.labeled, budget, args.seed))
+        variants = {"SemiEvol": {}, **(ABLATIONS if args.ablations else {})}
+        for name, switches in variants.items():
+            config = base.replace(limit_labeled=budget, **switches)
+            run_dir = out / f"{full.name}-{args.backend}-L{budget}-{_slug(name)}"
+            backend = _backend(args, run_dir)
+            results = run(config, backend, run_dir, task=task)
+            rows.append(_row(name, budget, results))
+    reference = None
+    if not args.no_reference:
+        run_dir = out / f"{full.name}-{args.backend}-L{len(full.labeled)}-sft"
+        config = base.replace(n=1, k=0, icp=False, cl=False, limit_labeled=None)
+        results = run(config, _backend(args, run_dir), run_dir,
+                      task=dataclasses.replace(full, unlabeled=[]))
+        reference = results["eval"]["sft"]
+    summary = _print(rows, reference, full.name, args)
+    summary["wall_s"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(summary))
+    return summary
+
+
+def _backend(args, run_dir: Path):
+    if args.backend == "hf":
+        return load_backend("hf", model=args.model, workdir=run_dir / "backend")
+    return load_backend("openai", model=args.model, base_url=args.base_url, workdir=run_dir / "backend")
+
+
+def _row(name: str, budget: int, r: dict) -> dict:
+    ev, u = r["eval"], r["unlabeled"]
+    return {"variant": name, "labeled": budget,
+            "vanilla": ev["vanilla"], "sft": ev["sft"], "semievol": ev["semievol"],
+            "selected": u["selected"], "pseudo_acc_all": u["pseudo_label_accuracy"]["all"],
+            "pseudo_acc_selected": u["pseudo_label_accuracy"]["selected"],
+            "timings_s": r["timings_s"], "total_s": round(sum(r["timings_s"].values()), 1)}
+
+
+def _print(rows, reference, task, args) -> dict:
+    f = lambda v: "-" if v is None else f"{100 * v:.1f}"
+    print(f"\n{task}, {args.backend}, machine: {platform.machine()} {platform.node()}, "
+          f"{time.strftime('%Y-%m-%d')}\n")
+    print(f"{'variant':<12}{'L':>5}{'vanilla acc/F1':>16}{'SFT acc/F1':>14}{'SemiEvol acc/F1':>17}"
+          f"{'err.red.':>10}{'sel.':>6}{'PL all':>8}{'PL sel':>8}{'gap closed':>12}{'time':>8}")
+    out = {"task": task, "backend": args.backend, "rows": [], "reference_sft_all": reference}
+    for r in rows:
+        gap = None
+        if reference and r["sft"] and reference["accuracy"] > r["sft"]["accuracy"]:
+            gap = (r["semievol"]["accuracy"] - r["sft"]["accuracy"]) / (reference["accuracy"] - r["sft"]["accuracy"])
+        sft = r["sft"] or {"accuracy": None, "macro_f1": None}
+        print(f"{r['variant']:<12}{r['labeled']:>5}"
+              f"{f(r['vanilla']['accuracy']) + '/' + f(r['vanilla']['macro_f1']):>16}"
+              f"{f(sft['accuracy']) + '/' + f(sft['macro_f1']):>14}"
+              f"{f(r['semievol']['accuracy']) + '/' + f(r['semievol']['macro_f1']):>17}"
+              f"{f(r['semievol'].get('error_reduction')):>10}{r['selected']:>6}"
+              f"{f(r['pseudo_acc_all']):>8}{f(r['pseudo_acc_selected']):>8}{f(gap):>12}"
+              f"{r['total_s']:>7.0f}s")
+        out["rows"].append({**r, "gap_closed": gap})
+    if reference:
+        print(f"\nreference: SFT on all labeled: accuracy {f(reference['accuracy'])}, "
+              f"macro-F1 {f(reference['macro_f1'])}")
+    return out
+
+
+def _slug(name: str) -> str:
+    return name.lower().replace("/", "").replace(" ", "-")
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

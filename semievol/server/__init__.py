@@ -1,0 +1,83 @@
+"""``semievol serve``: an OpenAI-compatible HTTP API (files, fine-tuning jobs, chat
+completions with logprobs, embeddings, models) over a local backend, so any OpenAI
+fine-tuning client, our own OpenAI backend first, can evolve a local model.
+
+    app.py       the routes, errors, auth and body limits
+    schemas.py   request bodies (pydantic)
+    chat.py      chat choices, stop sequences, logprobs and embedding rows
+    jobs.py      the fine-tuning worker and the hyperparameter mapping
+    validate.py  training-file checks, the way OpenAI makes them
+    store.py     the state directory: files, jobs, events, fine-tuned models
+
+Where it differs from the real API: one base model is served (the backend's default, or
+``--model``), and other names are refused rather than loaded, since the backend would read a
+model name as a hub id or a directory; fine-tuning is ``supervised`` only, without
+validation metrics, result files, integrations or streaming; ``top_logprobs`` is always
+empty; ``stop`` is applied after generation; a cancelled running job trains to its end
+(its result is discarded); chat and embeddings wait while a job trains (one backend, one
+lock). Job ids, file ids and events have OpenAI's shapes; failed file validation adds
+``error.line``.
+
+FastAPI and uvicorn come with the ``serve`` extra (``pip install "semievol[serve]"``); they
+are imported only when a server is built, so ``import semievol.server`` needs neither.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from pathlib import Path
+
+__all__ = ["create_app", "serve", "default_state_dir"]
+
+log = logging.getLogger("semievol.server")
+
+
+def create_app(backend, state_dir: str | Path, api_key: str | None = None, **options):
+    """The ASGI app over a built backend (see :func:`semievol.server.app.create_app`)."""
+    from .app import create_app as build
+
+    return build(backend, state_dir, api_key, **options)
+
+
+def default_state_dir() -> Path:
+    """Where state lives without ``--state-dir``: ``./semievol-serve``, so a server
+    restarted in the same directory finds its jobs."""
+    return Path("semievol-serve")
+
+
+def serve(backend: str, model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+          state_dir: str | Path | None = None, api_key: str | None = None,
+          max_upload_mb: int = 512) -> None:
+    """Build the backend and run the server until interrupted.
+
+    The backend is ``load_backend(backend, model=model, workdir=<state_dir>/backend)``
+    (``model`` only when given). ``api_key`` falls back to ``$SEMIEVOL_API_KEY``; without
+    either, requests need no key, so the server binds to loopback by default."""
+    from ..backends import load_backend
+
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise ImportError('semievol serve needs fastapi and uvicorn: '
+                          'pip install "semievol[serve]"') from e
+    state = Path(state_dir) if state_dir is not None else default_state_dir()
+    state.mkdir(parents=True, exist_ok=True)
+    api_key = api_key or os.environ.get("SEMIEVOL_API_KEY") or None
+    options = {"workdir": (state / "backend").resolve()}
+    if model is not None:
+        options["model"] = model
+    backend_obj = load_backend(backend, **options)
+    if api_key is None and not _is_loopback(host):
+        log.warning("serving on %s without an API key: anyone who can reach it can use it "
+                    "(set --api-key or SEMIEVOL_API_KEY)", host)
+    app = create_app(backend_obj, state, api_key, max_upload_mb=max_upload_mb)
+    # A request waiting behind a training job must not hold up a shutdown for long.
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,95 @@
+"""Check a fine-tuning file the way OpenAI does before a job is queued.
+
+The file is JSONL in OpenAI's chat format, one example per line::
+
+    {"messages": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."},
+                  {"role": "assistant", "content": "..."}]}
+
+A bad line fails the job with the line number, as the real API does, instead of failing
+later inside training. What we accept: roles ``system``, ``developer`` (read as system),
+``user`` and ``assistant``; keys ``role``, ``content``, ``name``, ``weight``; content as a
+string or a list of text parts; at least one assistant message per example, and at least
+:data:`MIN_EXAMPLES` examples (OpenAI's minimum). Tool calls, function messages, images and
+the legacy prompt/completion format are refused. An example is cut after its last assistant
+message, because a :data:`~semievol.types.ChatExample` ends with the answer.
+"""
+from __future__ import annotations
+
+import json
+
+from ..types import ChatExample
+
+MIN_EXAMPLES = 10
+"""OpenAI refuses training files with fewer examples than this."""
+
+_ROLES = {"system", "developer", "user", "assistant"}
+_MESSAGE_KEYS = {"role", "content", "name", "weight"}
+
+
+class InvalidFile(ValueError):
+    """A fine-tuning file that fails validation; ``line`` is 1-based (None: whole file)."""
+
+    def __init__(self, message: str, line: int | None = None):
+        self.line = line
+        super().__init__(f"Line {line}: {message}" if line else message)
+
+
+def read_chat_examples(data: bytes, *, min_examples: int = MIN_EXAMPLES) -> list[ChatExample]:
+    """The examples of a chat-format JSONL file, or :class:`InvalidFile` at the first bad
+    line. Blank lines are skipped."""
+    examples = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidFile("not valid UTF-8 text", number) from None
+        if text.strip():
+            examples.append(_example(text, number))
+    if len(examples) < min_examples:
+        raise InvalidFile(f"Training file has {len(examples)} example(s), but must have at "
+                          f"least {min_examples} examples")
+    return examples
+
+
+def _example(text: str, line: int) -> ChatExample:
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidFile(f"invalid JSON ({e.msg} at column {e.colno})", line) from None
+    if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
+        hint = (" (the legacy prompt/completion format is not supported: use chat format)"
+                if isinstance(row, dict) and "prompt" in row else "")
+        raise InvalidFile(f"each example must be a JSON object with a 'messages' list{hint}",
+                          line)
+    messages = [_message(m, i, line) for i, m in enumerate(row["messages"], start=1)]
+    last_answer = max((i for i, m in enumerate(messages) if m["role"] == "assistant"),
+                      default=None)
+    if last_answer is None:
+        raise InvalidFile("example has no message with role 'assistant'", line)
+    return messages[:last_answer + 1]
+
+
+def _message(message, index: int, line: int) -> dict[str, str]:
+    where = f"message {index}"
+    if not isinstance(message, dict):
+        raise InvalidFile(f"{where} must be a JSON object", line)
+    unknown = sorted(set(message) - _MESSAGE_KEYS)
+    if unknown:
+        raise InvalidFile(f"{where} has unrecognized key(s) {unknown} (tool and function "
+                          "calls are not supported)", line)
+    role = message.get("role")
+    if role not in _ROLES:
+        raise InvalidFile(f"{where} has unrecognized role {role!r}; expected one of "
+                          f"{sorted(_ROLES)}", line)
+    if message.get("weight", 1) not in (0, 1):
+        raise InvalidFile(f"{where}: 'weight' must be 0 or 1", line)
+    content = message.get("content")
+    if isinstance(content, list):
+        parts = [p.get("text") if isinstance(p, dict) and p.get("type") == "text" else None
+                 for p in content]
+        if None in parts or not all(isinstance(p, str) for p in parts):
+            raise InvalidFile(f"{where}: only text content parts are supported", line)
+        content = "".join(parts)
+    if not isinstance(content, str) or (role == "assistant" and not content.strip()):
+        raise InvalidFile(f"{where} is missing its text 'content'", line)
+    return {"role": "system" if role == "developer" else role, "content": content}

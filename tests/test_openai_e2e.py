@@ -1,0 +1,55 @@
+"""End to end over real HTTP: `semievol run --backend openai` against a local
+`semievol serve --backend hf` (the embedded model) on a slice of fpb. The run is killed
+(SIGKILL) while its warm-up fine-tuning job runs and started again: it finishes, and the
+server saw exactly two fine-tuning jobs (warm-up and evolve), none paid twice."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from test_pipeline_hf import check_schema
+from test_server import API_KEY, running_server
+
+pytestmark = pytest.mark.slow
+
+
+def test_openai_backend_through_semievol_serve(shared, tmp_path):
+    out = tmp_path / "run"
+    with running_server("hf", tmp_path / "state") as server:
+        args = [sys.executable, "-m", "semievol", "run", "--data", str(shared / "data" / "fpb"),
+                "--backend", "openai", "--base-url", server.url, "--model", "smollm2-135m",
+                "--out", str(out), "--limit-labeled", "24", "--limit-unlabeled", "32",
+                "--limit-test", "16", "--epochs", "2", "--batch-size", "8",
+                "--lr-multiplier", "4", "--max-tokens", "12", "--quiet"]
+        env = {**os.environ, "OPENAI_API_KEY": API_KEY}
+        first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        jobs = out / "backend" / "jobs"
+        deadline = time.time() + 300
+        while time.time() < deadline and first.poll() is None:
+            records = [json.loads(p.read_text()) for p in jobs.glob("*.json")] if jobs.exists() else []
+            if any(r.get("job_id") for r in records):
+                break
+            time.sleep(0.2)
+        assert first.poll() is None, first.stdout.read().decode()
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        assert not (out / "results.json").exists()
+
+        second = subprocess.run(args, capture_output=True, text=True, env=env, timeout=1200)
+        assert second.returncode == 0, second.stdout + second.stderr
+        results = json.loads((out / "results.json").read_text())
+        check_schema(results)
+        assert results["backend"] == "openai" and results["base_model"] == "smollm2-135m"
+        assert results["models"]["warm"].startswith("ft:") and results["models"]["evolved"].startswith("ft:")
+        assert results["models"]["evolved"] != results["models"]["warm"]
+        listed = server.client().fine_tuning.jobs.list(limit=100).data
+        assert len(listed) == 2 and {j.status for j in listed} == {"succeeded"}
+        assert results["usage"]["trained_tokens"] > 0 and results["usage"]["cost_usd"] is None
+        for path in out.rglob("*"):
+            if path.is_file():
+                assert API_KEY not in path.read_text(errors="ignore")

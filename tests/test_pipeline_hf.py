@@ -1,0 +1,94 @@
+"""`semievol run --backend hf` on a real slice of fpb with the embedded model: the results
+schema, and a run killed (SIGKILL) during inference that resumes with nothing lost or
+repeated and no second warm-up fine-tune."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SLICE = ["--limit-labeled", "24", "--limit-unlabeled", "24", "--limit-test", "24",
+         "--epochs", "1", "--lr", "4e-4", "--max-tokens", "12", "--generation-batch", "8", "--quiet"]
+
+
+def run_cli(shared, out, *extra, wait=True):
+    args = [sys.executable, "-m", "semievol", "run", "--data", str(shared / "data" / "fpb"),
+            "--backend", "hf", "--out", str(out), *SLICE, *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if not wait:
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    return subprocess.run(args, capture_output=True, text=True, timeout=900, env=env)
+
+
+def check_schema(results: dict) -> None:
+    """DESIGN.md section 3: the fields and types other parts rely on."""
+    assert isinstance(results["backend"], str) and isinstance(results["base_model"], str)
+    models = results["models"]
+    assert isinstance(models["base"], str)
+    assert all(models[k] is None or isinstance(models[k], str) for k in ("warm", "evolved"))
+    for name in ("vanilla", "sft", "semievol"):
+        row = results["eval"][name]
+        assert isinstance(row["accuracy"], float) and 0 <= row["accuracy"] <= 1
+        assert isinstance(row["macro_f1"], float) and 0 <= row["macro_f1"] <= 1
+        assert isinstance(row["n"], int)
+    u = results["unlabeled"]
+    for key in ("total", "consistent", "justified", "selected"):
+        assert isinstance(u[key], int)
+    for key in ("all", "selected"):
+        value = u["pseudo_label_accuracy"][key]
+        assert value is None or 0 <= value <= 1
+    usage = results["usage"]
+    for key in ("prompt_tokens", "completion_tokens", "trained_tokens"):
+        assert isinstance(usage[key], int)
+    assert usage["cost_usd"] is None or isinstance(usage["cost_usd"], float)
+    assert all(isinstance(v, float) for v in results["timings_s"].values())
+
+
+def test_run_on_fpb_slice(shared, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(shared, out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    results = json.loads((out / "results.json").read_text())
+    check_schema(results)
+    assert results["backend"] == "hf" and results["base_model"] == "smollm2-135m"
+    assert results["eval"]["semievol"]["n"] == 24 and results["unlabeled"]["total"] == 24
+    assert results["usage"]["trained_tokens"] > 0 and results["usage"]["prompt_tokens"] > 0
+    assert {"warmup", "collaborate_r1", "eval_semievol"} <= set(results["timings_s"])
+    assert "SemiEvol" in result.stdout
+
+
+def test_killed_during_inference_resumes_without_loss_or_repeats(shared, tmp_path):
+    out = tmp_path / "run"
+    mined = out / "collaborate_r1.jsonl"
+    proc = run_cli(shared, out, wait=False)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if mined.exists() and 0 < len(mined.read_text().splitlines()) < 24:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read().decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = [json.loads(l) for l in mined.read_text().splitlines() if l.strip()]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"]["warmup"]["status"] == "done"
+    warmup_time = manifest["timings_s"]["warmup"]
+    assert 0 < len(before) < 24
+
+    result = run_cli(shared, out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    after = [json.loads(l) for l in mined.read_text().splitlines()]
+    assert len(after) == 24 and len({r["id"] for r in after}) == 24
+    assert after[: len(before)] == before
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["timings_s"]["warmup"] == warmup_time  # the warm-up did not run again
+    adapters = sorted(p.name for p in (out / "backend" / "adapters").iterdir() if not p.name.startswith("."))
+    assert len(adapters) == 2  # one warm-up, one evolve
+    check_schema(json.loads((out / "results.json").read_text()))
