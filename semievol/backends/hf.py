@@ -119,7 +119,7 @@ class HFBackend:
                 generator.manual_seed(seed)
             stop = torch.tensor(sorted(_stop_ids(tok, lm)), device=_output_device(lm))
             order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-            with tqdm(total=len(prompts), desc="generate", unit="prompt",
+            with tqdm(total=len(prompts), desc="generate", unit="prompt", leave=False,
                       disable=self.quiet) as bar:
                 for start in range(0, len(order), self.batch_size):
                     batch = order[start:start + self.batch_size]
