@@ -24,7 +24,7 @@ def test_openai_backend_through_semievol_serve(shared, tmp_path):
         args = [sys.executable, "-m", "semievol", "run", "--data", str(shared / "data" / "fpb"),
                 "--backend", "openai", "--base-url", server.url, "--model", "smollm2-135m",
                 "--out", str(out), "--limit-labeled", "24", "--limit-unlabeled", "32",
-                "--limit-test", "16", "--epochs", "2", "--batch-size", "8",
+                "--limit-test", "16", "--recipe", "small", "--epochs", "2", "--batch-size", "8",
                 "--lr-multiplier", "4", "--max-tokens", "12", "--quiet"]
         env = {**os.environ, "OPENAI_API_KEY": API_KEY}
         first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)

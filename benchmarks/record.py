@@ -1,0 +1,64 @@
+"""Run a benchmark and record what it printed in benchmarks/RESULTS.md, so the file is only
+ever written by the scripts: one section per benchmark script, replaced on each run, with
+the machine, the date and the exact command.
+
+    python benchmarks/record.py benchmarks/generation.py --n 4
+    python benchmarks/record.py benchmarks/quality.py --data ../shared/data/fpb --labeled 64
+"""
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+HEADER = ("# Benchmark results\n\nWritten by `benchmarks/record.py` from what each script "
+          "printed; never edited by hand. Each section says where and how it was measured.\n")
+
+
+def machine() -> str:
+    cores = os.cpu_count()
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+        torch_version = torch.__version__
+    except ImportError:
+        gpu, torch_version = "no GPU", "not installed"
+    memory = ""
+    if Path("/proc/meminfo").exists():
+        kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+        memory = f", {kb / 2**20:.0f} GiB"
+    return (f"{platform.machine()}, {cores} cores{memory}, {gpu}; Python "
+            f"{platform.python_version()}, torch {torch_version}")
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__)
+        return 2
+    script = Path(argv[0]).name
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    result = subprocess.run([sys.executable, *argv], stdout=subprocess.PIPE, text=True)
+    output = result.stdout.rstrip()
+    print(output)
+    if result.returncode != 0:
+        print(f"record: {script} failed ({result.returncode}); RESULTS.md left as it was",
+              file=sys.stderr)
+        return result.returncode
+    command = " ".join(["python", *argv])
+    section = (f"## {script}\n\n- command: `{command}`\n- machine: {machine()}\n"
+               f"- date: {started}\n\n```\n{output}\n```\n")
+    text = RESULTS.read_text() if RESULTS.exists() else HEADER
+    pattern = re.compile(rf"^## {re.escape(script)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    RESULTS.write_text(text.rstrip() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
