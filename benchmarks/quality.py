@@ -55,6 +55,9 @@ def main(argv=None) -> dict:
     p.add_argument("--epochs", type=float, default=4)
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--evolve-lr", type=float)
+    p.add_argument("--evolve-epochs", type=float, help="epochs of the evolve step (as --epochs)")
+    p.add_argument("--justify", choices=["model", "vote"], default="vote")
+    p.add_argument("--selection", choices=["global", "per-class"], default="per-class")
     p.add_argument("--limit-unlabeled", type=int)
     p.add_argument("--limit-test", type=int)
     p.add_argument("--no-reference", action="store_true", help="skip SFT on all labeled")
@@ -65,8 +68,10 @@ def main(argv=None) -> dict:
     full = load_task(args.data, limits={"unlabeled": args.limit_unlabeled, "test": args.limit_test})
     ft = FinetuneConfig(epochs=args.epochs, learning_rate=args.lr, seed=args.seed)
     base = RunConfig(data=args.data, backend=args.backend, model=args.model, base_url=args.base_url,
-                     rounds=args.rounds, seed=args.seed, finetune=ft,
-                     evolve_finetune=ft.replace(learning_rate=args.evolve_lr) if args.evolve_lr else None,
+                     rounds=args.rounds, seed=args.seed, finetune=ft, justify=args.justify,
+                     per_class=args.selection == "per-class",
+                     evolve_finetune=ft.replace(learning_rate=args.evolve_lr or args.lr,
+                                                epochs=args.evolve_epochs or args.epochs),
                      limit_unlabeled=args.limit_unlabeled, limit_test=args.limit_test)
     out = Path(args.out)
     budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else [args.labeled]

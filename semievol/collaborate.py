@@ -46,16 +46,25 @@ def make_views(n: int, temperature: float, *, icp: bool, diverse: bool = False) 
 
 def mine(backend: Backend, model: str, items: Sequence[Example],
          shots: dict[str, list[Example]], views: Sequence[View], *, style: str,
-         max_tokens: int, seed: int, batch_size: int, justify: bool = True,
+         max_tokens: int, seed: int, batch_size: int, justify: str | None = "model",
          on_records: Callable[[list[dict]], None], quiet: bool = False) -> None:
     """Pseudo-label ``items`` with ``model``; hand each finished batch's records to
-    ``on_records`` (which persists them) before starting the next batch."""
+    ``on_records`` (which persists them) before starting the next batch.
+
+    ``justify`` settles disagreements: "model" asks the model (the paper's self-justify),
+    "vote" takes the majority answer (ties: the lower mean entropy), None leaves them
+    unlabeled. A model as small as 135M parameters answered "neutral" to 206 of 209 fpb
+    self-justify prompts (43% right) where the vote was 63% right."""
     with tqdm(total=len(items), desc="collaborate", unit="q", disable=quiet) as bar:
         for batch in _batches(items, batch_size):
             samples = _infer(backend, model, batch, shots, views, style, max_tokens, seed)
             records = [_agree(ex, gens) for ex, gens in zip(batch, samples)]
-            if justify:
+            if justify == "model":
                 _self_justify(backend, model, batch, records, style, max_tokens)
+            elif justify == "vote":
+                for record in records:
+                    if not record["consistent"] and len(record["answers"]) > 1:
+                        _vote(record)
             on_records(records)
             bar.update(len(batch))
 
@@ -88,9 +97,13 @@ def _agree(example: Example, gens: list[Generation]) -> dict:
 def _label(record: dict, label: str | None) -> None:
     """Set the pseudo-label, with the mean entropy of the responses that gave it."""
     record["pseudo_label"] = label
+    record["entropy"] = None if label is None else _entropy_of(record, label)
+
+
+def _entropy_of(record: dict, label: str) -> float | None:
     values = [h for h, l in zip(record["entropies"], record["answers"])
               if l == label and h is not None]
-    record["entropy"] = sum(values) / len(values) if label is not None and values else None
+    return sum(values) / len(values) if values else None
 
 
 def _self_justify(backend, model, batch, records, style, max_tokens) -> None:
@@ -109,10 +122,18 @@ def _self_justify(backend, model, batch, records, style, max_tokens) -> None:
         if label is not None:
             record["pseudo_label"], record["entropy"] = label, _finite(verdict.entropy)
             continue
-        votes = Counter(l for l in record["answers"] if l is not None)
-        if votes:
-            _label(record, votes.most_common(1)[0][0])
-            record["fallback"] = "vote"
+        _vote(record)
+        record["fallback"] = "vote"
+
+
+def _vote(record: dict) -> None:
+    """The majority answer of the inferences (ties: the lower mean entropy)."""
+    record["justified"] = True
+    votes = Counter(l for l in record["answers"] if l is not None)
+    if votes:
+        top = max(votes.values())
+        tied = [l for l, count in votes.items() if count == top]
+        _label(record, min(tied, key=lambda l: _entropy_of(record, l) or math.inf))
 
 
 def _finite(value: float) -> float | None:

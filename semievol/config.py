@@ -62,6 +62,10 @@ class RunConfig:
     icp: bool = True
     cl: bool = True
     adaptive_selection: bool = True
+    per_class: bool = False
+    """Take the entropy percentile within each pseudo-label class (see selection.py)."""
+    justify: str = "model"
+    """How disagreements are settled: "model" (self-justify, the paper) or "vote"."""
     limit_labeled: int | None = None
     limit_unlabeled: int | None = None
     limit_test: int | None = None
@@ -90,6 +94,7 @@ class RunConfig:
         _check(self.max_tokens >= 1, "max_tokens must be >= 1")
         _check(self.generation_batch >= 1, "generation_batch must be >= 1")
         _check(self.prompt_style in ("text", "letter"), "prompt_style must be 'text' or 'letter'")
+        _check(self.justify in ("model", "vote"), "justify must be 'model' or 'vote'")
         for name in ("limit_labeled", "limit_unlabeled", "limit_test"):
             value = getattr(self, name)
             _check(value is None or value >= 1, f"{name} must be >= 1")

@@ -67,7 +67,7 @@ def main(out: Path, quiet: bool = False) -> dict:
     from . import pipeline, report
     from .backends import load_backend
 
-    data = make_task(out / "data")
+    data = make_task(out / "tickets")
     config = RunConfig(data=str(data), backend="hf", finetune=RECIPE)
     backend = load_backend("hf", workdir=out / "backend")
     results = pipeline.run(config, backend, out, quiet=quiet)

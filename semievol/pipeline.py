@@ -120,7 +120,8 @@ class _Run:
             with self.stage(name):
                 collaborate.mine(self.backend, model, todo, shots, views, style=self.style,
                                  max_tokens=c.max_tokens, seed=c.seed + 1000 * r,
-                                 batch_size=c.generation_batch, justify=c.cl,
+                                 batch_size=c.generation_batch,
+                                 justify=c.justify if c.cl else None,
                                  on_records=lambda recs: self.rd.append(name, recs),
                                  quiet=self.quiet)
             self.rd.finish(name)
@@ -130,7 +131,8 @@ class _Run:
         name = f"selection_r{r}"
         if not self.rd.done(name):
             chosen, tau = selection.select(records, self.config.theta,
-                                           adaptive=self.config.adaptive_selection)
+                                           adaptive=self.config.adaptive_selection,
+                                           per_class=self.config.per_class)
             self.rd.write_json(f"{name}.json", {"threshold": tau if tau != float("inf") else None,
                                                 "selected": [rec["id"] for rec in chosen]})
             self.rd.finish(name, selected=len(chosen))

@@ -2,7 +2,12 @@
 is confident about. Entropy of a pseudo-response is its mean negative token log-probability
 (eq. 6, computed in `Generation.entropy`); the threshold is the theta-percentile of the
 entropies over all pseudo-responses (eq. 7); kept are those strictly under it (eq. 8), or
-all of them when theta is 1."""
+all of them when theta is 1.
+
+``per_class`` takes the percentile within each pseudo-label class instead. A model is often
+surest of the majority class: on fpb with 64 labels every pseudo-label under the global
+threshold was "neutral", and evolving on them taught the model to answer nothing else.
+Per class, the selected set keeps the classes in their mined proportions."""
 from __future__ import annotations
 
 import math
@@ -19,13 +24,19 @@ def threshold(entropies: Sequence[float], theta: float) -> float:
     return float(np.percentile(finite, 100 * theta))
 
 
-def select(records: Sequence[dict], theta: float, *, adaptive: bool = True) -> tuple[list[dict], float]:
-    """The records to train on, and the threshold used. Records without a pseudo-label are
-    never kept; without adaptive selection every labeled record is."""
+def select(records: Sequence[dict], theta: float, *, adaptive: bool = True,
+           per_class: bool = False) -> tuple[list[dict], float]:
+    """The records to train on, and the (global) threshold. Records without a pseudo-label
+    are never kept; without adaptive selection every labeled record is."""
     labeled = [r for r in records if r.get("pseudo_label") is not None]
     if not adaptive:
         return labeled, math.inf
     tau = threshold([r["entropy"] for r in labeled], theta)
+    if per_class:
+        classes = {r["pseudo_label"] for r in labeled}
+        kept = {id(r) for c in classes
+                for r in select([r for r in labeled if r["pseudo_label"] == c], theta)[0]}
+        return [r for r in labeled if id(r) in kept], tau
     if theta >= 1:
         return [r for r in labeled if r["entropy"] is not None], tau
     return [r for r in labeled if r["entropy"] is not None and r["entropy"] < tau], tau

@@ -250,3 +250,32 @@ def test_resuming_with_another_configuration_is_refused(task_dir, tmp_path):
     go(task_dir, tmp_path, limit_test=8)
     with pytest.raises(ConfigError, match="theta"):
         go(task_dir, tmp_path, limit_test=8, theta=0.3)
+
+
+def test_per_class_selection_keeps_every_class():
+    # The majority class is the surest: a global threshold keeps only it.
+    records = [{"id": f"b{i}", "pseudo_label": "B", "entropy": 0.01 * i} for i in range(10)]
+    records += [{"id": f"a{i}", "pseudo_label": "A", "entropy": 1 + 0.1 * i} for i in range(4)]
+    kept, _ = selection.select(records, 0.5)
+    assert {r["pseudo_label"] for r in kept} == {"B"}
+    kept, _ = selection.select(records, 0.5, per_class=True)
+    assert [r["id"] for r in kept if r["pseudo_label"] == "A"] == ["a0", "a1"]
+    assert len([r for r in kept if r["pseudo_label"] == "B"]) == 5
+
+
+def test_vote_settles_disagreements_without_asking_the_model(task_dir, tmp_path):
+    asked = []
+
+    def rule(call):
+        asked.append("Candidate answers" in call.user)
+        return ticket_rule(call)
+
+    results, _ = go(task_dir, tmp_path, backend=load_backend("fake", rule=rule), justify="vote")
+    records = [json.loads(l) for l in (tmp_path / "run" / "collaborate_r1.jsonl").open()]
+    assert asked and not any(asked)
+    for r in records:
+        if not r["consistent"]:
+            votes = [a for a in r["answers"] if a is not None]
+            assert r["justified"] and "justify_response" not in r
+            assert votes.count(r["pseudo_label"]) == max(votes.count(a) for a in votes)
+    assert results["unlabeled"]["justified"] == sum(not r["consistent"] for r in records)

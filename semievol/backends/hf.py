@@ -35,9 +35,10 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -331,7 +332,8 @@ class HFBackend:
                           data_collator=AnswerCollator(self._tokenizer.pad_token_id))
         if self.quiet:
             trainer.remove_callback(PrinterCallback)  # it prints the final metrics
-        trainer.train()
+        with redirect_stdout(sys.stderr):  # Trainer logs the loss to stdout: keep it for results
+            trainer.train()
         del trainer
 
     def _chat_texts(self, prompts: Sequence[list[Message]], *, generation_prompt: bool):
