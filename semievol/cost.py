@@ -319,7 +319,7 @@ def estimate_task(task, config, *, model: str | None = None,
         asks = [prompts.question_prompt(ex, style, s) for ex, s in zip(remaining, shots)]
         steps.append(chat_step(f"r{r} collaborate", miner, asks, n=n,
                                max_tokens=config.max_tokens, batch=batch))
-        if config.cl and n > 1:
+        if config.cl and n > 1 and config.justify == "model":
             justify = chat_step(f"r{r} self-justify", miner, [
                 prompts.justify_prompt(ex, [""] * n, style) for ex in remaining],
                 max_tokens=config.max_tokens, batch=batch)

@@ -652,3 +652,11 @@ def test_the_key_reaches_no_file_log_or_message(api, tmp_path, caplog, capsys):
     out, err = capsys.readouterr()
     assert "fine-tuning job" in err                       # progress was shown ...
     assert SECRET not in out + err + caplog.text          # ... without the key
+
+
+def test_estimate_has_no_self_justify_step_when_disagreements_are_voted():
+    from semievol.config import RunConfig
+
+    config = RunConfig(data="x", backend="openai", n=4, k=1, max_tokens=8, justify="vote")
+    names = [s.name for s, _ in cost.estimate_task(_task(), config, model=MODEL).steps]
+    assert "r1 collaborate" in names and "r1 self-justify" not in names
