@@ -62,9 +62,8 @@ def mine(backend: Backend, model: str, items: Sequence[Example],
             if justify == "model":
                 _self_justify(backend, model, batch, records, style, max_tokens)
             elif justify == "vote":
-                for record in records:
-                    if not record["consistent"] and len(record["answers"]) > 1:
-                        _vote(record)
+                for record in filter(_disagree, records):
+                    _vote(record)
             on_records(records)
             bar.update(len(batch))
 
@@ -109,7 +108,7 @@ def _entropy_of(record: dict, label: str) -> float | None:
 def _self_justify(backend, model, batch, records, style, max_tokens) -> None:
     """Ask the model to decide where the inferences disagree. Where its verdict names no
     answer, fall back to the majority of the candidates (marked ``"fallback": "vote"``)."""
-    todo = [(ex, r) for ex, r in zip(batch, records) if not r["consistent"] and len(r["answers"]) > 1]
+    todo = [(ex, r) for ex, r in zip(batch, records) if _disagree(r)]
     if not todo:
         return
     messages = [prompts.justify_prompt(ex, r["responses"], style) for ex, r in todo]
@@ -133,7 +132,16 @@ def _vote(record: dict) -> None:
     if votes:
         top = max(votes.values())
         tied = [l for l, count in votes.items() if count == top]
-        _label(record, min(tied, key=lambda l: _entropy_of(record, l) or math.inf))
+        _label(record, min(tied, key=lambda l: _finite_or_inf(_entropy_of(record, l))))
+
+
+def _disagree(record: dict) -> bool:
+    """Several inferences that did not all give the same answer."""
+    return not record["consistent"] and len(record["answers"]) > 1
+
+
+def _finite_or_inf(value: float | None) -> float:
+    return math.inf if value is None else value
 
 
 def _finite(value: float) -> float | None:
