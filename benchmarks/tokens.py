@@ -32,18 +32,19 @@ def main(argv=None) -> dict:
     p.add_argument("--questions", type=int, default=24)
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--k", type=int, default=3)
+    p.add_argument("--labeled", type=int, default=64, help="labeled examples to retrieve from")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--server-backend", default="hf", choices=["hf", "fake"])
     p.add_argument("--price-model", default="gpt-4o-mini-2024-07-18")
     args = p.parse_args(argv)
 
-    task = load_task(args.data, limits={"unlabeled": args.questions})
+    task = load_task(args.data, limits={"labeled": args.labeled, "unlabeled": args.questions})
     with tempfile.TemporaryDirectory() as state, _server(args.server_backend, Path(state)) as url:
         from semievol.backends import load_backend
 
         model = {"hf": "smollm2-135m", "fake": "fake-base"}[args.server_backend]
         backend = load_backend("openai", model=model, base_url=url, api_key=KEY,
-                               workdir=Path(state) / "client", quiet=True)
+                               workdir=Path(state) / "client", quiet=True, timeout=600)
         neighbours = propagate.retrieve(backend, task.labeled, task.unlabeled, args.k)
         by_id = {ex.id: ex for ex in task.labeled}
         shots = {uid: [by_id[i] for i in ids] for uid, ids in neighbours.items()}
