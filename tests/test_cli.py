@@ -67,3 +67,9 @@ def test_bad_option_value_is_a_clear_error(tmp_path):
     data = make_task(tmp_path / "data")
     result = semievol("run", "--data", str(data), "--backend", "fake", "--theta", "2")
     assert result.returncode != 0 and "theta" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_import_needs_neither_torch_nor_a_model():
+    code = ("import sys, semievol, semievol.pipeline, semievol.cli; "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
