@@ -33,23 +33,23 @@ def run(config: RunConfig, backend: Backend, run_dir: str | Path, *, task: Task 
     task = task or load_task(config.data, limits=_limits(config))
     if rd.manifest["usage"].get("cost_usd") is not None:  # a resumed run's budget counts what it spent
         backend.usage.cost_usd = (backend.usage.cost_usd or 0.0) + rd.manifest["usage"]["cost_usd"]
-    run = _Run(config, backend, rd, quiet)
+    stages = _Run(config, backend, rd, quiet)
     base = config.model or backend.default_model
 
-    warm = run.warm_up(base, task.labeled) if config.iwp else base
+    warm = stages.warm_up(base, task.labeled) if config.iwp else base
     pool, remaining, miner, evolved = list(task.labeled), list(task.unlabeled), warm, warm
     rounds = []
     for r in range(1, config.rounds + 1):
         if not remaining:
             break
-        shots = run.retrieve(r, pool, remaining)
-        records = run.collaborate(r, miner, remaining, shots)
-        chosen = run.select(r, records)
+        shots = stages.retrieve(r, pool, remaining)
+        records = stages.collaborate(r, miner, remaining, shots)
+        chosen = stages.select(r, records)
         by_id = {ex.id: ex for ex in remaining}
         pairs = [(by_id[rec["id"]], rec["pseudo_label"]) for rec in chosen]
         if not config.iwp and r == 1:  # w/o IWP: one fine-tune of the base on D_L + D_selected
             pairs = [(ex, ex.answer) for ex in task.labeled] + pairs
-        evolved = run.evolve(r, miner, pairs)
+        evolved = stages.evolve(r, miner, pairs)
         rounds.append({"round": r, "mined": len(records), "selected": len(chosen),
                        "consistent": sum(rec["consistent"] for rec in records),
                        "justified": sum(rec["justified"] for rec in records),
@@ -62,9 +62,9 @@ def run(config: RunConfig, backend: Backend, run_dir: str | Path, *, task: Task 
         miner = evolved
 
     models = {"base": base, "warm": warm if config.iwp else None, "evolved": evolved}
-    scores = {"vanilla": run.evaluate("vanilla", base, task.test)}
-    scores["sft"] = run.evaluate("sft", warm, task.test) if config.iwp else None
-    scores["semievol"] = run.evaluate("semievol", evolved, task.test)
+    scores = {"vanilla": stages.evaluate("vanilla", base, task.test)}
+    scores["sft"] = stages.evaluate("sft", warm, task.test) if config.iwp else None
+    scores["semievol"] = stages.evaluate("semievol", evolved, task.test)
     results = _results(config, backend, rd, task, models, scores, rounds)
     rd.write_json("results.json", results)
     return results
