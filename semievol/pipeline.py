@@ -38,7 +38,7 @@ def run(config: RunConfig, backend: Backend, run_dir: str | Path, *, task: Task 
 
     warm = stages.warm_up(base, task.labeled) if config.iwp else base
     pool, remaining, miner, evolved = list(task.labeled), list(task.unlabeled), warm, warm
-    rounds = []
+    rounds, mined, selected = [], [], set()
     for r in range(1, config.rounds + 1):
         if not remaining:
             break
@@ -56,6 +56,8 @@ def run(config: RunConfig, backend: Backend, run_dir: str | Path, *, task: Task 
                        "threshold": rd.read_json(f"selection_r{r}.json")["threshold"],
                        "model": evolved})
         chosen_ids = {rec["id"] for rec in chosen}
+        mined += records
+        selected |= chosen_ids
         pool += [dataclasses.replace(ex, answer=label) for ex, label in pairs
                  if ex.id in chosen_ids]
         remaining = [ex for ex in remaining if ex.id not in chosen_ids]
@@ -65,7 +67,7 @@ def run(config: RunConfig, backend: Backend, run_dir: str | Path, *, task: Task 
     scores = {"vanilla": stages.evaluate("vanilla", base, task.test)}
     scores["sft"] = stages.evaluate("sft", warm, task.test) if config.iwp else None
     scores["semievol"] = stages.evaluate("semievol", evolved, task.test)
-    results = _results(config, backend, rd, task, models, scores, rounds)
+    results = _results(config, backend, rd, task, models, scores, rounds, mined, selected)
     rd.write_json("results.json", results)
     return results
 
@@ -168,13 +170,12 @@ class _Run:
         return evaluate.metrics(_unique(self.rd.records(name)), test)
 
 
-def _results(config, backend, rd: RunDir, task: Task, models, scores, rounds) -> dict:
+def _results(config, backend, rd: RunDir, task: Task, models, scores, rounds,
+             mined: list[dict], selected: set[str]) -> dict:
     vanilla = scores["vanilla"]["accuracy"]
     for row in scores.values():
         if row is not None:
             row["error_reduction"] = evaluate.error_reduction(row["accuracy"], vanilla)
-    mined = [rec for r in rounds for rec in _unique(rd.records(f"collaborate_r{r['round']}"))]
-    selected = {i for r in rounds for i in rd.read_json(f"selection_r{r['round']}.json")["selected"]}
     accuracy = _pseudo_label_report(rd, task, mined, selected)
     return {
         "run_id": rd.run_id, "task": task.name, "backend": backend.name,
