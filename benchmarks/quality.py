@@ -58,6 +58,14 @@ def main(argv=None) -> dict:
     p.add_argument("--evolve-epochs", type=float, help="epochs of the evolve step (as --epochs)")
     p.add_argument("--justify", choices=["model", "vote"], default="vote")
     p.add_argument("--selection", choices=["global", "per-class"], default="per-class")
+    p.add_argument("--views", choices=["shared", "mixed", "diverse"], default="shared")
+    p.add_argument("--no-icp", action="store_true", help="mine without retrieved examples")
+    p.add_argument("--replay-labeled", action="store_true", help="evolve on D_L + D_selected")
+    p.add_argument("--theta", type=float, default=0.5)
+    p.add_argument("--eval-on", choices=["test", "validation"], default="test",
+                   help="validation: the labeled examples left out of the sample (for tuning)")
+    p.add_argument("--dtype", help="hf backend dtype (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--generation-batch", type=int, default=16)
     p.add_argument("--limit-unlabeled", type=int)
     p.add_argument("--limit-test", type=int)
     p.add_argument("--no-reference", action="store_true", help="skip SFT on all labeled")
@@ -69,7 +77,9 @@ def main(argv=None) -> dict:
     ft = FinetuneConfig(epochs=args.epochs, learning_rate=args.lr, seed=args.seed)
     base = RunConfig(data=args.data, backend=args.backend, model=args.model, base_url=args.base_url,
                      rounds=args.rounds, seed=args.seed, finetune=ft, justify=args.justify,
-                     per_class=args.selection == "per-class",
+                     per_class=args.selection == "per-class", views=args.views,
+                     icp=not args.no_icp, replay_labeled=args.replay_labeled, theta=args.theta,
+                     generation_batch=args.generation_batch,
                      evolve_finetune=ft.replace(learning_rate=args.evolve_lr or args.lr,
                                                 epochs=args.evolve_epochs or args.epochs),
                      limit_unlabeled=args.limit_unlabeled, limit_test=args.limit_test)
@@ -77,7 +87,10 @@ def main(argv=None) -> dict:
     budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else [args.labeled]
     rows, started = [], time.perf_counter()
     for budget in budgets:
-        task = dataclasses.replace(full, labeled=stratified(full.labeled, budget, args.seed))
+        sample = stratified(full.labeled, budget, args.seed)
+        task = dataclasses.replace(full, labeled=sample)
+        if args.eval_on == "validation":
+            task = dataclasses.replace(task, test=_left_out(full.labeled, sample)[:args.limit_test])
         variants = {"SemiEvol": {}, **(ABLATIONS if args.ablations else {})}
         for name, switches in variants.items():
             config = base.replace(limit_labeled=budget, **switches)
@@ -86,7 +99,7 @@ def main(argv=None) -> dict:
             results = run(config, backend, run_dir, task=task)
             rows.append(_row(name, budget, results))
     reference = None
-    if not args.no_reference:
+    if not args.no_reference and args.eval_on == "test":
         run_dir = out / f"{full.name}-{args.backend}-L{len(full.labeled)}-sft"
         config = base.replace(n=1, k=0, icp=False, cl=False, limit_labeled=None)
         results = run(config, _backend(args, run_dir), run_dir,
@@ -98,9 +111,14 @@ def main(argv=None) -> dict:
     return summary
 
 
+def _left_out(labeled, sample):
+    taken = {ex.id for ex in sample}
+    return [ex for ex in labeled if ex.id not in taken]
+
+
 def _backend(args, run_dir: Path):
     if args.backend == "hf":
-        return load_backend("hf", model=args.model, workdir=run_dir / "backend")
+        return load_backend("hf", model=args.model, workdir=run_dir / "backend", dtype=args.dtype)
     return load_backend("openai", model=args.model, base_url=args.base_url, workdir=run_dir / "backend")
 
 

@@ -4,6 +4,9 @@ the machine, the date and the exact command.
 
     python benchmarks/record.py benchmarks/generation.py --n 4
     python benchmarks/record.py benchmarks/quality.py --data ../shared/data/fpb --labeled 64
+    python benchmarks/record.py --section "quality.py, ablations" benchmarks/quality.py ...
+
+The section is named after the script, or --section NAME when one script has several.
 """
 from __future__ import annotations
 
@@ -38,10 +41,14 @@ def machine() -> str:
 
 
 def main(argv: list[str]) -> int:
+    section_name = None
+    if argv[:1] == ["--section"]:
+        section_name, argv = argv[1], argv[2:]
     if not argv:
         print(__doc__)
         return 2
     script = Path(argv[0]).name
+    section_name = section_name or script
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     result = subprocess.run([sys.executable, *argv], stdout=subprocess.PIPE, text=True)
     output = result.stdout.rstrip()
@@ -51,10 +58,10 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return result.returncode
     command = " ".join(["python", *argv])
-    section = (f"## {script}\n\n- command: `{command}`\n- machine: {machine()}\n"
+    section = (f"## {section_name}\n\n- command: `{command}`\n- machine: {machine()}\n"
                f"- date: {started}\n\n```\n{output}\n```\n")
     text = RESULTS.read_text() if RESULTS.exists() else HEADER
-    pattern = re.compile(rf"^## {re.escape(script)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^## {re.escape(section_name)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
     RESULTS.write_text(text.rstrip() + "\n")
     return 0

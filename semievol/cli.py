@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import FinetuneConfig, RunConfig
+from .config import VIEWS, FinetuneConfig, RunConfig
 from .errors import SemievolError
 
 
@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--epochs", type=float, help="fine-tuning epochs (from --recipe)")
     run.add_argument("--lr", type=float, help="LoRA learning rate (from --recipe)")
     run.add_argument("--evolve-lr", type=float, help="learning rate of the evolve step (as --lr)")
+    run.add_argument("--evolve-epochs", type=float, help="epochs of the evolve step (as --epochs)")
     run.add_argument("--lr-multiplier", type=float,
                      help="OpenAI fine-tuning learning-rate multiplier (default: the API's choice)")
     run.add_argument("--batch-size", type=int, default=8, help="fine-tuning batch size (8)")
@@ -63,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="settle disagreements by self-justify or majority vote (from --recipe)")
     run.add_argument("--selection", choices=["global", "per-class"],
                      help="entropy percentile over all pseudo-labels or within each class (from --recipe)")
+    run.add_argument("--views", choices=VIEWS, help="the collaborating inferences: n samples of "
+                     "one prompt, half with and half without the retrieved examples, or each "
+                     "its own prompt (from --recipe)")
+    run.add_argument("--replay-labeled", action=argparse.BooleanOptionalAction,
+                     help="evolve on the labeled examples too (from --recipe)")
     for stage, what in [("iwp", "in-weight propagation (warm-up fine-tune)"),
                         ("icp", "in-context propagation (retrieved examples)"),
                         ("cl", "collaborative learning (one greedy inference instead)"),
@@ -142,9 +148,9 @@ def make_backend(args, workdir: Path | None, max_cost_usd: float | None = None):
 
 RECIPES = {
     "small": {"epochs": 4, "lr": 4e-4, "prompt_style": "text", "justify": "vote",
-              "selection": "per-class"},
+              "selection": "per-class", "views": "shared", "replay_labeled": False},
     "paper": {"epochs": 2, "lr": 1e-4, "prompt_style": "letter", "justify": "model",
-              "selection": "global"},
+              "selection": "global", "views": "shared", "replay_labeled": False},
 }
 """Defaults that go together. 'small' is what worked for the embedded 135M model on fpb: the
 paper's settings made it answer 'neutral' to everything, its self-justify said 'neutral' to
@@ -166,7 +172,10 @@ def _run_config(args) -> RunConfig:
         limit_unlabeled=args.limit_unlabeled, limit_test=args.limit_test, seed=args.seed,
         temperature=args.temperature, max_tokens=args.max_tokens, prompt_style=args.prompt_style,
         justify=args.justify, per_class=args.selection == "per-class",
-        finetune=ft, evolve_finetune=ft.replace(learning_rate=args.evolve_lr) if args.evolve_lr else None,
+        views=args.views, replay_labeled=args.replay_labeled, finetune=ft,
+        evolve_finetune=ft.replace(learning_rate=args.evolve_lr or ft.learning_rate,
+                                   epochs=args.evolve_epochs or ft.epochs)
+        if args.evolve_lr or args.evolve_epochs else None,
         base_url=args.base_url, max_cost_usd=args.max_cost_usd,
         generation_batch=args.generation_batch)
 

@@ -7,7 +7,9 @@ a temperature, a seed, and how many samples it draws. The default is one view dr
 samples from the same prompt at temperature 1 with their own random streams (as the
 authors' code: temperature 1.0, different seeds); the prompt is then read once and shared
 by the n samples (one KV cache locally, one request and one prompt bill on OpenAI).
-``diverse`` views give each inference its own seed, temperature and context instead.
+``mixed`` views read two prompts per question, one with the retrieved examples and one
+without, each drawing half of the samples; ``diverse`` views give each inference its own
+seed, temperature and context.
 """
 from __future__ import annotations
 
@@ -32,16 +34,20 @@ class View:
     seed_offset: int = 0
 
 
-def make_views(n: int, temperature: float, *, icp: bool, diverse: bool = False) -> list[View]:
-    """The inference configurations of the n collaborating inferences."""
+def make_views(n: int, temperature: float, *, icp: bool, kind: str = "shared") -> list[View]:
+    """The inference configurations of the n collaborating inferences (see RunConfig.views)."""
     if n == 1:
         return [View(shots=icp, temperature=0.0, samples=1)]
-    if not diverse:
-        return [View(shots=icp, temperature=temperature, samples=n)]
-    # Spread temperatures over [T/2, T]; with retrieval, alternate with and without it.
-    return [View(shots=icp and i % 2 == 0,
-                 temperature=temperature * (0.5 + 0.5 * i / (n - 1)), samples=1, seed_offset=i)
-            for i in range(n)]
+    if kind == "mixed" and icp:
+        return [View(shots=True, temperature=temperature, samples=n - n // 2),
+                View(shots=False, temperature=temperature, samples=n // 2, seed_offset=1)]
+    if kind == "diverse":
+        # Spread temperatures over [T/2, T]; with retrieval, alternate with and without it.
+        return [View(shots=icp and i % 2 == 0,
+                     temperature=temperature * (0.5 + 0.5 * i / (n - 1)), samples=1,
+                     seed_offset=i)
+                for i in range(n)]
+    return [View(shots=icp, temperature=temperature, samples=n)]
 
 
 def mine(backend: Backend, model: str, items: Sequence[Example],

@@ -10,6 +10,9 @@ from pathlib import Path
 from .errors import ConfigError
 
 
+VIEWS = ("shared", "mixed", "diverse")
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """How one fine-tune is done. Defaults are the paper's (LoRA r=16 on all linear layers,
@@ -66,6 +69,12 @@ class RunConfig:
     """Take the entropy percentile within each pseudo-label class (see selection.py)."""
     justify: str = "model"
     """How disagreements are settled: "model" (self-justify, the paper) or "vote"."""
+    views: str = "shared"
+    """The n collaborating inferences: "shared" (n samples of one prompt, with the retrieved
+    examples when icp), "mixed" (half with the retrieved examples, half without: two
+    prompts per question) or "diverse" (each its own prompt, seed and temperature)."""
+    replay_labeled: bool = False
+    """Evolve on the labeled examples as well as the selected pseudo-labels."""
     limit_labeled: int | None = None
     limit_unlabeled: int | None = None
     limit_test: int | None = None
@@ -95,6 +104,7 @@ class RunConfig:
         _check(self.generation_batch >= 1, "generation_batch must be >= 1")
         _check(self.prompt_style in ("text", "letter"), "prompt_style must be 'text' or 'letter'")
         _check(self.justify in ("model", "vote"), "justify must be 'model' or 'vote'")
+        _check(self.views in VIEWS, f"views must be one of {', '.join(VIEWS)}")
         for name in ("limit_labeled", "limit_unlabeled", "limit_test"):
             value = getattr(self, name)
             _check(value is None or value >= 1, f"{name} must be >= 1")

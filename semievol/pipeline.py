@@ -47,9 +47,10 @@ def run(config: RunConfig, backend: Backend, run_dir: str | Path, *, task: Task 
         chosen = stages.select(r, records)
         by_id = {ex.id: ex for ex in remaining}
         pairs = [(by_id[rec["id"]], rec["pseudo_label"]) for rec in chosen]
-        if not config.iwp and r == 1:  # w/o IWP: one fine-tune of the base on D_L + D_selected
-            pairs = [(ex, ex.answer) for ex in task.labeled] + pairs
-        evolved = stages.evolve(r, miner, pairs)
+        # w/o IWP there is one fine-tune, of the base on D_L + D_selected
+        replay = config.replay_labeled or (not config.iwp and r == 1)
+        labeled = [(ex, ex.answer) for ex in task.labeled] if replay else []
+        evolved = stages.evolve(r, miner, labeled + pairs)
         rounds.append({"round": r, "mined": len(records), "selected": len(chosen),
                        "consistent": sum(rec["consistent"] for rec in records),
                        "justified": sum(rec["justified"] for rec in records),
@@ -118,7 +119,8 @@ class _Run:
         if not self.rd.done(name):
             finished = {rec["id"] for rec in self.rd.records(name)}
             todo = [ex for ex in items if ex.id not in finished]
-            views = collaborate.make_views(c.n if c.cl else 1, c.temperature, icp=c.icp)
+            views = collaborate.make_views(c.n if c.cl else 1, c.temperature, icp=c.icp,
+                                           kind=c.views)
             with self.stage(name):
                 collaborate.mine(self.backend, model, todo, shots, views, style=self.style,
                                  max_tokens=c.max_tokens, seed=c.seed + 1000 * r,

@@ -102,9 +102,34 @@ def test_threshold_is_the_theta_percentile():
 def test_views():
     assert make_views(4, 1.0, icp=True) == [make_views(4, 1.0, icp=True)[0]]
     assert make_views(1, 1.0, icp=False)[0].temperature == 0.0
-    diverse = make_views(4, 1.0, icp=True, diverse=True)
+    diverse = make_views(4, 1.0, icp=True, kind="diverse")
     assert len({v.temperature for v in diverse}) == 4 and len({v.seed_offset for v in diverse}) == 4
     assert {v.shots for v in diverse} == {True, False}
+    mixed = make_views(4, 1.0, icp=True, kind="mixed")
+    assert [(v.shots, v.samples) for v in mixed] == [(True, 2), (False, 2)]
+    assert len({v.seed_offset for v in mixed}) == 2
+    assert make_views(4, 1.0, icp=False, kind="mixed") == make_views(4, 1.0, icp=False)
+
+
+def test_mixed_views_read_each_question_with_and_without_shots(task_dir, tmp_path):
+    seen = []
+
+    def rule(call):
+        if "Candidate answers" not in call.user and call.temperature > 0:
+            seen.append((call.user, len(call.messages) > 2))
+        return ticket_rule(call)
+
+    results, backend = go(task_dir, tmp_path, load_backend("fake", rule=rule), views="mixed")
+    mining = [c for c in backend.calls_of("generate") if c["temperature"] > 0]
+    assert {c["n"] for c in mining} == {2}
+    with_shots = sum(shots for _, shots in seen)
+    assert with_shots == len(seen) - with_shots == 2 * results["unlabeled"]["total"]
+
+
+def test_replay_labeled_evolves_on_labeled_and_selected(task_dir, tmp_path):
+    results, backend = go(task_dir, tmp_path, replay_labeled=True)
+    evolve_call = backend.calls_of("finetune")[-1]
+    assert evolve_call["n_examples"] == 24 + results["unlabeled"]["selected"]
 
 
 def test_without_iwp_mines_with_the_base_and_trains_once(task_dir, tmp_path):
