@@ -64,6 +64,8 @@ def main(argv=None) -> dict:
     p.add_argument("--theta", type=float, default=0.5)
     p.add_argument("--eval-on", choices=["test", "validation"], default="test",
                    help="validation: the labeled examples left out of the sample (for tuning)")
+    p.add_argument("--validation-skip", type=int, default=0,
+                   help="leave the first N left-out examples out of the validation slice")
     p.add_argument("--dtype", help="hf backend dtype (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--generation-batch", type=int, default=16)
     p.add_argument("--limit-unlabeled", type=int)
@@ -90,7 +92,7 @@ def main(argv=None) -> dict:
         sample = stratified(full.labeled, budget, args.seed)
         task = dataclasses.replace(full, labeled=sample)
         if args.eval_on == "validation":
-            task = dataclasses.replace(task, test=_left_out(full.labeled, sample)[:args.limit_test])
+            task = dataclasses.replace(task, test=_left_out(full.labeled, sample)[args.validation_skip:][:args.limit_test])
         variants = {"SemiEvol": {}, **(ABLATIONS if args.ablations else {})}
         for name, switches in variants.items():
             config = base.replace(limit_labeled=budget, **switches)

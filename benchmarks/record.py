@@ -50,13 +50,16 @@ def main(argv: list[str]) -> int:
     script = Path(argv[0]).name
     section_name = section_name or script
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    result = subprocess.run([sys.executable, *argv], stdout=subprocess.PIPE, text=True)
-    output = result.stdout.rstrip()
-    print(output)
-    if result.returncode != 0:
-        print(f"record: {script} failed ({result.returncode}); RESULTS.md left as it was",
+    lines = []
+    with subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, text=True) as child:
+        for line in child.stdout:  # pass it on as it comes: a killed run still showed its rows
+            print(line, end="", flush=True)
+            lines.append(line)
+    output = "".join(lines).rstrip()
+    if child.returncode != 0:
+        print(f"record: {script} failed ({child.returncode}); RESULTS.md left as it was",
               file=sys.stderr)
-        return result.returncode
+        return child.returncode
     command = " ".join(["python", *argv])
     section = (f"## {section_name}\n\n- command: `{command}`\n- machine: {machine()}\n"
                f"- date: {started}\n\n```\n{output}\n```\n")

@@ -1,7 +1,8 @@
 """End to end over real HTTP: `semievol run --backend openai` against a local
 `semievol serve --backend hf` (the embedded model) on a slice of fpb. The run is killed
 (SIGKILL) while its warm-up fine-tuning job runs and started again: it finishes, and the
-server saw exactly two fine-tuning jobs (warm-up and evolve), none paid twice."""
+server saw exactly two fine-tuning jobs (warm-up and evolve), none paid twice. The same run
+with `--backend hf` gives the same accuracies within one test item (backend parity)."""
 from __future__ import annotations
 
 import json
@@ -21,11 +22,12 @@ pytestmark = pytest.mark.slow
 def test_openai_backend_through_semievol_serve(shared, tmp_path):
     out = tmp_path / "run"
     with running_server("hf", tmp_path / "state") as server:
-        args = [sys.executable, "-m", "semievol", "run", "--data", str(shared / "data" / "fpb"),
-                "--backend", "openai", "--base-url", server.url, "--model", "smollm2-135m",
-                "--out", str(out), "--limit-labeled", "24", "--limit-unlabeled", "32",
-                "--limit-test", "16", "--recipe", "small", "--epochs", "2", "--batch-size", "8",
-                "--lr-multiplier", "4", "--max-tokens", "12", "--quiet"]
+        common = [sys.executable, "-m", "semievol", "run", "--data", str(shared / "data" / "fpb"),
+                  "--model", "smollm2-135m", "--limit-labeled", "24", "--limit-unlabeled", "32",
+                  "--limit-test", "16", "--recipe", "small", "--epochs", "2", "--batch-size", "8",
+                  "--max-tokens", "12", "--quiet"]
+        args = common + ["--backend", "openai", "--base-url", server.url, "--out", str(out),
+                         "--lr-multiplier", "4"]
         env = {**os.environ, "OPENAI_API_KEY": API_KEY}
         first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         jobs = out / "backend" / "jobs"
@@ -53,3 +55,13 @@ def test_openai_backend_through_semievol_serve(shared, tmp_path):
         for path in out.rglob("*"):
             if path.is_file():
                 assert API_KEY not in path.read_text(errors="ignore")
+
+        local = subprocess.run(common + ["--backend", "hf", "--lr", "4e-4", "--out", str(tmp_path / "hf")],
+                               capture_output=True, text=True, timeout=1200,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert local.returncode == 0, local.stdout + local.stderr
+        hf = json.loads((tmp_path / "hf" / "results.json").read_text())
+        for stage in ("vanilla", "sft", "semievol"):
+            assert abs(hf["eval"][stage]["accuracy"] - results["eval"][stage]["accuracy"]) <= 1 / 16
+        assert hf["eval"]["sft"]["accuracy"] > hf["eval"]["vanilla"]["accuracy"]
+        assert results["eval"]["sft"]["accuracy"] > results["eval"]["vanilla"]["accuracy"]
