@@ -23,13 +23,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-import quality  # noqa: E402
+import quality
 
-from semievol import FinetuneConfig, collaborate, load_backend, propagate, selection  # noqa: E402
-from semievol.data import load_task  # noqa: E402
+from semievol import FinetuneConfig, collaborate, load_backend, propagate, selection
+from semievol.data import load_task
 
-VIEWS = {"without retrieved examples": ["--no-icp"], "with retrieved examples": [],
-         "half with, half without": ["--views", "mixed"]}
+VIEWS = {"without retrieved examples": ["--no-icp"], "with retrieved examples": ["--icp"],
+         "half with, half without": ["--icp", "--views", "mixed"]}
 """Cheapest first: a later candidate must win by MARGIN."""
 MARGIN = 0.01
 
@@ -84,7 +84,7 @@ def _views(args, sample, items) -> dict:
     unlabeled = [dataclasses.replace(ex, answer=None) for ex in items]
     rows = {}
     for name, flags in VIEWS.items():
-        icp, kind = "--no-icp" not in flags, flags[1] if "--views" in flags else "shared"
+        icp, kind = "--icp" in flags, flags[-1] if "--views" in flags else "shared"
         records, started = [], time.perf_counter()
         collaborate.mine(backend, warm, unlabeled, shots,
                          collaborate.make_views(4, 1.0, icp=icp, kind=kind), style="text",

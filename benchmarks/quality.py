@@ -13,19 +13,27 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import random
+import shutil
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
-from semievol import FinetuneConfig, RunConfig, load_backend
+from semievol import FinetuneConfig, RunConfig, load_backend, report
 from semievol.data import load_task
 from semievol.pipeline import run
 
-ABLATIONS = {"w/o IWP": {"iwp": False}, "w/o ICP": {"icp": False}, "w/o CL": {"cl": False},
-             "w/o AS": {"adaptive_selection": False}}
+RESULTS_DIR = Path(__file__).resolve().parent
+
+
+def _ablations(icp: bool) -> dict:
+    """The paper's table 2 rows; ICP is switched on where the main row runs without it."""
+    return {"w/o IWP": {"iwp": False}, **({"w/o ICP": {"icp": False}} if icp else
+                                         {"with ICP": {"icp": True}}),
+            "w/o CL": {"cl": False}, "w/o AS": {"adaptive_selection": False}}
 
 
 def stratified(examples, size: int, seed: int):
@@ -55,11 +63,12 @@ def main(argv=None) -> dict:
     p.add_argument("--epochs", type=float, default=4)
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--evolve-lr", type=float)
-    p.add_argument("--evolve-epochs", type=float, help="epochs of the evolve step (as --epochs)")
+    p.add_argument("--evolve-epochs", type=float, default=2, help="epochs of the evolve step (2)")
     p.add_argument("--justify", choices=["model", "vote"], default="vote")
     p.add_argument("--selection", choices=["global", "per-class"], default="per-class")
     p.add_argument("--views", choices=["shared", "mixed", "diverse"], default="shared")
-    p.add_argument("--no-icp", action="store_true", help="mine without retrieved examples")
+    p.add_argument("--icp", action=argparse.BooleanOptionalAction, default=False,
+                   help="show the inferences the retrieved labeled examples (off, as the small recipe)")
     p.add_argument("--replay-labeled", action="store_true", help="evolve on D_L + D_selected")
     p.add_argument("--theta", type=float, default=0.5)
     p.add_argument("--eval-on", choices=["test", "validation"], default="test",
@@ -73,6 +82,8 @@ def main(argv=None) -> dict:
     p.add_argument("--no-reference", action="store_true", help="skip SFT on all labeled")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/quality")
+    p.add_argument("--figures", help="copy the first run's report figures into this folder and "
+                   "print Markdown links to them (record.py puts them in RESULTS.md)")
     args = p.parse_args(argv)
 
     full = load_task(args.data, limits={"unlabeled": args.limit_unlabeled, "test": args.limit_test})
@@ -80,26 +91,27 @@ def main(argv=None) -> dict:
     base = RunConfig(data=args.data, backend=args.backend, model=args.model, base_url=args.base_url,
                      rounds=args.rounds, seed=args.seed, finetune=ft, justify=args.justify,
                      per_class=args.selection == "per-class", views=args.views,
-                     icp=not args.no_icp, replay_labeled=args.replay_labeled, theta=args.theta,
+                     icp=args.icp, replay_labeled=args.replay_labeled, theta=args.theta,
                      generation_batch=args.generation_batch,
                      evolve_finetune=ft.replace(learning_rate=args.evolve_lr or args.lr,
-                                                epochs=args.evolve_epochs or args.epochs),
+                                                epochs=args.evolve_epochs),
                      limit_unlabeled=args.limit_unlabeled, limit_test=args.limit_test)
     out = Path(args.out)
     budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else [args.labeled]
-    rows, started = [], time.perf_counter()
+    rows, started, first_run = [], time.perf_counter(), None
     for budget in budgets:
         sample = stratified(full.labeled, budget, args.seed)
         task = dataclasses.replace(full, labeled=sample)
         if args.eval_on == "validation":
             task = dataclasses.replace(task, test=_left_out(full.labeled, sample)[args.validation_skip:][:args.limit_test])
-        variants = {"SemiEvol": {}, **(ABLATIONS if args.ablations else {})}
+        variants = {"SemiEvol": {}, **(_ablations(args.icp) if args.ablations else {})}
         for name, switches in variants.items():
             config = base.replace(limit_labeled=budget, **switches)
             run_dir = out / f"{full.name}-{args.backend}-L{budget}-{_slug(name)}"
             backend = _backend(args, run_dir)
             results = run(config, backend, run_dir, task=task)
             rows.append(_row(name, budget, results))
+            first_run = first_run or run_dir
     reference = None
     if not args.no_reference and args.eval_on == "test":
         run_dir = out / f"{full.name}-{args.backend}-L{len(full.labeled)}-sft"
@@ -108,9 +120,22 @@ def main(argv=None) -> dict:
                       task=dataclasses.replace(full, unlabeled=[]))
         reference = results["eval"]["sft"]
     summary = _print(rows, reference, full.name, args)
+    if args.figures and rows:
+        _figures(first_run, Path(args.figures), f"{full.name}-{args.backend}-L{budgets[0]}")
     summary["wall_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(summary))
     return summary
+
+
+def _figures(run_dir: Path, folder: Path, prefix: str) -> None:
+    """The run's report figures, copied as ``folder/prefix-<figure>.png``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    report.write_report(run_dir)
+    for png in sorted(run_dir.glob("*.png")):
+        target = folder / f"{prefix}-{png.name}"
+        shutil.copyfile(png, target)
+        link = os.path.relpath(target.resolve(), RESULTS_DIR)  # as RESULTS.md sees it
+        print(f"![{png.stem.replace('_', ' ')}]({link})")
 
 
 def _left_out(labeled, sample):

@@ -7,6 +7,7 @@ the machine, the date and the exact command.
     python benchmarks/record.py --section "quality.py, ablations" benchmarks/quality.py ...
 
 The section is named after the script, or --section NAME when one script has several.
+Lines of the output that are Markdown images (``![...](...)``) go under the code block.
 """
 from __future__ import annotations
 
@@ -61,8 +62,11 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return child.returncode
     command = " ".join(["python", *argv])
+    images = [line for line in output.splitlines() if line.startswith("![")]
+    output = "\n".join(line for line in output.splitlines() if not line.startswith("!["))
     section = (f"## {section_name}\n\n- command: `{command}`\n- machine: {machine()}\n"
-               f"- date: {started}\n\n```\n{output}\n```\n")
+               f"- date: {started}\n\n```\n{output}\n```\n"
+               + "".join(f"\n{image}\n" for image in images))
     text = RESULTS.read_text() if RESULTS.exists() else HEADER
     pattern = re.compile(rf"^## {re.escape(section_name)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section

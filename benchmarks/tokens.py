@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from semievol import cost, propagate
-from semievol.collaborate import View, _infer
+from semievol.collaborate import View, infer
 from semievol.data import load_task
 
 KEY = "benchmark-key"
@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
         for name, views in ways.items():
             before = backend.usage.to_dict()
             start = time.perf_counter()
-            _infer(backend, model, task.unlabeled, shots, views, "text", args.max_tokens, 0)
+            infer(backend, model, task.unlabeled, shots, views, "text", args.max_tokens, 0)
             after = backend.usage.to_dict()
             prompt = after["prompt_tokens"] - before["prompt_tokens"]
             completion = after["completion_tokens"] - before["completion_tokens"]

@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--epochs", type=float, help="fine-tuning epochs (from --recipe)")
     run.add_argument("--lr", type=float, help="LoRA learning rate (from --recipe)")
     run.add_argument("--evolve-lr", type=float, help="learning rate of the evolve step (as --lr)")
-    run.add_argument("--evolve-epochs", type=float, help="epochs of the evolve step (as --epochs)")
+    run.add_argument("--evolve-epochs", type=float, help="epochs of the evolve step (from --recipe: 2 "
+                     "on small, as --epochs on paper)")
     run.add_argument("--lr-multiplier", type=float,
                      help="OpenAI fine-tuning learning-rate multiplier (default: the API's choice)")
     run.add_argument("--batch-size", type=int, default=8, help="fine-tuning batch size (8)")
@@ -69,8 +70,10 @@ def _parser() -> argparse.ArgumentParser:
                      "its own prompt (from --recipe)")
     run.add_argument("--replay-labeled", action=argparse.BooleanOptionalAction,
                      help="evolve on the labeled examples too (from --recipe)")
+    run.add_argument("--icp", action=argparse.BooleanOptionalAction,
+                     help="in-context propagation: show the inferences the retrieved labeled "
+                     "examples (from --recipe: off on small, on on paper)")
     for stage, what in [("iwp", "in-weight propagation (warm-up fine-tune)"),
-                        ("icp", "in-context propagation (retrieved examples)"),
                         ("cl", "collaborative learning (one greedy inference instead)"),
                         ("as", "adaptive selection (keep every pseudo-label)")]:
         run.add_argument(f"--no-{stage}", action="store_true", help=f"ablation: without {what}")
@@ -130,6 +133,8 @@ def _backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model reference (default: the backend's default)")
     p.add_argument("--base-url", help="OpenAI-compatible API base URL (e.g. a `semievol serve`)")
     p.add_argument("--api-key", help="API key (default: $OPENAI_API_KEY); never written anywhere")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds per OpenAI API request (60; raise it for a slow local server)")
     p.add_argument("--openai-batch", action="store_true",
                    help="use the OpenAI Batch API for inference (half price, up to 24 h)")
 
@@ -142,15 +147,16 @@ def make_backend(args, workdir: Path | None, max_cost_usd: float | None = None):
     if args.backend == "openai":
         return load_backend("openai", model=args.model, base_url=args.base_url,
                             api_key=args.api_key, workdir=workdir, max_cost_usd=max_cost_usd,
-                            batch_mode=args.openai_batch)
+                            batch_mode=args.openai_batch, timeout=args.timeout)
     return load_backend("fake", workdir=workdir)
 
 
 RECIPES = {
-    "small": {"epochs": 4, "lr": 4e-4, "prompt_style": "text", "justify": "vote",
-              "selection": "per-class", "views": "shared", "replay_labeled": False},
+    "small": {"epochs": 4, "evolve_epochs": 2, "lr": 4e-4, "prompt_style": "text",
+              "justify": "vote", "selection": "per-class", "icp": False, "views": "shared",
+              "replay_labeled": False},
     "paper": {"epochs": 2, "lr": 1e-4, "prompt_style": "letter", "justify": "model",
-              "selection": "global", "views": "shared", "replay_labeled": False},
+              "selection": "global", "icp": True, "views": "shared", "replay_labeled": False},
 }
 """Defaults that go together. 'small' is what worked for the embedded 135M model on fpb: the
 paper's settings made it answer 'neutral' to everything, its self-justify said 'neutral' to
@@ -167,7 +173,7 @@ def _run_config(args) -> RunConfig:
                         seed=args.seed, learning_rate_multiplier=args.lr_multiplier)
     return RunConfig(
         data=str(args.data), backend=args.backend, model=args.model, n=args.n, k=args.k,
-        theta=args.theta, rounds=args.rounds, iwp=not args.no_iwp, icp=not args.no_icp,
+        theta=args.theta, rounds=args.rounds, iwp=not args.no_iwp, icp=args.icp,
         cl=not args.no_cl, adaptive_selection=not args.no_as, limit_labeled=args.limit_labeled,
         limit_unlabeled=args.limit_unlabeled, limit_test=args.limit_test, seed=args.seed,
         temperature=args.temperature, max_tokens=args.max_tokens, prompt_style=args.prompt_style,

@@ -63,7 +63,7 @@ def mine(backend: Backend, model: str, items: Sequence[Example],
     self-justify prompts (43% right) where the vote was 63% right."""
     with tqdm(total=len(items), desc="collaborate", unit="q", disable=quiet) as bar:
         for batch in _batches(items, batch_size):
-            samples = _infer(backend, model, batch, shots, views, style, max_tokens, seed)
+            samples = infer(backend, model, batch, shots, views, style, max_tokens, seed)
             records = [_agree(ex, gens) for ex, gens in zip(batch, samples)]
             if justify == "model":
                 _self_justify(backend, model, batch, records, style, max_tokens)
@@ -74,7 +74,7 @@ def mine(backend: Backend, model: str, items: Sequence[Example],
             bar.update(len(batch))
 
 
-def _infer(backend, model, batch, shots, views, style, max_tokens, seed) -> list[list[Generation]]:
+def infer(backend, model, batch, shots, views, style, max_tokens, seed) -> list[list[Generation]]:
     """All views' samples for each question of the batch, in view order."""
     per_item: list[list[Generation]] = [[] for _ in batch]
     for view in views:

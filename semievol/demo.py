@@ -12,7 +12,6 @@ import json
 import random
 from pathlib import Path
 
-from .config import FinetuneConfig, RunConfig
 
 TEAMS = ("billing", "shipping", "technical")
 PROBLEMS = {
@@ -37,8 +36,6 @@ TEMPLATES = ["Hello, {p}. Please help.", "Urgent: {p}!", "Hi team, {p} since yes
              "Not happy: {p}.", "Quick question - {p}."]
 QUESTION = "Which team should handle this support ticket?\nTicket: {ticket}"
 SIZES = {"labeled": 24, "unlabeled": 120, "test": 60}
-RECIPE = FinetuneConfig(epochs=4, learning_rate=4e-4, batch_size=8)
-"""Small-model recipe: more epochs and a higher LoRA learning rate than the paper's."""
 
 
 def make_task(directory: Path, seed: int = 0) -> Path:
@@ -67,8 +64,11 @@ def main(out: Path, quiet: bool = False) -> dict:
     from . import pipeline, report
     from .backends import load_backend
 
+    from .cli import _parser, _run_config
+
     data = make_task(out / "tickets")
-    config = RunConfig(data=str(data), backend="hf", finetune=RECIPE)
+    # exactly what `semievol run --data DIR` would do: the small recipe on the hf backend
+    config = _run_config(_parser().parse_args(["run", "--data", str(data), "--backend", "hf"]))
     backend = load_backend("hf", workdir=out / "backend")
     results = pipeline.run(config, backend, out, quiet=quiet)
     print(report.summary(results))

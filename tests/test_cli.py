@@ -73,3 +73,22 @@ def test_import_needs_neither_torch_nor_a_model():
     code = ("import sys, semievol, semievol.pipeline, semievol.cli; "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], {"icp": False, "prompt_style": "text", "justify": "vote", "per_class": True,
+          "epochs": 4, "evolve_epochs": 2}),
+    (["--recipe", "paper"], {"icp": True, "prompt_style": "letter", "justify": "model",
+                             "per_class": False, "epochs": 2, "evolve_epochs": 2}),
+    (["--recipe", "paper", "--epochs", "3"], {"epochs": 3, "evolve_epochs": 3}),
+    (["--icp", "--views", "mixed", "--replay-labeled"],
+     {"icp": True, "views": "mixed", "replay_labeled": True}),
+    (["--recipe", "paper", "--no-icp", "--evolve-epochs", "1"], {"icp": False, "evolve_epochs": 1}),
+])
+def test_recipes_set_defaults_that_flags_override(argv, expected):
+    from semievol.cli import _parser, _run_config
+
+    config = _run_config(_parser().parse_args(["run", "--data", "d", "--backend", "fake", *argv]))
+    seen = {**{k: getattr(config, k) for k in expected if hasattr(config, k)},
+            "epochs": config.finetune.epochs, "evolve_epochs": config.evolve_ft.epochs}
+    assert {k: seen[k] for k in expected} == expected

@@ -64,11 +64,37 @@ def test_slug_keeps_safe_keys_and_separates_unsafe_ones():
 def test_collator_cuts_to_the_answer_and_keeps_labels_aligned():
     features = [{"input_ids": [5, 6, 7, 8], "attention_mask": [1] * 4,
                  "labels": [-100, -100, 7, 8]},
-                {"input_ids": [5, 6, 9], "attention_mask": [1] * 3, "labels": [-100, -100, 9]}]
+                {"input_ids": [5, 9], "attention_mask": [1] * 2, "labels": [-100, 9]}]
     batch = AnswerCollator(pad_id=0)(features)
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [5, 6, 9, 0]]
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [0, 0, 5, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3], [0, 0, 0, 1]]
     assert batch["logits_to_keep"] == 3  # position 1 predicts the first answer token
-    assert batch["labels"].tolist() == [[-100, 7, 8], [-100, 9, -100]]
+    assert batch["labels"].tolist() == [[-100, 7, 8], [-100, -100, 9]]
+
+
+@pytest.mark.slow
+def test_padding_does_not_change_the_training_loss(hf_backend):
+    """Each example's loss alone equals its share of a padded batch's loss."""
+    import torch
+
+    from semievol.backends.hf import _encode_example
+
+    def teach(question, answer):
+        return ask(question) + [{"role": "assistant", "content": answer}]
+
+    hf_backend._load(BASE)
+    tok, model = hf_backend._tokenizer, hf_backend._model
+    examples = [teach("Say a short word.", "Zorblax"),
+                teach("Write the name of the colour of a clear summer sky, please.", "blue sky")]
+    features = [_encode_example(tok, ex, 256) for ex in examples]
+    collate = AnswerCollator(tok.pad_token_id)
+    with torch.no_grad():
+        alone = [model(**collate([f])).loss.item() for f in features]
+        batch = collate(features)
+        together = model(**batch).loss.item()
+    answer_tokens = [sum(x != -100 for x in f["labels"]) for f in features]
+    expected = sum(a * n for a, n in zip(alone, answer_tokens)) / sum(answer_tokens)
+    assert together == pytest.approx(expected, rel=1e-4)
 
 
 def test_an_unknown_model_is_a_backend_error(tmp_path):

@@ -1,0 +1,99 @@
+"""LoRA training step time on fpb examples: the collator the hf backend uses (left padding,
+output layer only for the answer positions) against right padding, which must compute the
+output layer from the shortest prompt's end on, measured in one run.
+
+    python benchmarks/training.py [--steps 12] [--batch-size 8]
+
+Each step is a forward and backward pass over a batch of 8 training examples through the
+embedded model with a fresh LoRA adapter (r=16, all linear layers), as `finetune` trains.
+Prints a table; the last line is JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from semievol import prompts
+from semievol.backends.hf import AnswerCollator, HFBackend, _encode_example
+from semievol.data import load_task
+
+
+class RightPadded:
+    """The baseline: pad on the right; the output layer runs from the first position that
+    predicts an answer token in any example of the batch."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict]) -> dict:
+        width = max(len(f["input_ids"]) for f in features)
+
+        def pad(key, value):
+            return torch.tensor([f[key] + [value] * (width - len(f[key])) for f in features])
+
+        first = min(next(i for i, x in enumerate(f["labels"]) if x != -100) for f in features)
+        keep = width - first + 1
+        return {"input_ids": pad("input_ids", self.pad_id), "attention_mask": pad("attention_mask", 0),
+                "labels": pad("labels", -100)[:, -keep:], "logits_to_keep": keep}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "fpb"))
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=8)
+    args = p.parse_args(argv)
+
+    backend = HFBackend(quiet=True)
+    backend._load(backend.default_model)
+    tok = backend._tokenizer
+    task = load_task(args.data)
+    examples = random.Random(0).sample(task.labeled, args.steps * args.batch_size)
+    features = [_encode_example(tok, prompts.training_example(ex, ex.answer, "text"), 1024)
+                for ex in examples]
+    batches = [features[i:i + args.batch_size] for i in range(0, len(features), args.batch_size)]
+    model = get_peft_model(backend._model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+                                                     target_modules="all-linear"))
+    model.train()
+    rows = {}
+    for name, collate in [("right padding (before)", RightPadded(tok.pad_token_id)),
+                          ("left padding, answer logits (now)", AnswerCollator(tok.pad_token_id))]:
+        step(model, collate(batches[0]))  # warm-up
+        started = time.perf_counter()
+        kept = 0
+        for batch in batches:
+            inputs = collate(batch)
+            kept += inputs["logits_to_keep"]
+            step(model, inputs)
+        rows[name] = {"seconds_per_step": (time.perf_counter() - started) / len(batches),
+                      "mean_logits_kept": kept / len(batches)}
+    before, now = rows.values()
+    ratio = before["seconds_per_step"] / now["seconds_per_step"]
+    print(f"{len(batches)} steps of {args.batch_size} fpb training examples, LoRA r=16 all-linear, "
+          f"{torch.get_num_threads()} threads, {'cuda' if torch.cuda.is_available() else 'cpu'}")
+    print(f"{'collator':<36}{'s/step':>8}{'logit positions':>17}")
+    for name, r in rows.items():
+        print(f"{name:<36}{r['seconds_per_step']:>8.2f}{r['mean_logits_kept']:>17.1f}")
+    print(f"speed-up {ratio:.2f}x")
+    result = {"steps": len(batches), "batch_size": args.batch_size, "rows": rows,
+              "speedup": round(ratio, 2), "threads": torch.get_num_threads(),
+              "cpu_count": os.cpu_count()}
+    print(json.dumps(result))
+    return result
+
+
+def step(model, inputs: dict) -> None:
+    model(**{k: v.to(model.device) if torch.is_tensor(v) else v for k, v in inputs.items()}).loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
