@@ -69,7 +69,8 @@ def main(argv=None) -> dict:
     p.add_argument("--views", choices=["shared", "mixed", "diverse"], default="shared")
     p.add_argument("--icp", action=argparse.BooleanOptionalAction, default=False,
                    help="show the inferences the retrieved labeled examples (off, as the small recipe)")
-    p.add_argument("--replay-labeled", action="store_true", help="evolve on D_L + D_selected")
+    p.add_argument("--replay-labeled", action=argparse.BooleanOptionalAction, default=True,
+                   help="evolve on D_L + D_selected (on, as the small recipe)")
     p.add_argument("--theta", type=float, default=0.5)
     p.add_argument("--eval-on", choices=["test", "validation"], default="test",
                    help="validation: the labeled examples left out of the sample (for tuning)")
@@ -178,6 +179,9 @@ def _print(rows, reference, task, args) -> dict:
               f"{f(r['pseudo_acc_all']):>8}{f(r['pseudo_acc_selected']):>8}{f(gap):>12}"
               f"{r['total_s']:>7.0f}s")
         out["rows"].append({**r, "gap_closed": gap})
+    for r in rows[:1]:
+        stages = ", ".join(f"{name} {seconds:.0f}s" for name, seconds in r["timings_s"].items())
+        print(f"\nstage wall times of the first row ({r['total_s']:.0f}s in all): {stages}")
     if reference:
         print(f"\nreference: SFT on all labeled: accuracy {f(reference['accuracy'])}, "
               f"macro-F1 {f(reference['macro_f1'])}")

@@ -154,7 +154,7 @@ def make_backend(args, workdir: Path | None, max_cost_usd: float | None = None):
 RECIPES = {
     "small": {"epochs": 4, "evolve_epochs": 2, "lr": 4e-4, "prompt_style": "text",
               "justify": "vote", "selection": "per-class", "icp": False, "views": "shared",
-              "replay_labeled": False},
+              "replay_labeled": True},
     "paper": {"epochs": 2, "lr": 1e-4, "prompt_style": "letter", "justify": "model",
               "selection": "global", "icp": True, "views": "shared", "replay_labeled": False},
 }

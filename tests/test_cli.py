@@ -81,8 +81,8 @@ def test_import_needs_neither_torch_nor_a_model():
     (["--recipe", "paper"], {"icp": True, "prompt_style": "letter", "justify": "model",
                              "per_class": False, "epochs": 2, "evolve_epochs": 2}),
     (["--recipe", "paper", "--epochs", "3"], {"epochs": 3, "evolve_epochs": 3}),
-    (["--icp", "--views", "mixed", "--replay-labeled"],
-     {"icp": True, "views": "mixed", "replay_labeled": True}),
+    (["--icp", "--views", "mixed", "--no-replay-labeled"],
+     {"icp": True, "views": "mixed", "replay_labeled": False}),
     (["--recipe", "paper", "--no-icp", "--evolve-epochs", "1"], {"icp": False, "evolve_epochs": 1}),
 ])
 def test_recipes_set_defaults_that_flags_override(argv, expected):
