@@ -63,7 +63,6 @@ def _ticket(rng: random.Random, i: int) -> dict:
 def main(out: Path, quiet: bool = False) -> dict:
     from . import pipeline, report
     from .backends import load_backend
-
     from .cli import _parser, _run_config
 
     data = make_task(out / "tickets")
