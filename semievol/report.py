@@ -105,11 +105,13 @@ def _entropy_figure(plt, records: list[dict], selected: set[str], path: Path) ->
     kept = [r["entropy"] for r in records if r["entropy"] is not None and r["id"] in selected]
     dropped = [r["entropy"] for r in records if r["entropy"] is not None and r["id"] not in selected]
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    values = kept + dropped
-    bins = _bins(values)
-    ax.hist([kept, dropped], bins=bins, label=[f"selected ({len(kept)})", f"rejected ({len(dropped)})"],
-            stacked=True)
-    ax.set_xlabel("entropy (mean token NLL)")
+    bins, log = _bins(kept + dropped)
+    floor = lambda values: [max(v, bins[0]) for v in values]  # zeros go in the first bin
+    ax.hist([floor(kept), floor(dropped)], bins=bins, stacked=True,
+            label=[f"selected ({len(kept)})", f"rejected ({len(dropped)})"])
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlabel("entropy (mean token NLL)" + (", log scale" if log else ""))
     ax.set_ylabel("pseudo-labels")
     ax.legend(fontsize=8)
     return _save(plt, fig, path)
@@ -130,11 +132,17 @@ def _bucket_figure(plt, rows: list[dict], path: Path) -> Path:
     return _save(plt, fig, path)
 
 
-def _bins(values: list[float]) -> list[float]:
+def _bins(values: list[float]) -> tuple[list[float], bool]:
+    """20 histogram bins, and whether they are log-spaced: they are when the entropies span
+    more than two decades, as a confident model's do (most pseudo-labels far below 0.1)."""
+    positive = [v for v in values if v > 0]
+    if positive and max(positive) / min(positive) > 100:
+        lo, hi = math.log(min(positive)), math.log(max(positive))
+        return [math.exp(lo + (hi - lo) * i / 20) for i in range(21)], True
     lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
     if hi - lo < 1e-9:
         hi = lo + 1e-3
-    return [lo + (hi - lo) * i / 20 for i in range(21)]
+    return [lo + (hi - lo) * i / 20 for i in range(21)], False
 
 
 def _save(plt, fig, path: Path) -> Path:
