@@ -92,3 +92,12 @@ def test_recipes_set_defaults_that_flags_override(argv, expected):
     seen = {**{k: getattr(config, k) for k in expected if hasattr(config, k)},
             "epochs": config.finetune.epochs, "evolve_epochs": config.evolve_ft.epochs}
     assert {k: seen[k] for k in expected} == expected
+
+
+def test_entropy_bins_go_log_spaced_when_entropies_span_decades():
+    from semievol.report import _bins
+
+    edges, log = _bins([0.0, 0.001, 0.01, 0.5, 2.0])
+    assert log and len(edges) == 21 and edges[0] == pytest.approx(0.001) and edges[-1] == pytest.approx(2.0)
+    edges, log = _bins([0.1, 0.2, 0.5])
+    assert not log and edges[0] == 0.1 and edges[-1] == 0.5
