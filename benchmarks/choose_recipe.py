@@ -28,9 +28,10 @@ import quality
 from semievol import FinetuneConfig, collaborate, load_backend, propagate, selection
 from semievol.data import load_task
 
-VIEWS = {"without retrieved examples": ["--no-icp"], "with retrieved examples": ["--icp"],
-         "half with, half without": ["--icp", "--views", "mixed"]}
-"""Cheapest first: a later candidate must win by MARGIN."""
+VIEWS = {"without retrieved examples": (False, "shared"), "with retrieved examples": (True, "shared"),
+         "half with, half without": (True, "mixed")}
+"""(icp, views), cheapest first: a later candidate must win by MARGIN."""
+EVOLVE = {"selected pseudo-labels": ["--no-replay-labeled"], "labeled + selected": ["--replay-labeled"]}
 MARGIN = 0.01
 
 
@@ -39,8 +40,8 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--data", required=True)
     p.add_argument("--labeled", type=int, default=64)
     p.add_argument("--view-items", type=int, default=200)
-    p.add_argument("--epochs", type=float, default=4)
-    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--epochs", type=float, default=quality.SMALL["epochs"])
+    p.add_argument("--lr", type=float, default=quality.SMALL["lr"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype")
     p.add_argument("--out", default="runs/choose")
@@ -51,14 +52,14 @@ def main(argv: list[str]) -> dict:
     left_out = quality._left_out(task.labeled, sample)
     view_items = left_out[:args.view_items]
     views = _views(args, sample, view_items)
-    chosen = VIEWS[_best(views, lambda r: (r["accuracy_all"] + r["accuracy_selected"]) / 2)]
+    chosen = views[_best(views, lambda r: (r["accuracy_all"] + r["accuracy_selected"]) / 2)]["flags"]
 
     common = ["--data", args.data, "--labeled", str(args.labeled), "--epochs", str(args.epochs),
               "--lr", str(args.lr), "--seed", str(args.seed), "--eval-on", "validation",
               "--validation-skip", str(args.view_items), "--no-reference", *rest,
               *(["--dtype", args.dtype] if args.dtype else [])]
     evolve = {}
-    for name, flags in {"selected pseudo-labels": [], "labeled + selected": ["--replay-labeled"]}.items():
+    for name, flags in EVOLVE.items():
         slug = "-".join(f.strip("-") for f in chosen + flags) or "default"
         row = quality.main(common + chosen + flags + ["--out", f"{args.out}/{slug}"])["rows"][0]
         evolve[name] = {"flags": flags, "sft": row["sft"], "semievol": row["semievol"],
@@ -83,14 +84,16 @@ def _views(args, sample, items) -> dict:
     truth = {ex.id: ex.answer for ex in items}
     unlabeled = [dataclasses.replace(ex, answer=None) for ex in items]
     rows = {}
-    for name, flags in VIEWS.items():
-        icp, kind = "--icp" in flags, flags[-1] if "--views" in flags else "shared"
+    for name, (icp, kind) in VIEWS.items():
+        flags = ["--icp" if icp else "--no-icp", "--views", kind]
         records, started = [], time.perf_counter()
         collaborate.mine(backend, warm, unlabeled, shots,
                          collaborate.make_views(4, 1.0, icp=icp, kind=kind), style="text",
-                         max_tokens=32, seed=args.seed + 1000, batch_size=16, justify="vote",
+                         max_tokens=32, seed=args.seed + 1000, batch_size=16,
+                         justify=quality.SMALL["justify"],
                          on_records=records.extend, quiet=True)
-        kept, _ = selection.select(records, 0.5, per_class=True)
+        kept, _ = selection.select(records, 0.5,
+                                   per_class=quality.SMALL["selection"] == "per-class")
         rows[name] = {"flags": flags, "accuracy_all": _accuracy(records, truth),
                       "accuracy_selected": _accuracy(kept, truth), "selected": len(kept),
                       "consistent": sum(r["consistent"] for r in records),

@@ -23,10 +23,14 @@ from collections import defaultdict
 from pathlib import Path
 
 from semievol import FinetuneConfig, RunConfig, load_backend, report
+from semievol.cli import RECIPES
+from semievol.config import VIEWS
 from semievol.data import load_task
 from semievol.pipeline import run
 
 RESULTS_DIR = Path(__file__).resolve().parent
+SMALL = RECIPES["small"]
+"""The defaults are `semievol run`'s on the hf backend."""
 
 
 def _ablations(icp: bool) -> dict:
@@ -60,17 +64,17 @@ def main(argv=None) -> dict:
     p.add_argument("--backend", default="hf", choices=["hf", "openai"])
     p.add_argument("--model")
     p.add_argument("--base-url")
-    p.add_argument("--epochs", type=float, default=4)
-    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--epochs", type=float, default=SMALL["epochs"])
+    p.add_argument("--lr", type=float, default=SMALL["lr"])
     p.add_argument("--evolve-lr", type=float)
-    p.add_argument("--evolve-epochs", type=float, default=2, help="epochs of the evolve step (2)")
-    p.add_argument("--justify", choices=["model", "vote"], default="vote")
-    p.add_argument("--selection", choices=["global", "per-class"], default="per-class")
-    p.add_argument("--views", choices=["shared", "mixed", "diverse"], default="shared")
-    p.add_argument("--icp", action=argparse.BooleanOptionalAction, default=False,
-                   help="show the inferences the retrieved labeled examples (off, as the small recipe)")
-    p.add_argument("--replay-labeled", action=argparse.BooleanOptionalAction, default=True,
-                   help="evolve on D_L + D_selected (on, as the small recipe)")
+    p.add_argument("--evolve-epochs", type=float, default=SMALL["evolve_epochs"])
+    p.add_argument("--justify", choices=["model", "vote"], default=SMALL["justify"])
+    p.add_argument("--selection", choices=["global", "per-class"], default=SMALL["selection"])
+    p.add_argument("--views", choices=VIEWS, default=SMALL["views"])
+    p.add_argument("--icp", action=argparse.BooleanOptionalAction, default=SMALL["icp"],
+                   help="show the inferences the retrieved labeled examples")
+    p.add_argument("--replay-labeled", action=argparse.BooleanOptionalAction,
+                   default=SMALL["replay_labeled"], help="evolve on D_L + D_selected")
     p.add_argument("--theta", type=float, default=0.5)
     p.add_argument("--eval-on", choices=["test", "validation"], default="test",
                    help="validation: the labeled examples left out of the sample (for tuning)")
