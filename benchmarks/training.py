@@ -1,25 +1,29 @@
-"""LoRA training step time on fpb examples: the collator the hf backend uses (left padding,
-output layer only for the answer positions) against right padding, which must compute the
-output layer from the shortest prompt's end on, measured in one run.
+"""LoRA training step time on fpb examples: how the hf backend batches them (left padding,
+output layer only for the answer positions, batches grouped by length) against right
+padding, which must compute the output layer from the shortest prompt's end on, and
+against left padding in random order, measured in one run.
 
     python benchmarks/training.py [--steps 12] [--batch-size 8]
 
-Each step is a forward and backward pass over a batch of 8 training examples through the
-embedded model with a fresh LoRA adapter (r=16, all linear layers), as `finetune` trains.
-Prints a table; the last line is JSON.
+The examples are fpb's labeled split, ordered into batches as the Trainer orders them for
+one epoch: at random, or grouped by length (transformers' LengthGroupedSampler: random
+megabatches, sorted inside). --steps batches spread evenly over the epoch are timed in
+each order. Each step is a forward and backward pass through the embedded model with a
+fresh LoRA adapter (r=16, all linear layers), as `finetune` trains. Prints a table; the
+last line is JSON.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import random
 import sys
 import time
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from semievol import prompts
 from semievol.backends.hf import AnswerCollator, HFBackend, _encode_example
@@ -56,34 +60,49 @@ def main(argv=None) -> dict:
     backend._load(backend.default_model)
     tok = backend._tokenizer
     task = load_task(args.data)
-    examples = random.Random(0).sample(task.labeled, args.steps * args.batch_size)
+    pool = task.labeled[:len(task.labeled) // args.batch_size * args.batch_size]
     features = [_encode_example(tok, prompts.training_example(ex, ex.answer, "text"), 1024)
-                for ex in examples]
-    batches = [features[i:i + args.batch_size] for i in range(0, len(features), args.batch_size)]
+                for ex in pool]
+    torch.manual_seed(0)
+    orders = {"random": torch.randperm(len(features)).tolist(),
+              "grouped": get_length_grouped_indices([len(f["input_ids"]) for f in features],
+                                                    args.batch_size)}
+    every = len(features) // args.batch_size // args.steps
+    timed = {name: [[features[i] for i in order[b * args.batch_size:(b + 1) * args.batch_size]]
+                    for b in range(0, every * args.steps, every)]
+             for name, order in orders.items()}
     model = get_peft_model(backend._model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
                                                      target_modules="all-linear"))
     model.train()
     rows = {}
-    for name, collate in [("right padding (before)", RightPadded(tok.pad_token_id)),
-                          ("left padding, answer logits (now)", AnswerCollator(tok.pad_token_id))]:
+    for name, collate, order in [
+            ("right padding, random order (before)", RightPadded(tok.pad_token_id), "random"),
+            ("left padding, answer logits, random", AnswerCollator(tok.pad_token_id), "random"),
+            ("left padding, answer logits, grouped (now)", AnswerCollator(tok.pad_token_id),
+             "grouped")]:
+        batches = timed[order]
         step(model, collate(batches[0]))  # warm-up
         started = time.perf_counter()
-        kept = 0
+        kept = padded = 0
         for batch in batches:
             inputs = collate(batch)
             kept += inputs["logits_to_keep"]
+            padded += inputs["input_ids"].numel()
             step(model, inputs)
         rows[name] = {"seconds_per_step": (time.perf_counter() - started) / len(batches),
-                      "mean_logits_kept": kept / len(batches)}
-    before, now = rows.values()
+                      "mean_logits_kept": kept / len(batches),
+                      "mean_tokens": padded / len(batches)}
+    before, _, now = rows.values()
     ratio = before["seconds_per_step"] / now["seconds_per_step"]
-    print(f"{len(batches)} steps of {args.batch_size} fpb training examples, LoRA r=16 all-linear, "
+    print(f"{args.steps} of {len(features) // args.batch_size} steps of {args.batch_size} fpb "
+          f"training examples, LoRA r=16 all-linear, "
           f"{torch.get_num_threads()} threads, {'cuda' if torch.cuda.is_available() else 'cpu'}")
-    print(f"{'collator':<36}{'s/step':>8}{'logit positions':>17}")
+    print(f"{'collator and order':<44}{'s/step':>8}{'tokens':>8}{'logit positions':>17}")
     for name, r in rows.items():
-        print(f"{name:<36}{r['seconds_per_step']:>8.2f}{r['mean_logits_kept']:>17.1f}")
+        print(f"{name:<44}{r['seconds_per_step']:>8.2f}{r['mean_tokens']:>8.0f}"
+              f"{r['mean_logits_kept']:>17.1f}")
     print(f"speed-up {ratio:.2f}x")
-    result = {"steps": len(batches), "batch_size": args.batch_size, "rows": rows,
+    result = {"steps": args.steps, "batch_size": args.batch_size, "rows": rows,
               "speedup": round(ratio, 2), "threads": torch.get_num_threads(),
               "cpu_count": os.cpu_count()}
     print(json.dumps(result))

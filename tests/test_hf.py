@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
+import torch  # noqa: E402
 
 from semievol.backends import Backend  # noqa: E402
 from semievol.backends.hf import AnswerCollator, HFBackend, _slug  # noqa: E402
@@ -178,6 +180,28 @@ def test_finetune_continues_from_an_adapter(hf_backend, taught):
     # the parent adapter is left as it was, on disk and in memory
     assert (Path(taught) / "adapter_model.safetensors").read_bytes() == parent_weights
     assert "Blorpt" not in greedy(hf_backend, taught, [colour("castle")])[0]
+
+
+@pytest.mark.slow
+def test_an_adapter_is_merged_only_while_it_runs(hf_backend, taught, monkeypatch):
+    base_weights = lambda: {k: v.clone() for k, v in hf_backend._model.state_dict().items()  # noqa: E731
+                            if "lora_" not in k}
+    lora_layers = lambda: [m for m in hf_backend._model.modules() if hasattr(m, "merged")]  # noqa: E731
+    prompts = [password("castle"), colour("garden")]
+    hf_backend.generate_with_logprobs(taught, prompts[:1], max_tokens=2)  # attached
+    before = base_weights()
+    with hf_backend._active(taught):
+        assert lora_layers() and all(m.merged for m in lora_layers())
+    merged = hf_backend.generate_with_logprobs(taught, prompts, max_tokens=6)
+    assert not any(m.merged for m in lora_layers())
+    after = base_weights()
+    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
+    # the adapter as a separate path gives the same tokens and log-probabilities
+    monkeypatch.setattr(hf_backend, "_merged", nullcontext)
+    separate = hf_backend.generate_with_logprobs(taught, prompts, max_tokens=6)
+    for m, s in zip(merged, separate):
+        assert m[0].tokens == s[0].tokens
+        assert np.allclose(m[0].logprobs, s[0].logprobs, atol=1e-4)
 
 
 @pytest.mark.slow

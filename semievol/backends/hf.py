@@ -254,7 +254,8 @@ class HFBackend:
             if adapter is not None:
                 name = self._attach(adapter)  # may wrap the base model in a PeftModel first
                 self._model.set_adapter(name, inference_mode=True)
-                yield self._model
+                with self._merged():
+                    yield self._model
             elif isinstance(model, PeftModel):
                 with model.disable_adapter():
                     yield model
@@ -262,6 +263,22 @@ class HFBackend:
                 yield model
         except torch.cuda.OutOfMemoryError as e:
             raise BackendError(f"out of GPU memory running {ref!r}: lower batch_size") from e
+
+    @contextmanager
+    def _merged(self) -> Iterator[None]:
+        """The active adapter folded into the base weights while inside, and taken out again
+        on leaving: each linear layer then runs one matmul instead of three (unmerged, the
+        LoRA path took a fifth of a prefill's time on two CPU cores). Only in float32, where the round trip
+        restores the weights to within rounding; in 16-bit types it would not, so there the
+        adapter stays a separate path."""
+        if self.dtype != torch.float32:
+            yield
+            return
+        self._model.merge_adapter()
+        try:
+            yield
+        finally:
+            self._model.unmerge_adapter()
 
     def _load(self, base_ref: str):
         """The base model ``base_ref``, loaded unless it is the one already in memory."""
@@ -325,6 +342,7 @@ class HFBackend:
             lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_ratio,
             seed=config.seed, data_seed=config.seed, save_strategy="no", eval_strategy="no",
             report_to="none", disable_tqdm=self.quiet, remove_unused_columns=False,
+            train_sampling_strategy="group_by_length",  # batches of similar lengths pad less
             logging_strategy="no" if self.quiet else "steps", logging_steps=10,
             use_cpu=_input_device(self._model).type == "cpu",
             bf16=self.dtype == torch.bfloat16)
