@@ -41,7 +41,7 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--labeled", type=int, default=64)
     p.add_argument("--view-items", type=int, default=200)
     p.add_argument("--epochs", type=float, default=quality.SMALL["epochs"])
-    p.add_argument("--lr", type=float, default=quality.SMALL["lr"])
+    p.add_argument("--lr", type=float, default=quality.SMALL["learning_rate"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype")
     p.add_argument("--out", default="runs/choose")
@@ -93,7 +93,7 @@ def _views(args, sample, items) -> dict:
                          justify=quality.SMALL["justify"],
                          on_records=records.extend, quiet=True)
         kept, _ = selection.select(records, 0.5,
-                                   per_class=quality.SMALL["selection"] == "per-class")
+                                   per_class=quality.SMALL["per_class"])
         rows[name] = {"flags": flags, "accuracy_all": _accuracy(records, truth),
                       "accuracy_selected": _accuracy(kept, truth), "selected": len(kept),
                       "consistent": sum(r["consistent"] for r in records),

@@ -23,8 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from semievol import FinetuneConfig, RunConfig, load_backend, report
-from semievol.cli import RECIPES
-from semievol.config import VIEWS
+from semievol.config import RECIPES, VIEWS
 from semievol.data import load_task
 from semievol.pipeline import run
 
@@ -65,11 +64,12 @@ def main(argv=None) -> dict:
     p.add_argument("--model")
     p.add_argument("--base-url")
     p.add_argument("--epochs", type=float, default=SMALL["epochs"])
-    p.add_argument("--lr", type=float, default=SMALL["lr"])
+    p.add_argument("--lr", type=float, default=SMALL["learning_rate"])
     p.add_argument("--evolve-lr", type=float)
     p.add_argument("--evolve-epochs", type=float, default=SMALL["evolve_epochs"])
     p.add_argument("--justify", choices=["model", "vote"], default=SMALL["justify"])
-    p.add_argument("--selection", choices=["global", "per-class"], default=SMALL["selection"])
+    p.add_argument("--selection", choices=["global", "per-class"],
+                   default="per-class" if SMALL["per_class"] else "global")
     p.add_argument("--views", choices=VIEWS, default=SMALL["views"])
     p.add_argument("--icp", action=argparse.BooleanOptionalAction, default=SMALL["icp"],
                    help="show the inferences the retrieved labeled examples")

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import VIEWS, FinetuneConfig, RunConfig
+from .config import RECIPES, VIEWS, FinetuneConfig, RunConfig
 from .errors import SemievolError
 
 
@@ -151,24 +151,14 @@ def make_backend(args, workdir: Path | None, max_cost_usd: float | None = None):
     return load_backend("fake", workdir=workdir)
 
 
-RECIPES = {
-    "small": {"epochs": 4, "evolve_epochs": 2, "lr": 4e-4, "prompt_style": "text",
-              "justify": "vote", "selection": "per-class", "icp": False, "views": "shared",
-              "replay_labeled": True},
-    "paper": {"epochs": 2, "lr": 1e-4, "prompt_style": "letter", "justify": "model",
-              "selection": "global", "icp": True, "views": "shared", "replay_labeled": False},
-}
-"""Defaults that go together. 'small' is what worked for the embedded 135M model on fpb: the
-paper's settings made it answer 'neutral' to everything, its self-justify said 'neutral' to
-206 of 209 disagreements, and a global entropy threshold kept only 'neutral' pseudo-labels.
-'paper' is the paper's."""
-
-
 def _run_config(args) -> RunConfig:
     recipe = RECIPES[args.recipe or ("small" if args.backend in ("hf", "fake") else "paper")]
-    for name, value in recipe.items():
+    flags = {**recipe, "lr": recipe["learning_rate"],
+             "selection": "per-class" if recipe["per_class"] else "global"}
+    for name in ("epochs", "evolve_epochs", "lr", "prompt_style", "justify", "selection",
+                 "icp", "views", "replay_labeled"):  # a flag not given takes the recipe's
         if getattr(args, name) is None:
-            setattr(args, name, value)
+            setattr(args, name, flags.get(name))
     ft = FinetuneConfig(epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size,
                         seed=args.seed, learning_rate_multiplier=args.lr_multiplier)
     return RunConfig(

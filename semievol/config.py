@@ -12,6 +12,20 @@ from .errors import ConfigError
 
 VIEWS = ("shared", "mixed", "diverse")
 
+RECIPES = {
+    "small": {"epochs": 4, "evolve_epochs": 2, "learning_rate": 4e-4, "prompt_style": "text",
+              "justify": "vote", "per_class": True, "icp": False, "views": "shared",
+              "replay_labeled": True},
+    "paper": {"epochs": 2, "learning_rate": 1e-4, "prompt_style": "letter", "justify": "model",
+              "per_class": False, "icp": True, "views": "shared", "replay_labeled": False},
+}
+"""Settings that go together (``RunConfig.recipe``; ``semievol run --recipe``). 'small' is
+what worked for the embedded 135M model on fpb: the paper's settings made it answer
+'neutral' to everything, its self-justify said 'neutral' to 206 of 209 disagreements, and a
+global entropy threshold kept only 'neutral' pseudo-labels; benchmarks/choose_recipe.py
+chose the rest on left-out labeled examples. 'paper' is the paper's (the bare ``RunConfig``
+defaults). ``evolve_epochs``, where given, are the evolve step's."""
+
 
 @dataclass(frozen=True)
 class FinetuneConfig:
@@ -109,6 +123,21 @@ class RunConfig:
             value = getattr(self, name)
             _check(value is None or value >= 1, f"{name} must be >= 1")
         _check(self.max_cost_usd is None or self.max_cost_usd >= 0, "max_cost_usd must be >= 0")
+
+    @classmethod
+    def recipe(cls, name: str, **fields) -> "RunConfig":
+        """A config with recipe ``name``'s settings, and ``fields`` over them:
+        ``RunConfig.recipe("small", data="my_task")`` is what ``semievol run --data
+        my_task`` runs on the hf backend."""
+        if name not in RECIPES:
+            raise ConfigError(f"unknown recipe {name!r}: one of {', '.join(RECIPES)}")
+        settings = dict(RECIPES[name])
+        finetune = FinetuneConfig(epochs=settings.pop("epochs"),
+                                  learning_rate=settings.pop("learning_rate"))
+        evolve_epochs = settings.pop("evolve_epochs", None)
+        evolve = finetune.replace(epochs=evolve_epochs) if evolve_epochs else None
+        settings.update(finetune=finetune, evolve_finetune=evolve)
+        return cls(**{**settings, **fields})
 
     @property
     def evolve_ft(self) -> FinetuneConfig:

@@ -63,11 +63,10 @@ def _ticket(rng: random.Random, i: int) -> dict:
 def main(out: Path, quiet: bool = False) -> dict:
     from . import pipeline, report
     from .backends import load_backend
-    from .cli import _parser, _run_config
+    from .config import RunConfig
 
     data = make_task(out / "tickets")
-    # exactly what `semievol run --data DIR` would do: the small recipe on the hf backend
-    config = _run_config(_parser().parse_args(["run", "--data", str(data), "--backend", "hf"]))
+    config = RunConfig.recipe("small", data=str(data))  # what `semievol run --data DIR` runs
     backend = load_backend("hf", workdir=out / "backend")
     results = pipeline.run(config, backend, out, quiet=quiet)
     print(report.summary(results))

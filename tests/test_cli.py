@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from semievol import ConfigError, RunConfig
 from semievol.cli import main
 from semievol.demo import make_task
 
@@ -92,6 +93,17 @@ def test_recipes_set_defaults_that_flags_override(argv, expected):
     seen = {**{k: getattr(config, k) for k in expected if hasattr(config, k)},
             "epochs": config.finetune.epochs, "evolve_epochs": config.evolve_ft.epochs}
     assert {k: seen[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize("backend, recipe", [("hf", "small"), ("openai", "paper")])
+def test_the_python_recipe_is_the_one_semievol_run_uses(backend, recipe):
+    from semievol.cli import _parser, _run_config
+
+    cli = _run_config(_parser().parse_args(["run", "--data", "d", "--backend", backend]))
+    assert cli == RunConfig.recipe(recipe, data="d", backend=backend)
+    assert RunConfig.recipe("small", data="d", icp=True).icp is True  # fields go over it
+    with pytest.raises(ConfigError, match="recipe"):
+        RunConfig.recipe("huge", data="d")
 
 
 def test_entropy_bins_go_log_spaced_when_entropies_span_decades():
