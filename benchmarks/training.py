@@ -7,8 +7,8 @@ against left padding in random order, measured in one run.
 
 The examples are fpb's labeled split, ordered into batches as the Trainer orders them for
 one epoch: at random, or grouped by length (transformers' LengthGroupedSampler: random
-megabatches, sorted inside). --steps batches spread evenly over the epoch are timed in
-each order. Each step is a forward and backward pass through the embedded model with a
+megabatches, sorted inside). The same --steps randomly chosen places in the epoch are
+timed in each order. Each step is a forward and backward pass through the embedded model with a
 fresh LoRA adapter (r=16, all linear layers), as `finetune` trains. Prints a table; the
 last line is JSON.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -67,10 +68,16 @@ def main(argv=None) -> dict:
     orders = {"random": torch.randperm(len(features)).tolist(),
               "grouped": get_length_grouped_indices([len(f["input_ids"]) for f in features],
                                                     args.batch_size)}
-    every = len(features) // args.batch_size // args.steps
-    timed = {name: [[features[i] for i in order[b * args.batch_size:(b + 1) * args.batch_size]]
-                    for b in range(0, every * args.steps, every)]
-             for name, order in orders.items()}
+    batches = {name: [[features[i] for i in order[b:b + args.batch_size]]
+                      for b in range(0, len(order), args.batch_size)]
+               for name, order in orders.items()}
+    # the same randomly chosen places in the epoch for each order (evenly spaced ones would
+    # fall on the same place in each sorted megabatch)
+    picked = random.Random(0).sample(range(len(features) // args.batch_size), args.steps)
+    timed = {name: [epoch[b] for b in picked] for name, epoch in batches.items()}
+    epoch_tokens = {name: sum(args.batch_size * max(len(f["input_ids"]) for f in batch)
+                              for batch in epoch) / len(epoch)
+                    for name, epoch in batches.items()}
     model = get_peft_model(backend._model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
                                                      target_modules="all-linear"))
     model.train()
@@ -80,27 +87,28 @@ def main(argv=None) -> dict:
             ("left padding, answer logits, random", AnswerCollator(tok.pad_token_id), "random"),
             ("left padding, answer logits, grouped (now)", AnswerCollator(tok.pad_token_id),
              "grouped")]:
-        batches = timed[order]
-        step(model, collate(batches[0]))  # warm-up
+        step(model, collate(timed[order][0]))  # warm-up
         started = time.perf_counter()
         kept = padded = 0
-        for batch in batches:
+        for batch in timed[order]:
             inputs = collate(batch)
             kept += inputs["logits_to_keep"]
             padded += inputs["input_ids"].numel()
             step(model, inputs)
-        rows[name] = {"seconds_per_step": (time.perf_counter() - started) / len(batches),
-                      "mean_logits_kept": kept / len(batches),
-                      "mean_tokens": padded / len(batches)}
+        rows[name] = {"seconds_per_step": (time.perf_counter() - started) / args.steps,
+                      "mean_logits_kept": kept / args.steps, "mean_tokens": padded / args.steps,
+                      "epoch_mean_tokens": epoch_tokens[order]}
     before, _, now = rows.values()
     ratio = before["seconds_per_step"] / now["seconds_per_step"]
     print(f"{args.steps} of {len(features) // args.batch_size} steps of {args.batch_size} fpb "
           f"training examples, LoRA r=16 all-linear, "
           f"{torch.get_num_threads()} threads, {'cuda' if torch.cuda.is_available() else 'cpu'}")
-    print(f"{'collator and order':<44}{'s/step':>8}{'tokens':>8}{'logit positions':>17}")
+    print(f"{'collator and order':<44}{'s/step':>8}{'tokens':>8}{'epoch tokens':>14}"
+          f"{'logit positions':>17}")
     for name, r in rows.items():
         print(f"{name:<44}{r['seconds_per_step']:>8.2f}{r['mean_tokens']:>8.0f}"
-              f"{r['mean_logits_kept']:>17.1f}")
+              f"{r['epoch_mean_tokens']:>14.0f}{r['mean_logits_kept']:>17.1f}")
+    print("tokens: padded tokens per timed step; epoch tokens: per step over the whole epoch")
     print(f"speed-up {ratio:.2f}x")
     result = {"steps": args.steps, "batch_size": args.batch_size, "rows": rows,
               "speedup": round(ratio, 2), "threads": torch.get_num_threads(),
