@@ -268,9 +268,9 @@ class HFBackend:
     def _merged(self) -> Iterator[None]:
         """The active adapter folded into the base weights while inside, and taken out again
         on leaving: each linear layer then runs one matmul instead of three (unmerged, the
-        LoRA path took a fifth of a prefill's time on two CPU cores). Only in float32, where the round trip
-        restores the weights to within rounding; in 16-bit types it would not, so there the
-        adapter stays a separate path."""
+        LoRA path took a fifth of a prefill's time on two CPU cores). Only in float32, where
+        the round trip restores the weights to within rounding; in 16-bit types it would
+        not, so there the adapter stays a separate path."""
         if self.dtype != torch.float32:
             yield
             return
