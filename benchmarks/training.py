@@ -8,9 +8,9 @@ against left padding in random order, measured in one run.
 The examples are fpb's labeled split, ordered into batches as the Trainer orders them for
 one epoch: at random, or grouped by length (transformers' LengthGroupedSampler: random
 megabatches, sorted inside). The same --steps randomly chosen places in the epoch are
-timed in each order. Each step is a forward and backward pass through the embedded model with a
-fresh LoRA adapter (r=16, all linear layers), as `finetune` trains. Prints a table; the
-last line is JSON.
+timed in each order. Each step is a forward and backward pass through the embedded model
+with a fresh LoRA adapter (r=16, all linear layers), as `finetune` trains. Prints a table;
+the last line is JSON.
 """
 from __future__ import annotations
 
