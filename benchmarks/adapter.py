@@ -9,9 +9,9 @@ saved where and as the backend saves one. The prompts are fpb test sentences in 
 recipe's prompt; each is sampled n times at temperature 1 with log-probabilities, as the
 collaborate stage does. A trained adapter answers fpb in one to three tokens, so reading
 the prompt is most of the work; this random one does not stop, so its samples are cut at
---max-tokens (4) to keep that proportion. Both ways use the same seed, so they should give the same tokens:
-the table shows seconds, tokens/s, the share of identical samples and the largest
-log-probability difference. The last line is JSON.
+--max-tokens (4) to keep that proportion. Both ways use the same seed, so they should
+give the same tokens: the table shows seconds, tokens/s, the share of identical samples
+and the largest log-probability difference. The last line is JSON.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import json
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -53,7 +52,9 @@ def main(argv=None) -> dict:
                                                  max_tokens=args.max_tokens, seed=0)
             return time.perf_counter() - started, [g for gens in out for g in gens]
 
-        separate_s, separate = _unmerged(backend, sample)
+        backend.merge_adapters = False  # as before merging
+        separate_s, separate = sample()
+        backend.merge_adapters = True
         merged_s, merged = sample()
     tokens = sum(len(g.tokens) for g in merged)
     same = [(m, s) for m, s in zip(merged, separate) if m.tokens == s.tokens]
@@ -88,16 +89,6 @@ def random_adapter(backend: HFBackend, path: Path) -> str:
     backend._model = model.unload()  # the bare base model again, as loaded
     (path / RECORD).write_text(json.dumps({"base": backend.default_model}))
     return str(path)
-
-
-def _unmerged(backend: HFBackend, work):
-    """``work()`` with the adapter kept as a separate path, as before merging."""
-    merged = backend._merged
-    backend._merged = nullcontext
-    try:
-        return work()
-    finally:
-        backend._merged = merged
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -183,22 +182,27 @@ def test_finetune_continues_from_an_adapter(hf_backend, taught):
 
 
 @pytest.mark.slow
-def test_an_adapter_is_merged_only_while_it_runs(hf_backend, taught, monkeypatch):
+def test_a_running_adapter_is_merged_until_another_model_runs(hf_backend, taught):
     base_weights = lambda: {k: v.clone() for k, v in hf_backend._model.state_dict().items()  # noqa: E731
                             if "lora_" not in k}
     lora_layers = lambda: [m for m in hf_backend._model.modules() if hasattr(m, "merged")]  # noqa: E731
     prompts = [password("castle"), colour("garden")]
-    hf_backend.generate_with_logprobs(taught, prompts[:1], max_tokens=2)  # attached
+    greedy(hf_backend, BASE, prompts[:1])  # the taught adapter is attached, the base runs
+    assert lora_layers() and not any(m.merged for m in lora_layers())
     before = base_weights()
-    with hf_backend._active(taught):
-        assert lora_layers() and all(m.merged for m in lora_layers())
     merged = hf_backend.generate_with_logprobs(taught, prompts, max_tokens=6)
+    assert all(m.merged for m in lora_layers())  # kept in for the next call
+    greedy(hf_backend, BASE, prompts[:1])
     assert not any(m.merged for m in lora_layers())
     after = base_weights()
     assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
     # the adapter as a separate path gives the same tokens and log-probabilities
-    monkeypatch.setattr(hf_backend, "_merged", nullcontext)
-    separate = hf_backend.generate_with_logprobs(taught, prompts, max_tokens=6)
+    hf_backend.merge_adapters = False
+    try:
+        separate = hf_backend.generate_with_logprobs(taught, prompts, max_tokens=6)
+        assert not any(m.merged for m in lora_layers())
+    finally:
+        hf_backend.merge_adapters = True
     for m, s in zip(merged, separate):
         assert m[0].tokens == s[0].tokens
         assert np.allclose(m[0].logprobs, s[0].logprobs, atol=1e-4)

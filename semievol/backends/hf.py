@@ -94,6 +94,12 @@ class HFBackend:
         self._embedder = None
         self._names = itertools.count()
         """Numbers for adapter names inside the PeftModel (never reused)."""
+        self.merge_adapters = self.dtype == torch.float32
+        """Fold the running adapter into the base weights (one matmul per layer instead of
+        three). Only in float32 by default: there taking it out again restores the weights
+        to within rounding; in 16-bit types it would not."""
+        self._merged: str | None = None
+        """The adapter name folded into the weights now, if any."""
 
     # -- Backend protocol ---------------------------------------------------------------
     def generate_with_logprobs(self, model: str, prompts: Sequence[list[Message]], *,
@@ -162,6 +168,7 @@ class HFBackend:
         scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
         name = f"a{next(self._names)}"
         try:
+            self._unmerge()
             self._attach_trainable(name, parent, config)
             self._train(features, config, scratch / "trainer")
             self._model.save_pretrained(str(scratch), selected_adapters=[name],
@@ -252,11 +259,10 @@ class HFBackend:
         model = self._load(base_ref)
         try:
             if adapter is not None:
-                name = self._attach(adapter)  # may wrap the base model in a PeftModel first
-                self._model.set_adapter(name, inference_mode=True)
-                with self._merged():
-                    yield self._model
+                self._run_adapter(adapter)
+                yield self._model
             elif isinstance(model, PeftModel):
+                self._unmerge()
                 with model.disable_adapter():
                     yield model
             else:
@@ -264,27 +270,32 @@ class HFBackend:
         except torch.cuda.OutOfMemoryError as e:
             raise BackendError(f"out of GPU memory running {ref!r}: lower batch_size") from e
 
-    @contextmanager
-    def _merged(self) -> Iterator[None]:
-        """The active adapter folded into the base weights while inside, and taken out again
-        on leaving: each linear layer then runs one matmul instead of three (unmerged, the
-        LoRA path took a fifth of a prefill's time on two CPU cores). Only in float32, where
-        the round trip restores the weights to within rounding; in 16-bit types it would
-        not, so there the adapter stays a separate path."""
-        if self.dtype != torch.float32:
-            yield
+    def _run_adapter(self, adapter: str) -> None:
+        """Make ``adapter`` the running model: attached, active and, with ``merge_adapters``,
+        folded into the base weights. It stays folded in until another model runs or
+        training starts: a round trip costs about 0.5 s on the embedded model on two CPU
+        cores, too much to pay on every generation call."""
+        name = self._adapters.get(adapter)
+        if name is not None and name == self._merged and self.merge_adapters:
             return
-        self._model.merge_adapter()
-        try:
-            yield
-        finally:
+        self._unmerge()
+        name = self._attach(adapter)  # may wrap the base model in a PeftModel first
+        self._model.set_adapter(name, inference_mode=True)
+        if self.merge_adapters:
+            self._model.merge_adapter()
+            self._merged = name
+
+    def _unmerge(self) -> None:
+        """Take the folded-in adapter out of the base weights, if one is in."""
+        if self._merged is not None:
             self._model.unmerge_adapter()
+            self._merged = None
 
     def _load(self, base_ref: str):
         """The base model ``base_ref``, loaded unless it is the one already in memory."""
         if self._base_ref == base_ref:
             return self._model
-        self._model = self._tokenizer = None
+        self._model = self._tokenizer = self._merged = None
         self._adapters = {}
         gc.collect()
         path, extra = _locate(base_ref)
