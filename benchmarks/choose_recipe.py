@@ -60,7 +60,7 @@ def main(argv: list[str]) -> dict:
               *(["--dtype", args.dtype] if args.dtype else [])]
     evolve = {}
     for name, flags in EVOLVE.items():
-        slug = "-".join(f.strip("-") for f in chosen + flags) or "default"
+        slug = "-".join(f.strip("-") for f in chosen + flags)
         row = quality.main(common + chosen + flags + ["--out", f"{args.out}/{slug}"])["rows"][0]
         evolve[name] = {"flags": flags, "sft": row["sft"], "semievol": row["semievol"],
                         "total_s": row["total_s"]}

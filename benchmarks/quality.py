@@ -183,9 +183,10 @@ def _print(rows, reference, task, args) -> dict:
               f"{f(r['pseudo_acc_all']):>8}{f(r['pseudo_acc_selected']):>8}{f(gap):>12}"
               f"{r['total_s']:>7.0f}s")
         out["rows"].append({**r, "gap_closed": gap})
-    for r in rows[:1]:
-        stages = ", ".join(f"{name} {seconds:.0f}s" for name, seconds in r["timings_s"].items())
-        print(f"\nstage wall times of the first row ({r['total_s']:.0f}s in all): {stages}")
+    if rows:
+        first = rows[0]
+        stages = ", ".join(f"{name} {seconds:.0f}s" for name, seconds in first["timings_s"].items())
+        print(f"\nstage wall times of the first row ({first['total_s']:.0f}s in all): {stages}")
     if reference:
         print(f"\nreference: SFT on all labeled: accuracy {f(reference['accuracy'])}, "
               f"macro-F1 {f(reference['macro_f1'])}")
