@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .config import RECIPES, VIEWS, FinetuneConfig, RunConfig
-from .errors import SemievolError
+from .errors import BackendUnavailable, SemievolError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +117,15 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", help="require this bearer token (or set SEMIEVOL_API_KEY)")
     srv.add_argument("--max-upload-mb", type=int, default=512, help="largest accepted upload (512)")
     srv.set_defaults(func=_cmd_serve)
+
+    exp = sub.add_parser("export", help="write a base model as a plain Hugging Face folder",
+                         description="Write a base model (e.g. the embedded smollm2-135m, read "
+                         "from its GGUF file) as a Hugging Face folder that vLLM and other "
+                         "engines load.")
+    exp.add_argument("model", help="base model reference (smollm2-135m, a hub id or a folder)")
+    exp.add_argument("out", help="the folder to write")
+    exp.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    exp.set_defaults(func=_cmd_export)
 
     demo = sub.add_parser("demo", help="the embedded default end to end on a synthetic task",
                           description="Generate a small synthetic task and run SemiEvol on the "
@@ -233,6 +242,16 @@ def _cmd_serve(args) -> int:
     serve(backend=args.backend, model=args.model, host=args.host, port=args.port,
           state_dir=args.state_dir, api_key=args.api_key or os.environ.get("SEMIEVOL_API_KEY"),
           max_upload_mb=args.max_upload_mb)
+    return 0
+
+
+def _cmd_export(args) -> int:
+    try:
+        from .backends.hf import export_model
+    except ImportError as e:
+        raise BackendUnavailable(f"exporting a model needs torch, transformers and peft "
+                                 f'({e.name} is missing): pip install "semievol[hf]"') from e
+    print(export_model(args.model, Path(args.out), dtype=args.dtype))
     return 0
 
 

@@ -17,7 +17,7 @@ pytest.importorskip("peft")
 pytest.importorskip("transformers")
 import torch  # noqa: E402
 
-from semievol.backends import Backend  # noqa: E402
+from semievol.backends import Backend, load_backend  # noqa: E402
 from semievol.backends.hf import AnswerCollator, HFBackend, _slug  # noqa: E402
 from semievol.config import FinetuneConfig  # noqa: E402
 from semievol.errors import BackendError, FinetuneFailed  # noqa: E402
@@ -228,3 +228,19 @@ def test_embeddings_are_unit_vectors_and_find_paraphrases(hf_backend):
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     similarity = vectors[1:] @ vectors[0]
     assert similarity.argmax() == 0
+
+
+@pytest.mark.slow
+def test_export_writes_a_plain_folder_that_loads_with_the_same_weights(hf_backend, tmp_path):
+    from semievol.backends.hf import export_model
+
+    out = export_model("smollm2-135m", tmp_path / "smol", dtype="float32")
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert export_model("smollm2-135m", out) == out  # complete: not written again
+    prompt = [[{"role": "user", "content": "Say yes."}]]
+    folder = load_backend("hf", model=str(out), workdir=tmp_path / "w", quiet=True)
+    a = hf_backend.generate_with_logprobs("smollm2-135m", prompt, max_tokens=6)[0][0]
+    b = folder.generate_with_logprobs(str(out), prompt, max_tokens=6)[0][0]
+    assert a.text == b.text
+    assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4

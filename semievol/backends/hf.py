@@ -397,6 +397,34 @@ class HFBackend:
         return self._embedder
 
 
+def export_model(ref: str, out_dir: str | Path, *, dtype: str = "bfloat16") -> Path:
+    """Write base model ``ref`` (e.g. the GGUF alias ``smollm2-135m``) as a plain
+    Hugging Face folder (safetensors + tokenizer): what vLLM and other engines load, and
+    what a user passes for their own model. Written beside ``out_dir`` and renamed into
+    place, so an existing folder is complete."""
+    out = Path(out_dir)
+    if (out / "config.json").is_file():
+        return out
+    path, extra = _locate(ref)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **extra)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=_dtype(dtype), **extra, **(_dense_gguf() if "gguf_file" in extra else {}))
+    except (OSError, ValueError) as e:
+        raise BackendError(f"cannot load model {ref!r}: {e}") from e
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config  # dequantized: the folder holds plain weights
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(str(scratch))
+        tok.save_pretrained(str(scratch))
+        os.replace(scratch, out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return out
+
+
 class AnswerCollator:
     """Pads training examples on the left (labels with -100, positions counted from each
     example's first real token, so padding changes nothing) and computes the output layer
