@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PRISM := node_modules/.bin/prism
 PYTEST_ARGS ?=
 
-.PHONY: install demo test clean
+.PHONY: install test-deps demo test clean
 
 install: $(VENV)/.installed
 
@@ -24,7 +24,9 @@ $(PRISM):
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/semievol demo
 
-test: install $(PRISM)
+test-deps: install $(PRISM)
+
+test: test-deps
 	$(VENV)/bin/pytest -v --durations=15 $(PYTEST_ARGS)
 
 clean:

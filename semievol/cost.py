@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Price", "PRICES", "price_of", "Step", "Estimate", "estimate_run", "chat_step",
            "finetune_step", "embed_step", "count_tokens", "count_chat_tokens", "Budget",
            "chat_cost", "embedding_cost", "training_cost", "base_of", "match_model", "format_usd",
-           "price_table", "estimate_task", "print_estimate"]
+           "price_table", "estimate_task", "print_estimate", "exact_counts"]
 
 PRICES_AS_OF = "2025-06"
 """When the table below was read from https://openai.com/api/pricing (standard tier)."""
@@ -150,23 +150,29 @@ def training_cost(base: str, trained_tokens: int, *,
 
 @functools.lru_cache(maxsize=None)
 def _encoding(model: str):
-    """The tiktoken encoding of a model. Unknown models (a local server's) are counted with
-    o200k_base, gpt-4o's; where tiktoken cannot load any encoding (offline, no cache) the
-    count falls back to bytes/4, with a warning, so an estimate still comes out."""
-    import tiktoken
+    """The tiktoken encoding of a model, from the encodings this package ships
+    (:mod:`semievol.encodings`: exact, offline). Unknown models (a local server's) are
+    counted with o200k_base, gpt-4o's. Only where no encoding can be had at all does the
+    count fall back to bytes/4: it says so once, and estimates say they are approximate."""
+    from .encodings import encoding_for_model, get_encoding
 
     try:
-        return tiktoken.encoding_for_model(base_of(model))
+        return encoding_for_model(base_of(model))
     except KeyError:
         pass
-    except Exception as e:  # the BPE file could not be downloaded
-        log.debug("tiktoken has no encoding for %s here (%s); trying o200k_base", model, e)
+    except Exception as e:  # an encoding tiktoken would have to download
+        log.debug("no encoding for %s here (%s); counting with o200k_base", model, e)
     try:
-        return tiktoken.get_encoding("o200k_base")
+        return get_encoding("o200k_base")
     except Exception as e:
-        log.warning("tiktoken could not load an encoding (%s); counting tokens as bytes/4. "
-                    "Set TIKTOKEN_CACHE_DIR to a folder holding the BPE files.", e)
+        log.warning("no tokenizer could be loaded (%s): token counts and cost estimates are "
+                    "approximate (bytes/4)", e)
         return None
+
+
+def exact_counts(model: str) -> bool:
+    """Whether token counts for ``model`` come from a real tokenizer (not bytes/4)."""
+    return _encoding(model) is not None
 
 
 def count_tokens(text: str, model: str = "gpt-4o-mini") -> int:
@@ -229,6 +235,8 @@ class Estimate:
     steps: tuple[tuple[Step, float | None], ...]
     total_usd: float | None = None
     """Sum of the step costs; None when any step has no price."""
+    approximate: bool = False
+    """Token counts were guessed as bytes/4 (no tokenizer could be loaded)."""
 
     def format(self) -> str:
         """A plain table for the terminal."""
@@ -244,10 +252,12 @@ class Estimate:
         lines.insert(1, "-" * len(lines[0]))
         note = (f"Estimate at list prices as of {PRICES_AS_OF}; output tokens are an upper "
                 "bound (max_tokens per sample).")
+        if self.approximate:
+            note += " APPROXIMATE: no tokenizer could be loaded, tokens counted as bytes/4."
         return "\n".join(lines + [note])
 
     def to_dict(self) -> dict:
-        return {"total_usd": self.total_usd,
+        return {"total_usd": self.total_usd, "approximate": self.approximate,
                 "steps": [{"name": s.name, "model": s.model, "input_tokens": s.input_tokens,
                            "output_tokens": s.output_tokens, "trained_tokens": s.trained_tokens,
                            "requests": s.requests, "batch": s.batch, "usd": usd}
@@ -261,7 +271,7 @@ def estimate_run(steps: Iterable[Step],
     priced = tuple((s, step_cost(s, table)) for s in steps)
     costs = [usd for _, usd in priced]
     total = None if any(c is None for c in costs) else sum(costs)
-    return Estimate(priced, total)
+    return Estimate(priced, total, approximate=not all(exact_counts(s.model) for s, _ in priced))
 
 
 def chat_step(name: str, model: str, prompts: Sequence[Sequence[Message]], *, n: int = 1,

