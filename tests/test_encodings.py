@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import SHARED, require
 
 from semievol import cost
 from semievol.encodings import SHIPPED, encoding_for_model, get_encoding
@@ -28,12 +29,13 @@ def test_models_map_to_their_encodings():
         encoding_for_model("no-such-model")
 
 
-def test_counts_match_tiktokens_own_files(shared):
+def test_counts_match_tiktokens_own_files():
     """Where tiktoken's own o200k file is at hand (../shared/tiktoken, its download cache),
     the shipped encoding gives the very same ids."""
+    require((SHARED / "tiktoken").is_dir(), "needs tiktoken's own o200k file in ../shared/tiktoken")
     code = ("import tiktoken; e = tiktoken.get_encoding('o200k_base'); "
             f"print(e.encode({TEXT!r}))")
-    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(shared / "tiktoken")}
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(SHARED / "tiktoken")}
     theirs = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env=env, check=True).stdout.strip()
     assert theirs == str(get_encoding("o200k_base").encode(TEXT))
