@@ -18,7 +18,10 @@ NUMERIC_TOLERANCE = 1e-2
 FUZZY_RATIO = 0.9
 
 _ANSWER_IS = re.compile(r"answer\s*(?:is)?\s*[:：]?\s*\(?([A-Z])\)?(?![A-Za-z])", re.IGNORECASE)
-_BARE_LETTER = re.compile(r"^\s*\(?([A-Z])\)?\s*(?:[.):]|$|\s)")
+_BARE_LETTER = re.compile(r"^\s*(?:\(([A-Z])\)|([A-Z])\s*[.):]|([A-Z])\s*$|([A-Z])\s)")
+"""A reply that opens with a letter: "(B)", "B.", "B)", "B:" or "B" alone mark it as the
+answer; "A " followed by words may be the article (or "I" the pronoun), so then the
+option's own text, if the reply states one, wins."""
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?|-?\.\d+")
 
 
@@ -61,8 +64,10 @@ def _extract_choice(text: str, options: tuple[str, ...]) -> str | None:
     if match and match.group(1).upper() in valid:
         return match.group(1).upper()
     match = _BARE_LETTER.match(text)
-    if match and match.group(1).upper() in valid:
-        return match.group(1).upper()
+    if match:
+        letter = next(g for g in match.groups() if g).upper()
+        if letter in valid and (match.group(4) is None or _option_in(text, options) is None):
+            return letter
     return _option_in(text, options)
 
 

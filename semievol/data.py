@@ -12,7 +12,10 @@ A split file holds one question per row (CSV, header on line 1) or per line (JSO
 
 Every other column is kept, as read, in ``Example.meta``. Anything malformed raises one
 :class:`~semievol.errors.DataError` naming the file, the line where the row starts (the
-CSV header is line 1) and the field.
+CSV header is line 1) and the field. Text fields may not hold a NUL character nor more than
+``MAX_FIELD_CHARS`` characters; JSON may not nest deeper than Python's parser can follow.
+Ids are unique within a split, and no unlabeled id may be a labeled one (the pipeline pools
+labeled and pseudo-labeled examples by id).
 
 A task directory holds ``labeled``, ``unlabeled`` and ``test`` files. The unlabeled answers,
 where the file has them, are taken out at load time into ``Task.hidden`` so that only
@@ -21,12 +24,14 @@ reporting can see them (see :func:`load_task`).
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import dataclasses
 import io
 import json
 import math
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +42,9 @@ SPLITS = ("labeled", "unlabeled", "test")
 EXTENSIONS = (".csv", ".jsonl")
 
 _KNOWN = ("id", "question", "options", "answer")
+MAX_FIELD_CHARS = 1_000_000
+"""The longest text a field may hold: about 250k tokens, past the context of the models
+semievol runs, so a longer field is a broken file rather than a long question."""
 _SURROGATE = re.compile("[\udc80-\udcff]")  # an undecodable byte under surrogateescape
 
 
@@ -53,11 +61,17 @@ def load_task(directory: str | Path, *, limits: dict[str, int | None] | None = N
     """
     directory = Path(directory)
     limits = _check_limits(limits or {})
-    splits = {}
+    splits, lines = {}, {}
     for split in SPLITS:
-        examples = load_split(find_split(directory, split), split=split,
-                              require_answer=split != "unlabeled")
-        splits[split] = examples[:limits.get(split)]
+        lines[split] = _read_split(find_split(directory, split), split=split,
+                                   require_answer=split != "unlabeled")
+        splits[split] = list(lines[split])[:limits.get(split)]
+    labeled = {ex.id for ex in lines["labeled"]}
+    for ex, line in lines["unlabeled"].items():
+        if ex.id in labeled:
+            raise DataError(f"id {ex.id!r} is also a labeled id; ids must differ across the "
+                            "labeled and unlabeled splits",
+                            file=str(find_split(directory, "unlabeled")), line=line, field="id")
 
     hidden = {ex.id: ex.answer for ex in splits["unlabeled"] if ex.answer is not None}
     leaks = _answer_columns(splits["unlabeled"])
@@ -77,6 +91,12 @@ def load_split(path: str | Path, *, split: str | None = None,
     ``require_answer=False`` the answer column/field may be missing or empty (answer None);
     an answer that is there is still checked and normalised.
     """
+    return list(_read_split(path, split=split, require_answer=require_answer))
+
+
+def _read_split(path: str | Path, *, split: str | None,
+                require_answer: bool) -> dict[Example, int]:
+    """The examples of a split file, in file order, each with the line where it starts."""
     path = Path(path)
     if path.suffix.lower() not in EXTENSIONS:
         raise DataError(f"unknown file type {path.suffix!r}; expected .csv or .jsonl",
@@ -89,7 +109,7 @@ def load_split(path: str | Path, *, split: str | None = None,
         records = _jsonl_records(text, str(path))
 
     prefix = split or path.stem
-    examples: list[Example] = []
+    examples: dict[Example, int] = {}
     first_line: dict[str, int] = {}
     for index, (line, record) in enumerate(records):
         example = _example(record, str(path), line, f"{prefix}-{index}", required)
@@ -97,7 +117,7 @@ def load_split(path: str | Path, *, split: str | None = None,
             raise DataError(f"duplicate id {example.id!r} (first at line "
                             f"{first_line[example.id]})", file=str(path), line=line, field="id")
         first_line[example.id] = line
-        examples.append(example)
+        examples[example] = line
     if not examples:
         raise DataError("the split is empty: no rows", file=str(path), line=1)
     return examples
@@ -136,9 +156,14 @@ def _field_with_bad_byte(path: Path, text: str) -> str | None:
     return None
 
 
-def _csv_records(text: str, file: str, required: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
+def _csv_records(text: str, file: str, required: tuple[str, ...]) -> list[tuple[int, dict]]:
     """(line where the row starts, {column: value}) for each non-blank CSV row."""
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    with _csv_field_limit(sys.maxsize):  # sizes are checked per field, with its name
+        return list(_csv_rows(reader, file, required))
+
+
+def _csv_rows(reader, file: str, required: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
     line = 1
     try:
         header = next(reader, None)
@@ -175,6 +200,8 @@ def _jsonl_records(text: str, file: str, required=()) -> Iterator[tuple[int, dic
         except json.JSONDecodeError as e:
             raise DataError(f"invalid JSON at column {e.colno}: {e.msg}", file=file,
                             line=line) from None
+        except RecursionError:
+            raise DataError("JSON nested too deeply", file=file, line=line) from None
         if not isinstance(record, dict):
             raise DataError(f"expected a JSON object, found {type(record).__name__}",
                             file=file, line=line)
@@ -192,6 +219,8 @@ def _example(record: dict, file: str, line: int, default_id: str,
     for name in required:
         if name not in record:
             raise fail(name, "missing field")
+    for name, value in record.items():
+        _check_text(value, lambda message, name=name: fail(str(name), message))
     question = record["question"]
     if not isinstance(question, str) or not question.strip():
         raise fail("question", f"must be non-empty text, found {question!r}")
@@ -204,6 +233,17 @@ def _example(record: dict, file: str, line: int, default_id: str,
     meta = {k: v for k, v in record.items() if k not in _KNOWN}
     return Example(id=example_id, question=question.strip(), options=options, answer=answer,
                    meta=meta)
+
+
+def _check_text(value, fail) -> None:
+    """No NUL and no runaway length, in a text or in the texts of a list (options)."""
+    for text in value if isinstance(value, list) else [value]:
+        if not isinstance(text, str):
+            continue
+        if "\x00" in text:
+            raise fail("contains a NUL character (\\x00)")
+        if len(text) > MAX_FIELD_CHARS:
+            raise fail(f"is {len(text):,} characters long; at most {MAX_FIELD_CHARS:,}")
 
 
 def _options(raw, fail) -> tuple[str, ...] | None:
@@ -259,6 +299,16 @@ def _answer(raw, options: tuple[str, ...] | None, fail) -> str | None:
 
 
 # --- task-level helpers ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _csv_field_limit(limit: int):
+    """The csv module's field size limit (process-wide), raised while one file is read."""
+    previous = csv.field_size_limit(limit)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(previous)
 
 
 def find_split(directory: Path, split: str) -> Path:

@@ -17,6 +17,10 @@ TEXT = Example("t1", "Capital of France?", None, "Paris")
     ("Answer: C", "C"), ("answer is B", "B"), ("C", "C"), ("(A)", "A"), ("B. neutral", "B"),
     ("positive", "C"), ("Positive.", "C"), ("The sentiment is negative.", "A"),
     ("I am not sure", None), ("", None), ("Answer: F", None),
+    # a leading "A" that is the article loses to the option the reply states ...
+    ("A positive outlook for the company", "C"), ("A neutral statement", "B"),
+    # ... but not to nothing, and a marked letter is the answer
+    ("A because sales fell", "A"), ("B) positive", "B"), ("(A) positive", "A"),
 ])
 def test_choice_extraction(reply, letter):
     assert extract(reply, FPB) == letter

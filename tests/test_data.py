@@ -281,3 +281,43 @@ def test_load_task_bad_limits(tmp_path):
     for limits in ({"train": 2}, {"test": 0}, {"test": "3"}):
         with pytest.raises(ConfigError):
             load_task(directory, limits=limits)
+
+
+# --- hostile input: each gets a file:line:field error -----------------------------------
+
+
+def test_deeply_nested_json_is_an_error_not_a_crash(tmp_path):
+    deep = '{"question": "Q2", "answer": "x", "extra": ' + "[" * 100_000 + "]" * 100_000 + "}\n"
+    path = write(tmp_path / "split.jsonl", jsonl({"question": "Q1", "answer": "x"}) + deep)
+    assert "nested too deeply" in str(raises_at(path, 2, None))
+
+
+def test_a_huge_csv_field_is_named(tmp_path):
+    from semievol.data import MAX_FIELD_CHARS
+
+    huge = "x" * (10 * 1024 * 1024)
+    path = write(tmp_path / "split.csv", HEADER + f"a,Q1,{OPTS},A\nb,\"{huge}\",{OPTS},B\n")
+    assert f"{MAX_FIELD_CHARS:,}" in str(raises_at(path, 3, "question"))
+    # long but within the limit is read (the csv module alone stops at 131,072)
+    fine = "y" * 200_000
+    write(path, HEADER + f"a,\"{fine}\",{OPTS},A\n")
+    assert load_split(path)[0].question == fine
+
+
+@pytest.mark.parametrize("field", ["question", "answer", "options", "source"])
+def test_a_nul_character_is_refused(tmp_path, field):
+    row = {"question": "Q1", "answer": "red", "options": ["red", "green"], "source": "web"}
+    row[field] = ["re\x00d", "green"] if field == "options" else row[field] + "\x00"
+    path = write(tmp_path / "split.jsonl", jsonl({"question": "Q0", "answer": "x"}, row))
+    assert "NUL" in str(raises_at(path, 2, field))
+    csv_path = write(tmp_path / "split.csv", HEADER + f"a,\"Q\x00\",{OPTS},A\n")
+    raises_at(csv_path, 2, "question")
+
+
+def test_an_unlabeled_id_that_is_a_labeled_id_is_refused(tmp_path):
+    directory = make_task(tmp_path / "toy")
+    write(directory / "unlabeled.csv", HEADER + f"u0,Q?,{OPTS},A\nlabeled3,Q?,{OPTS},B\n")
+    with pytest.raises(DataError) as info:
+        load_task(directory)
+    assert (info.value.line, info.value.field) == (3, "id")
+    assert "unlabeled.csv:3" in str(info.value) and "labeled3" in str(info.value)

@@ -292,8 +292,18 @@ def test_invalid_job_requests_and_bodies_are_400(client, fake_server):
     assert response.status_code == 404 and "Invalid URL" in response.json()["error"]["message"]
 
 
+def test_deeply_nested_json_body_is_400(fake_server, client):
+    body = b'{"model": "fake-base", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    response = httpx2.post(f"{fake_server.url}/chat/completions", content=body,
+                           headers={"Authorization": f"Bearer {API_KEY}",
+                                    "Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
 @pytest.mark.parametrize("rows, line, words", [
     (TEN[:2] + ['{"messages": [ not json'] + TEN[2:], 3, "invalid JSON"),
+    (TEN[:4] + ['{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}"] + TEN[4:], 5, "nested too deeply"),
     (TEN + [{"messages": [{"role": "user", "content": "no answer"}]}], 11, "assistant"),
     (TEN + [{"prompt": "legacy", "completion": "format"}], 11, "messages"),
     (TEN + [{"messages": [{"role": "wizard", "content": "x"},

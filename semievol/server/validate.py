@@ -56,6 +56,8 @@ def _example(text: str, line: int) -> ChatExample:
         row = json.loads(text)
     except json.JSONDecodeError as e:
         raise InvalidFile(f"invalid JSON ({e.msg} at column {e.colno})", line) from None
+    except RecursionError:
+        raise InvalidFile("invalid JSON (nested too deeply)", line) from None
     if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
         hint = (" (the legacy prompt/completion format is not supported: use chat format)"
                 if isinstance(row, dict) and "prompt" in row else "")
