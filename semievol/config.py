@@ -12,6 +12,13 @@ from .errors import ConfigError
 
 VIEWS = ("shared", "mixed", "diverse")
 
+SCHEMA = 1
+"""The version of config.json's layout (written as ``"schema"``)."""
+
+RESUMABLE = frozenset({"max_cost_usd", "generation_batch"})
+"""RunConfig fields that do not change a run's results, so a resumed run may change them:
+raise the budget that stopped it, or change how many questions go in a generation call."""
+
 RECIPES = {
     "small": {"epochs": 4, "evolve_epochs": 2, "learning_rate": 4e-4, "prompt_style": "text",
               "justify": "vote", "per_class": True, "icp": False, "views": "shared",
@@ -151,11 +158,16 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":
+        """From :meth:`to_dict` or config.json; fields it lacks take their defaults."""
         data = dict(data)
-        data["finetune"] = FinetuneConfig(**data.get("finetune", {}))
-        if data.get("evolve_finetune") is not None:
-            data["evolve_finetune"] = FinetuneConfig(**data["evolve_finetune"])
+        schema = data.pop("schema", SCHEMA)
+        if schema > SCHEMA:
+            raise ConfigError(f"config: schema {schema} is newer than this semievol reads "
+                              f"({SCHEMA}): upgrade semievol")
         try:
+            data["finetune"] = FinetuneConfig(**data.get("finetune", {}))
+            if data.get("evolve_finetune") is not None:
+                data["evolve_finetune"] = FinetuneConfig(**data["evolve_finetune"])
             return cls(**data)
         except TypeError as e:
             raise ConfigError(f"config: {e}") from None
@@ -163,7 +175,7 @@ class RunConfig:
     def save(self, path: Path) -> None:
         from .rundir import atomic_write_text
 
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_text(path, json.dumps({"schema": SCHEMA, **self.to_dict()}, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> "RunConfig":

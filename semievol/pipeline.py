@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import collaborate, evaluate, evolve, propagate, selection
 from .backends import Backend
-from .config import RunConfig
+from .config import RESUMABLE, RunConfig
 from .data import load_task
 from .errors import ConfigError
 from .rundir import RunDir
@@ -79,19 +79,32 @@ class _Run:
     def __init__(self, config: RunConfig, backend: Backend, rd: RunDir, quiet: bool):
         self.config, self.backend, self.rd, self.quiet = config, backend, rd, quiet
         self.style = config.prompt_style
+        self.counted = backend.usage.to_dict()
+        """The backend's usage as last written to the manifest."""
 
     @contextlib.contextmanager
     def stage(self, name: str):
-        """Time a stage and add the tokens it used to the manifest."""
-        before = self.backend.usage.to_dict()
+        """Time a stage and write the tokens it used to the manifest."""
         start = time.perf_counter()
         log.info("stage %s", name)
         try:
             yield
         finally:
             self.rd.add_time(name, time.perf_counter() - start)
-            after = self.backend.usage.to_dict()
-            self.rd.add_usage({k: after[k] - (before[k] or 0) for k in after if after[k] is not None})
+            self.count_usage()
+
+    def count_usage(self) -> None:
+        """Write what the backend used since the last count to the manifest. Item-wise
+        stages count with each batch they persist, so a kill loses no record of spending
+        (and a resumed ``--max-cost-usd`` sees it)."""
+        now = self.backend.usage.to_dict()
+        self.rd.add_usage({k: now[k] - (self.counted[k] or 0) for k in now if now[k] is not None})
+        self.counted = now
+
+    def persist(self, name: str, records: list[dict]) -> None:
+        """Append a finished batch's records, and count what it cost."""
+        self.rd.append(name, records)
+        self.count_usage()
 
     def warm_up(self, base: str, labeled: list[Example]) -> str:
         if not self.rd.done("warmup"):
@@ -126,7 +139,7 @@ class _Run:
                                  max_tokens=c.max_tokens, seed=c.seed + 1000 * r,
                                  batch_size=c.generation_batch,
                                  justify=c.justify if c.cl else None,
-                                 on_records=lambda recs: self.rd.append(name, recs),
+                                 on_records=lambda recs: self.persist(name, recs),
                                  quiet=self.quiet)
             self.rd.finish(name)
         return _unique(self.rd.records(name))
@@ -166,7 +179,7 @@ class _Run:
                 evaluate.predict(self.backend, model, todo, style=self.style,
                                  max_tokens=self.config.max_tokens,
                                  batch_size=self.config.generation_batch, desc=f"eval {label}",
-                                 on_records=lambda recs: self.rd.append(name, recs),
+                                 on_records=lambda recs: self.persist(name, recs),
                                  quiet=self.quiet)
             self.rd.finish(name, model=model)
         return evaluate.metrics(_unique(self.rd.records(name)), test)
@@ -233,14 +246,17 @@ def _limits(config: RunConfig) -> dict:
 
 
 def _check_config(rd: RunDir, config: RunConfig) -> None:
-    """A run directory belongs to one configuration: resuming with another is refused."""
+    """A run directory belongs to one configuration: resuming with another is refused,
+    except for the options that cannot change results (``RESUMABLE``: the budget, batch
+    sizes), which take their new values. A field added to RunConfig after the run was made
+    reads as its default, so a newer semievol resumes an older run."""
     path = rd.path / "config.json"
-    if not path.exists():
-        config.save(path)
-        return
-    saved = json.loads(path.read_text())
-    changed = sorted(k for k, v in config.to_dict().items() if saved.get(k) != v)
-    if changed:
-        raise ConfigError(f"{rd.path} was made with a different configuration "
-                          f"({', '.join(changed)} differ): resume it with the same options, "
-                          "or choose a new --out")
+    if path.exists():
+        saved = RunConfig.load(path).to_dict()
+        changed = sorted(k for k, v in config.to_dict().items()
+                         if k not in RESUMABLE and saved[k] != v)
+        if changed:
+            raise ConfigError(f"{rd.path} was made with a different configuration "
+                              f"({', '.join(changed)} differ): resume it with the same "
+                              "options, or choose a new --out")
+    config.save(path)

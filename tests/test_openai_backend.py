@@ -660,3 +660,39 @@ def test_estimate_has_no_self_justify_step_when_disagreements_are_voted():
     config = RunConfig(data="x", backend="openai", n=4, k=1, max_tokens=8, justify="vote")
     names = [s.name for s, _ in cost.estimate_task(_task(), config, model=MODEL).steps]
     assert "r1 collaborate" in names and "r1 self-justify" not in names
+
+
+# -- a whole run under a budget -------------------------------------------------------
+
+def test_a_run_stopped_by_its_budget_resumes_once_the_limit_is_raised(api, tmp_path):
+    """The budget stops the run part-way through mining, before the call that would pass
+    it; the same run with a higher --max-cost-usd resumes (the budget may change on resume,
+    nothing else may), mines only what is left and counts what the first part spent."""
+    from semievol import RunConfig
+    from semievol.demo import make_task
+    from semievol.pipeline import run
+
+    fake, url = api
+    prices = {"ft:gpt-4o-mini": {"input": 100.0, "output": 100.0}}  # mining is what costs
+    config = RunConfig.recipe("paper", data=str(make_task(tmp_path / "data")), backend="openai",
+                              model=MODEL, limit_unlabeled=16, limit_test=8, generation_batch=4,
+                              max_cost_usd=0.25)
+    out = tmp_path / "run"
+    with pytest.raises(BudgetExceeded, match="raise the limit and rerun"):
+        run(config, make(url, out / "backend", max_cost_usd=0.25, prices=prices), out, quiet=True)
+    mined = (out / "collaborate_r1.jsonl").read_text().splitlines()
+    assert 0 < len(mined) < 16 and not (out / "results.json").exists()
+    spent = json.loads((out / "manifest.json").read_text())["usage"]["cost_usd"]
+    assert 0.05 < spent <= 0.25
+    jobs, asked = len(fake.created_jobs()), len(fake.bodies("POST", "/v1/chat/completions"))
+
+    raised = config.replace(max_cost_usd=5.0)
+    results = run(raised, make(url, out / "backend", max_cost_usd=5.0, prices=prices), out,
+                  quiet=True)
+    assert len(fake.created_jobs()) == jobs                 # the warm-up was not trained again
+    again = fake.bodies("POST", "/v1/chat/completions")[asked:]
+    mining = [b for b in again if b.get("n") == 4]
+    assert len(mining) == 16 - len(mined)                   # only the rest was mined
+    assert results["usage"]["cost_usd"] > spent and results["config"]["max_cost_usd"] == 5.0
+    with pytest.raises(ConfigError, match="theta"):
+        run(raised.replace(theta=0.3), make(url, out / "backend"), out, quiet=True)

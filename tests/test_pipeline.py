@@ -304,3 +304,47 @@ def test_vote_settles_disagreements_without_asking_the_model(task_dir, tmp_path)
             assert r["justified"] and "justify_response" not in r
             assert votes.count(r["pseudo_label"]) == max(votes.count(a) for a in votes)
     assert results["unlabeled"]["justified"] == sum(not r["consistent"] for r in records)
+
+
+def test_usage_survives_a_kill_mid_stage(task_dir, tmp_path):
+    """SIGKILL-like death (os._exit: no finally, no handlers) part-way through mining: the
+    manifest already holds the tokens of every persisted batch (warm-up and retrieval use
+    no prompt tokens, so they are mining's), and the resumed run adds to them."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import os, sys; sys.path.insert(0, sys.argv[1]); import test_pipeline as t; "
+              "from semievol import RunConfig, load_backend; from semievol.pipeline import run\n"
+              "calls = [0]\n"
+              "def dying(call):\n"
+              "    calls[0] += 1\n"
+              "    if calls[0] > 24 * 4 + 16 * 4: os._exit(9)\n"
+              "    return t.ticket_rule(call)\n"
+              "run(RunConfig(data=sys.argv[2], backend='fake', generation_batch=8), "
+              "load_backend('fake', rule=dying), sys.argv[3], quiet=True)")
+    killed = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent),
+                             str(task_dir), str(tmp_path / "run")], capture_output=True, text=True)
+    assert killed.returncode == 9, killed.stderr
+    mined = len((tmp_path / "run" / "collaborate_r1.jsonl").read_text().splitlines())
+    usage = json.loads((tmp_path / "run" / "manifest.json").read_text())["usage"]
+    assert 0 < mined < 120 and usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
+    resumed, backend = go(task_dir, tmp_path, generation_batch=8)
+    for kind in ("prompt_tokens", "completion_tokens", "trained_tokens"):
+        assert resumed["usage"][kind] == usage[kind] + getattr(backend.usage, kind)
+
+
+def test_resume_reads_an_older_config_and_lets_batch_sizes_change(task_dir, tmp_path):
+    go(task_dir, tmp_path, limit_test=8, per_class=True)
+    path = tmp_path / "run" / "config.json"
+    saved = json.loads(path.read_text())
+    assert saved["schema"] == 1
+    # a run made before 'replay_labeled' existed: its default is what that run did
+    path.write_text(json.dumps({k: v for k, v in saved.items() if k != "replay_labeled"}))
+    go(task_dir, tmp_path, limit_test=8, per_class=True, generation_batch=3)
+    assert json.loads(path.read_text())["generation_batch"] == 3
+    # a field missing there reads as its default, which differs from the one asked now
+    path.write_text(json.dumps({k: v for k, v in saved.items() if k != "per_class"}))
+    with pytest.raises(ConfigError, match="per_class"):
+        go(task_dir, tmp_path, limit_test=8, per_class=True)
