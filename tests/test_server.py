@@ -321,6 +321,22 @@ def test_malformed_training_file_fails_the_job_with_its_line(client, rows, line,
     assert events[0].level == "error"
 
 
+@pytest.mark.parametrize("auth", [b"", b"Authorization: Bearer wrong\r\n"])
+def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(fake_server, auth):
+    """Headers announce a 900 kB upload (under the 1 MB limit) and no body follows: the
+    server must answer 401 from the headers alone, not wait to read (or spool) the body."""
+    port = int(fake_server.url.split(":")[-1].split("/")[0])
+    request = (b"POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\n" + auth +
+               b"Content-Type: multipart/form-data; boundary=x\r\n"
+               b"Content-Length: 900000\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(request)
+        reply = b""
+        while b"API key" not in reply and (chunk := conn.recv(65536)):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 401") and b"API key" in reply, reply[:300]
+
+
 def test_wrong_or_missing_api_key_is_401(fake_server, client):
     with pytest.raises(openai.AuthenticationError) as e:
         fake_server.client(api_key="wrong").models.list()
@@ -452,12 +468,13 @@ def test_a_job_running_when_the_server_died_is_resumed_once_then_failed(tmp_path
         assert _status(http, job_id, until="succeeded") == "succeeded"
         model = http.get(f"fine_tuning/jobs/{job_id}").json()["fine_tuned_model"]
 
-    record_path = state / "jobs" / f"{job_id}.json"
-
     def die_while_running():
-        record = json.loads(record_path.read_text())
-        record.update(status="running", fine_tuned_model=None, finished_at=None)
-        record_path.write_text(json.dumps(record))
+        from semievol.server.store import Store
+
+        store = Store(state)
+        store.update_job(job_id, {"status": "running", "fine_tuned_model": None,
+                                  "finished_at": None})
+        store.close()
 
     die_while_running()
     with in_process(load_backend("fake"), state) as http:
@@ -472,6 +489,81 @@ def test_a_job_running_when_the_server_died_is_resumed_once_then_failed(tmp_path
     with in_process(load_backend("fake"), state) as http:
         job = http.get(f"fine_tuning/jobs/{job_id}").json()
         assert job["status"] == "failed" and job["error"]["code"] == "server_stopped"
+
+
+def test_damaged_state_is_named_and_the_rest_keeps_serving(tmp_path):
+    """Records damaged on disk (a job that is null, a truncated model, an event of the wrong
+    type, a file without created_at, a file whose bytes are gone): each is named, never a
+    path, and every other request still works, across a restart."""
+    import sqlite3
+
+    from semievol.backends import load_backend
+
+    state = tmp_path / "state"
+    with in_process(load_backend("fake"), state) as http:
+        good, bad = _create(http), _create(http)
+        for job_id in (good, bad):
+            assert _status(http, job_id, until="succeeded") == "succeeded"
+        lost = http.post("files", files={"file": ("x.jsonl", _jsonl(TEN))},
+                         data={"purpose": "fine-tune"}).json()["id"]
+        models = {m["id"] for m in http.get("models").json()["data"]}
+    db = sqlite3.connect(state / "state.db")
+    bad_model = http_model = next(m for m in models if m.startswith("ft:"))
+    with db:
+        db.execute("UPDATE jobs SET record = 'null' WHERE id = ?", (bad,))
+        db.execute("UPDATE models SET record = '{\"ref\": ' WHERE name = ?", (bad_model,))
+        db.execute("UPDATE events SET record = '[1, 2]' WHERE seq = 1")
+        db.execute("UPDATE files SET record = json_remove(record, '$.created_at') WHERE id = ?",
+                   (lost,))
+    db.close()
+    some_file = next(f for f in (state / "files").glob("file-*.bin"))
+    some_file.unlink()
+    with in_process(load_backend("fake"), state) as http:
+        response = http.get(f"fine_tuning/jobs/{bad}")
+        assert response.status_code == 500 and bad in response.json()["error"]["message"]
+        listed = [j["id"] for j in http.get("fine_tuning/jobs").json()["data"]]
+        assert good in listed and bad not in listed
+        files = http.get("files")
+        assert files.status_code == 200 and lost not in [f["id"] for f in files.json()["data"]]
+        gone = some_file.stem
+        content = http.get(f"files/{gone}/content")
+        assert content.status_code in (404, 500)
+        assert str(tmp_path) not in content.text and "state" not in content.text
+        assert http.get(f"fine_tuning/jobs/{good}/events").status_code == 200
+        served = {m["id"] for m in http.get("models").json()["data"]}
+        assert http_model not in served and served  # the damaged model is left out, not fatal
+        assert http.get(f"fine_tuning/jobs/{good}").json()["status"] == "succeeded"
+
+
+def test_an_unreadable_state_database_is_named(tmp_path):
+    from semievol.server.store import DamagedRecord, Store
+
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "state.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(DamagedRecord, match="state.db"):
+        Store(tmp_path / "state")
+
+
+def test_a_state_directory_of_the_json_layout_is_imported(tmp_path):
+    from semievol.server.store import Store, new_id
+
+    state = tmp_path / "state"
+    (state / "files").mkdir(parents=True)
+    (state / "jobs").mkdir()
+    job_id, file_id = new_id("ftjob"), new_id("file")
+    job = {"id": job_id, "object": "fine_tuning.job", "created_at": 5, "status": "succeeded",
+           "fine_tuned_model": "ft:fake-base:semievol::x"}
+    (state / "jobs" / f"{job_id}.json").write_text(json.dumps(job))
+    (state / "jobs" / f"{job_id}.events.json").write_text(json.dumps(
+        [{"id": "ftevent-" + "a" * 24, "created_at": 5, "message": "done", "level": "info"}]))
+    (state / "files" / f"{file_id}.json").write_text(json.dumps(
+        {"id": file_id, "created_at": 4, "purpose": "fine-tune"}))
+    (state / "models.json").write_text(json.dumps(
+        {"ft:fake-base:semievol::x": {"ref": "r", "job": job_id, "base": "fake-base"}}))
+    store = Store(state)
+    assert store.job(job_id) == job and store.file(file_id)["created_at"] == 4
+    assert [e["message"] for e in store.events(job_id)] == ["done"]
+    assert store.model("ft:fake-base:semievol::x")["ref"] == "r"
 
 
 # -- the real model --------------------------------------------------------------------------

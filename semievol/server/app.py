@@ -47,7 +47,7 @@ from starlette.exceptions import HTTPException
 from .chat import choice, cut_at_stop, embedding_rows
 from .jobs import Trainer
 from .schemas import ChatRequest, EmbeddingRequest, Hyperparameters, JobCreate
-from .store import Store, new_id, now, public
+from .store import DamagedRecord, Store, new_id, now, public
 from .validate import MIN_EXAMPLES
 
 log = logging.getLogger("semievol.server")
@@ -129,8 +129,10 @@ def create_app(backend, state_dir: str | Path, api_key: str | None = None, *,
     app.add_exception_handler(ApiError, lambda request, e: e.response())
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(DamagedRecord, _damaged)
     app.add_exception_handler(Exception, _server_error)
     app.add_middleware(BodyLimit, upload_limit=server.max_upload_bytes)
+    app.add_middleware(Authorize, api_key=api_key)  # the outermost: runs first
     return app
 
 
@@ -140,18 +142,41 @@ def _server(request: Request) -> Server:
 
 
 def _authorize(request: Request) -> None:
-    key = _server(request).api_key
+    problem = _auth_problem(request.headers.get("authorization", ""), _server(request).api_key)
+    if problem is not None:
+        raise problem
+
+
+def _auth_problem(header: str, key: str | None) -> ApiError | None:
+    """Why an ``Authorization`` header does not carry the server's key (None: it does)."""
     if key is None:
-        return
-    header = request.headers.get("authorization", "")
+        return None
     if not header:
-        raise ApiError(401, "You didn't provide an API key. You need to provide your API key "
-                       "in an Authorization header using Bearer auth (i.e. Authorization: "
-                       "Bearer YOUR_KEY).")
+        return ApiError(401, "You didn't provide an API key. You need to provide your API key "
+                        "in an Authorization header using Bearer auth (i.e. Authorization: "
+                        "Bearer YOUR_KEY).")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
                                                              key.encode()):
-        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+        return ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+    return None
+
+
+class Authorize:
+    """Check the bearer key from the request's headers before anything reads its body: an
+    unauthenticated client is answered 401 at once, and never makes the server read or
+    spool an upload. (The routes check again, as a dependency.)"""
+
+    def __init__(self, app, api_key: str | None):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            problem = _auth_problem(header, self.api_key)
+            if problem is not None:
+                return await problem.response()(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 ServerDep = Annotated[Server, Depends(_server)]
@@ -182,6 +207,11 @@ def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return _error(exc.status_code,
                       f"Invalid URL ({request.method} {request.url.path})")
     return _error(exc.status_code, str(exc.detail))
+
+
+def _damaged(request: Request, exc: DamagedRecord) -> JSONResponse:
+    log.error("%s (serving %s %s)", exc, request.method, request.url.path)
+    return _error(500, f"The server's state is damaged: {exc}.", type="server_error")
 
 
 def _server_error(request: Request, exc: Exception) -> JSONResponse:
@@ -284,8 +314,12 @@ def get_file(server: ServerDep, file_id: str):
 @router.get("/files/{file_id}/content")
 def file_content(server: ServerDep, file_id: str):
     record = _file(server, file_id)
-    return FileResponse(server.store.file_path(record["id"]),
-                        media_type="application/octet-stream")
+    path = server.store.file_path(record["id"])
+    if not path.is_file():
+        log.error("the bytes of file %s are missing from the state directory", file_id)
+        raise ApiError(500, f"The content of file {file_id} is missing on the server.",
+                       param="id", type="server_error")
+    return FileResponse(path, media_type="application/octet-stream")
 
 
 @router.delete("/files/{file_id}")

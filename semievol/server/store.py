@@ -1,39 +1,66 @@
 """The server's state on disk, so that a restarted server still knows every file, job,
-event and fine-tuned model.
+event, fine-tuned model and idempotent response.
 
 Layout of ``--state-dir``::
 
-    files/<file-id>.json           the OpenAI file object
-    files/<file-id>.bin            the uploaded bytes
-    jobs/<job-id>.json             the OpenAI fine_tuning.job object (+ private "_" keys)
-    jobs/<job-id>.events.json      its events, oldest first
-    jobs/<job-id>.examples.json    the training examples, parsed once the file validated
-    models.json                    fine-tuned model name -> backend reference
-    backend/                       the backend's own workdir (LoRA adapters)
+    state.db        SQLite (WAL): files, jobs, events, training examples, fine-tuned
+                    models, Idempotency-Key responses; one transaction per change
+    files/<id>.bin  the uploaded bytes (written to a temporary file, renamed into place)
+    backend/        the backend's own workdir (LoRA adapters)
 
-Every JSON file is written whole and atomically (temporary file + ``os.replace``). Names on
-disk are only ever ids this module generated and checked with :func:`valid_id`; a client's
-string never becomes a path. Everything is also held in memory behind one lock, so reads
-are cheap and a read never sees half an update.
+Every state change is one SQLite transaction, so a kill at any moment leaves the old state
+or the new, never a mix; events are appended rows, never a rewritten list. Records are
+JSON objects in their rows. A record that cannot be read (edited by hand, written by a
+broken tool) raises :class:`DamagedRecord`, which names it; listings log it and leave it
+out, and everything else keeps serving. Names on disk are only ever ids this module
+generated and checked with :func:`valid_id`; a client's string never becomes a path.
+
+A state directory of the earlier layout (one JSON file per record) is imported into
+``state.db`` the first time it is opened.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
+import sqlite3
 import string
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from ..rundir import atomic_write_json
+from ..errors import SemievolError
 from ..types import ChatExample
+
+log = logging.getLogger("semievol.server")
 
 _ALPHABET = string.ascii_letters + string.digits
 _ID_RE = {prefix: re.compile(rf"{prefix}-[A-Za-z0-9]{{24}}") for prefix in
           ("file", "ftjob", "ftevent")}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                                   job_id TEXT NOT NULL, record TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS events_of_job ON events (job_id, seq);
+CREATE TABLE IF NOT EXISTS examples (job_id TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS models (name TEXT PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS idempotency (scope TEXT NOT NULL, key TEXT NOT NULL,
+                                        digest TEXT NOT NULL, response TEXT NOT NULL,
+                                        PRIMARY KEY (scope, key));
+"""
+
+
+class DamagedRecord(SemievolError):
+    """A stored record that cannot be read; the message names it (never a path)."""
+
+
+class IdempotencyConflict(Exception):
+    """An Idempotency-Key used again with a different request body."""
 
 
 def new_id(prefix: str) -> str:
@@ -56,42 +83,56 @@ def public(record: dict) -> dict:
 
 
 class Store:
-    """Files, jobs, events and the fine-tuned model registry of one state directory."""
+    """Files, jobs, events and the fine-tuned model registry of one state directory.
+
+    One connection behind one re-entrant lock: ``with store.lock:`` makes several calls
+    one atomic step (the job worker's check-then-write)."""
 
     def __init__(self, state_dir: str | Path):
         self.root = Path(state_dir)
         self.files_dir = self.root / "files"
-        self.jobs_dir = self.root / "jobs"
         self.backend_dir = self.root / "backend"
-        for folder in (self.files_dir, self.jobs_dir, self.backend_dir):
+        for folder in (self.files_dir, self.backend_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self.lock = threading.RLock()
-        self._files = _load_all(self.files_dir, "file")
-        self._jobs = _load_all(self.jobs_dir, "ftjob")
-        self._events = {job_id: _read_json(self.jobs_dir / f"{job_id}.events.json", [])
-                        for job_id in self._jobs}
-        self._models: dict[str, dict] = _read_json(self.root / "models.json", {})
+        path = self.root / "state.db"
+        fresh = not path.exists()
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise DamagedRecord(f"the server state {path.name} in {self.root.name}/ cannot be "
+                                f"opened ({e}); move it aside to start with an empty state") from None
+        if fresh:
+            _import_json_layout(self)
+
+    def close(self) -> None:
+        with self.lock:
+            self._db.close()
 
     # -- files --------------------------------------------------------------------------
     def add_file(self, file_id: str, data_path: Path, *, filename: str, purpose: str) -> dict:
         """Adopt an upload already written to ``data_path`` (a temporary file in files/)."""
-        os.replace(data_path, self.files_dir / f"{file_id}.bin")
-        record = {"id": file_id, "object": "file", "bytes": (self.files_dir / f"{file_id}.bin")
-                  .stat().st_size, "created_at": now(), "filename": filename,
-                  "purpose": purpose, "status": "processed"}
-        with self.lock:
-            atomic_write_json(self.files_dir / f"{file_id}.json", record)
-            self._files[file_id] = record
+        final = self.files_dir / f"{file_id}.bin"
+        os.replace(data_path, final)
+        record = {"id": file_id, "object": "file", "bytes": final.stat().st_size,
+                  "created_at": now(), "filename": filename, "purpose": purpose,
+                  "status": "processed"}
+        with self._change() as db:
+            db.execute("INSERT INTO files VALUES (?, ?)", (file_id, json.dumps(record)))
         return record
 
     def file(self, file_id: str) -> dict | None:
-        with self.lock:
-            return self._files.get(file_id) if valid_id("file", file_id) else None
+        if not valid_id("file", file_id):
+            return None
+        return self._one("file", file_id, "SELECT record FROM files WHERE id = ?")
 
     def files(self) -> list[dict]:
-        with self.lock:
-            return sorted(self._files.values(), key=lambda f: (f["created_at"], f["id"]),
-                          reverse=True)
+        """Every readable file, newest first."""
+        rows = self._all("file", "SELECT id, record FROM files")
+        return sorted(rows, key=lambda f: (f["created_at"], f["id"]), reverse=True)
 
     def file_path(self, file_id: str) -> Path:
         """Where a known file's bytes are (call only with an id :meth:`file` returned)."""
@@ -99,97 +140,204 @@ class Store:
         return self.files_dir / f"{file_id}.bin"
 
     def delete_file(self, file_id: str) -> bool:
-        with self.lock:
-            if self.file(file_id) is None:
-                return False
-            del self._files[file_id]
-            (self.files_dir / f"{file_id}.json").unlink(missing_ok=True)
-            (self.files_dir / f"{file_id}.bin").unlink(missing_ok=True)
-            return True
+        if not valid_id("file", file_id):
+            return False
+        with self._change() as db:
+            deleted = db.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount
+        self.file_path(file_id).unlink(missing_ok=True)
+        return bool(deleted)
 
     # -- jobs ---------------------------------------------------------------------------
     def add_job(self, record: dict) -> dict:
-        with self.lock:
-            self._jobs[record["id"]] = record
-            self._events[record["id"]] = []
-            self._save_job(record)
+        with self._change() as db:
+            db.execute("INSERT INTO jobs VALUES (?, ?)", (record["id"], json.dumps(record)))
         return record
 
     def job(self, job_id: str) -> dict | None:
-        with self.lock:
-            return dict(self._jobs[job_id]) if valid_id("ftjob", job_id) and \
-                job_id in self._jobs else None
+        if not valid_id("ftjob", job_id):
+            return None
+        return self._one("job", job_id, "SELECT record FROM jobs WHERE id = ?")
 
     def jobs(self) -> list[dict]:
-        """Every job, newest first (the order the API lists them in)."""
-        with self.lock:
-            return sorted((dict(j) for j in self._jobs.values()),
-                          key=lambda j: (j["created_at"], j["id"]), reverse=True)
+        """Every readable job, newest first (the order the API lists them in)."""
+        rows = self._all("job", "SELECT id, record FROM jobs")
+        return sorted(rows, key=lambda j: (j["created_at"], j["id"]), reverse=True)
 
     def update_job(self, job_id: str, changes: dict, *, only_from: Iterable[str] | None = None,
                    event: str | None = None, level: str = "info") -> dict | None:
         """Apply ``changes`` (and log ``event``) unless the job's status is not one of
         ``only_from``; return the updated job, or None when the update did not apply. The
-        check and the write happen under one lock, so a cancel and the worker never race."""
-        with self.lock:
-            record = self._jobs[job_id]
-            if only_from is not None and record["status"] not in set(only_from):
+        check and the write are one transaction under the lock, so a cancel and the worker
+        never race."""
+        with self._change() as db:
+            record = self.job(job_id)
+            if record is None or (only_from is not None and record["status"] not in set(only_from)):
                 return None
             record.update(changes)
-            self._save_job(record)
+            db.execute("UPDATE jobs SET record = ? WHERE id = ?", (json.dumps(record), job_id))
             if event:
-                self.add_event(job_id, event, level=level)
-            return dict(record)
+                self._insert_event(db, job_id, event, level, None)
+            return record
 
     def add_event(self, job_id: str, message: str, *, level: str = "info",
                   data: dict | None = None) -> None:
-        with self.lock:
-            events = self._events[job_id]
-            events.append({"object": "fine_tuning.job.event", "id": new_id("ftevent"),
-                           "created_at": now(), "level": level, "message": message,
-                           "data": data or {}, "type": "metrics" if data else "message"})
-            atomic_write_json(self.jobs_dir / f"{job_id}.events.json", events)
+        with self._change() as db:
+            self._insert_event(db, job_id, message, level, data)
 
     def events(self, job_id: str) -> list[dict]:
-        """A job's events, newest first (the order the API lists them in)."""
-        with self.lock:
-            return list(reversed(self._events[job_id]))
+        """A job's readable events, newest first (the order the API lists them in)."""
+        rows = self._all("event", "SELECT seq, record FROM events WHERE job_id = ? "
+                         "ORDER BY seq DESC", (job_id,))
+        return rows
 
     def save_examples(self, job_id: str, examples: list[ChatExample]) -> None:
-        atomic_write_json(self.jobs_dir / f"{job_id}.examples.json", examples)
+        with self._change() as db:
+            db.execute("INSERT OR REPLACE INTO examples VALUES (?, ?)",
+                       (job_id, json.dumps(examples)))
 
     def examples(self, job_id: str) -> list[ChatExample]:
-        return _read_json(self.jobs_dir / f"{job_id}.examples.json", [])
-
-    def _save_job(self, record: dict) -> None:
-        atomic_write_json(self.jobs_dir / f"{record['id']}.json", record)
+        found = self._one("examples of job", job_id,
+                          "SELECT data FROM examples WHERE job_id = ?", kind=list)
+        return found or []
 
     # -- fine-tuned models --------------------------------------------------------------
     def add_model(self, name: str, ref: str, *, job_id: str, base: str) -> None:
-        with self.lock:
-            self._models[name] = {"ref": ref, "job": job_id, "base": base, "created": now()}
-            atomic_write_json(self.root / "models.json", self._models)
+        record = {"ref": ref, "job": job_id, "base": base, "created": now()}
+        with self._change() as db:
+            db.execute("INSERT OR REPLACE INTO models VALUES (?, ?)", (name, json.dumps(record)))
 
     def model(self, name: str) -> dict | None:
-        with self.lock:
-            return self._models.get(name)
+        return self._one("model", name, "SELECT record FROM models WHERE name = ?")
 
     def models(self) -> dict[str, dict]:
         with self.lock:
-            return dict(self._models)
+            rows = self._db.execute("SELECT name, record FROM models ORDER BY name").fetchall()
+        out = {}
+        for name, text in rows:
+            try:
+                out[name] = _decode("model", name, text, dict)
+            except DamagedRecord as e:
+                log.error("%s; left out of the listing", e)
+        return out
+
+    # -- idempotency --------------------------------------------------------------------
+    def idempotent(self, scope: str, key: str, digest: str, make: Callable[[], dict]) -> dict:
+        """The response of the first request with this ``Idempotency-Key`` in ``scope``:
+        made by ``make()`` the first time and stored in the same transaction, returned as
+        stored afterwards, across threads and restarts. The same key with another request
+        body (``digest``) raises :class:`IdempotencyConflict`."""
+        with self._change() as db:
+            row = db.execute("SELECT digest, response FROM idempotency WHERE scope = ? AND "
+                             "key = ?", (scope, key)).fetchone()
+            if row is not None:
+                if row[0] != digest:
+                    raise IdempotencyConflict(key)
+                return _decode("idempotent response", key, row[1], dict)
+            response = make()
+            db.execute("INSERT INTO idempotency VALUES (?, ?, ?, ?)",
+                       (scope, key, digest, json.dumps(response)))
+            return response
+
+    # -- plumbing -----------------------------------------------------------------------
+    def _change(self):
+        return _Transaction(self)
+
+    def _insert_event(self, db, job_id: str, message: str, level: str, data: dict | None):
+        event = {"object": "fine_tuning.job.event", "id": new_id("ftevent"),
+                 "created_at": now(), "level": level, "message": message,
+                 "data": data or {}, "type": "metrics" if data else "message"}
+        db.execute("INSERT INTO events (job_id, record) VALUES (?, ?)",
+                   (job_id, json.dumps(event)))
+
+    def _one(self, what: str, name: str, sql: str, *, kind: type = dict):
+        with self.lock:
+            row = self._db.execute(sql, (name,)).fetchone()
+        return None if row is None else _decode(what, name, row[0], kind)
+
+    def _all(self, what: str, sql: str, args: tuple = ()) -> list[dict]:
+        """The readable records of a query of (name, record) rows; damaged ones are logged
+        by name and left out, so one bad record never takes a listing down."""
+        with self.lock:
+            rows = self._db.execute(sql, args).fetchall()
+        out = []
+        for name, text in rows:
+            try:
+                out.append(_decode(what, name, text, dict))
+            except DamagedRecord as e:
+                log.error("%s; left out of the listing", e)
+        return out
 
 
-def _load_all(folder: Path, prefix: str) -> dict[str, dict]:
-    records = {}
-    for path in folder.glob(f"{prefix}-*.json"):
-        if valid_id(prefix, path.stem):
-            records[path.stem] = _read_json(path, None)
-    return {k: v for k, v in records.items() if v is not None}
+class _Transaction:
+    """``with store._change() as db``: the lock, then BEGIN IMMEDIATE ... COMMIT (ROLLBACK on
+    error). Nested uses join the outer transaction."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.outer = False
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.store.lock.acquire()
+        db = self.store._db
+        self.outer = not db.in_transaction
+        if self.outer:
+            db.execute("BEGIN IMMEDIATE")
+        return db
+
+    def __exit__(self, kind, value, traceback) -> None:
+        try:
+            if self.outer:
+                self.store._db.execute("COMMIT" if kind is None else "ROLLBACK")
+        finally:
+            self.store.lock.release()
 
 
-def _read_json(path: Path, default):
+def _decode(what: str, name, text: str, kind: type):
+    """A stored JSON record of the expected kind, or DamagedRecord naming it."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return default
+        value = json.loads(text)
+    except (ValueError, RecursionError, TypeError):
+        value = None
+    if not isinstance(value, kind) or (kind is dict and what in _REQUIRED
+                                       and not _REQUIRED[what] <= value.keys()):
+        raise DamagedRecord(f"the stored {what} {name!r} is damaged")
+    return value
 
+
+_REQUIRED = {"file": {"id", "created_at", "purpose"}, "job": {"id", "created_at", "status"},
+             "event": {"id", "created_at", "message"}, "model": {"ref", "job", "base"}}
+"""Keys every stored record of a kind has: one without them is damaged."""
+
+
+def _import_json_layout(store: Store) -> None:
+    """Bring a state directory of the earlier one-JSON-file-per-record layout into
+    state.db (once, when state.db is first made). Unreadable files are logged and skipped."""
+    def read(path: Path):
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:
+            log.error("state file %s could not be imported: %s", path.name, e)
+            return None
+
+    jobs_dir = store.root / "jobs"
+    with store._change() as db:
+        for path in sorted(store.files_dir.glob("file-*.json")):
+            if valid_id("file", path.stem) and isinstance(record := read(path), dict):
+                db.execute("INSERT OR IGNORE INTO files VALUES (?, ?)", (path.stem, json.dumps(record)))
+        for path in sorted(jobs_dir.glob("ftjob-*.json")):
+            job_id = path.name.split(".")[0]
+            if not valid_id("ftjob", job_id):
+                continue
+            record = read(path)
+            if path.name == f"{job_id}.json" and isinstance(record, dict):
+                db.execute("INSERT OR IGNORE INTO jobs VALUES (?, ?)", (job_id, json.dumps(record)))
+            elif path.name.endswith(".events.json") and isinstance(record, list):
+                for event in record:
+                    db.execute("INSERT INTO events (job_id, record) VALUES (?, ?)",
+                               (job_id, json.dumps(event)))
+            elif path.name.endswith(".examples.json") and isinstance(record, list):
+                db.execute("INSERT OR IGNORE INTO examples VALUES (?, ?)", (job_id, json.dumps(record)))
+        models = store.root / "models.json"
+        if models.exists() and isinstance(record := read(models), dict):
+            for name, entry in record.items():
+                db.execute("INSERT OR IGNORE INTO models VALUES (?, ?)", (name, json.dumps(entry)))
