@@ -27,6 +27,7 @@ import quality
 
 from semievol import FinetuneConfig, collaborate, load_backend, propagate, selection
 from semievol.data import load_task
+from semievol.types import PseudoLabel
 
 VIEWS = {"without retrieved examples": (False, "shared"), "with retrieved examples": (True, "shared"),
          "half with, half without": (True, "mixed")}
@@ -92,10 +93,12 @@ def _views(args, sample, items) -> dict:
                          max_tokens=32, seed=args.seed + 1000, batch_size=16,
                          justify=quality.SMALL["justify"],
                          on_records=records.extend, quiet=True)
-        kept, _ = selection.select(records, 0.5,
+        kept, _ = selection.select([PseudoLabel.of(r) for r in records], 0.5,
                                    per_class=quality.SMALL["per_class"])
+        kept_ids = {k.id for k in kept}
         rows[name] = {"flags": flags, "accuracy_all": _accuracy(records, truth),
-                      "accuracy_selected": _accuracy(kept, truth), "selected": len(kept),
+                      "accuracy_selected": _accuracy([r for r in records if r["id"] in kept_ids],
+                                                     truth), "selected": len(kept),
                       "consistent": sum(r["consistent"] for r in records),
                       "seconds": round(time.perf_counter() - started, 1)}
     return rows

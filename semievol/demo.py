@@ -38,17 +38,17 @@ QUESTION = "Which team should handle this support ticket?\nTicket: {ticket}"
 SIZES = {"labeled": 24, "unlabeled": 120, "test": 60}
 
 
-def make_task(directory: Path, seed: int = 0) -> Path:
-    """Write labeled / unlabeled / test JSONL files of the ticket-routing task."""
+def make_task(directory: Path, seed: int = 0, sizes: dict[str, int] | None = None) -> Path:
+    """Write labeled / unlabeled / test JSONL files of the ticket-routing task (``sizes``:
+    rows per split, default ``SIZES``), streaming, so a million rows take no memory."""
     rng = random.Random(seed)
     directory.mkdir(parents=True, exist_ok=True)
-    items = [_ticket(rng, i) for i in range(sum(SIZES.values()))]
-    start = 0
-    for split, size in SIZES.items():
+    number = 0
+    for split, size in (sizes or SIZES).items():
         with open(directory / f"{split}.jsonl", "w", encoding="utf-8") as f:
-            for item in items[start:start + size]:
-                f.write(json.dumps(item) + "\n")
-        start += size
+            for _ in range(size):
+                f.write(json.dumps(_ticket(rng, number)) + "\n")
+                number += 1
     return directory
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
+import operator
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from . import collaborate, evaluate, evolve, propagate, selection
@@ -20,7 +21,7 @@ from .config import RESUMABLE, RunConfig
 from .data import load_task
 from .errors import ConfigError
 from .rundir import RunDir
-from .types import Example, Task
+from .types import Example, PseudoLabel, Task
 
 log = logging.getLogger("semievol")
 
@@ -44,19 +45,18 @@ def run(config: RunConfig, backend: Backend, run_dir: str | Path, *, task: Task 
             break
         shots = stages.retrieve(r, pool, remaining)
         records = stages.collaborate(r, miner, remaining, shots)
-        chosen = stages.select(r, records)
+        chosen, tau = stages.select(r, records)
         by_id = {ex.id: ex for ex in remaining}
-        pairs = [(by_id[rec["id"]], rec["pseudo_label"]) for rec in chosen]
+        pairs = [(by_id[rec.id], rec.pseudo_label) for rec in chosen]
         # w/o IWP there is one fine-tune, of the base on D_L + D_selected
         replay = config.replay_labeled or (not config.iwp and r == 1)
         labeled = [(ex, ex.answer) for ex in task.labeled] if replay else []
         evolved = stages.evolve(r, miner, labeled + pairs)
         rounds.append({"round": r, "mined": len(records), "selected": len(chosen),
-                       "consistent": sum(rec["consistent"] for rec in records),
-                       "justified": sum(rec["justified"] for rec in records),
-                       "threshold": rd.read_json(f"selection_r{r}.json")["threshold"],
-                       "model": evolved})
-        chosen_ids = {rec["id"] for rec in chosen}
+                       "consistent": sum(rec.consistent for rec in records),
+                       "justified": sum(rec.justified for rec in records),
+                       "threshold": tau, "model": evolved})
+        chosen_ids = {rec.id for rec in chosen}
         mined += records
         selected |= chosen_ids
         pool += [dataclasses.replace(ex, answer=label) for ex, label in pairs
@@ -127,10 +127,10 @@ class _Run:
         return {uid: [by_id[i] for i in ids] for uid, ids in self.rd.read_json(f"{name}.json").items()}
 
     def collaborate(self, r: int, model: str, items: list[Example],
-                    shots: dict[str, list[Example]]) -> list[dict]:
+                    shots: dict[str, list[Example]]) -> list[PseudoLabel]:
         name, c = f"collaborate_r{r}", self.config
         if not self.rd.done(name):
-            finished = {rec["id"] for rec in self.rd.records(name)}
+            finished = {rec["id"] for rec in self.rd.stream(name)}
             todo = [ex for ex in items if ex.id not in finished]
             views = collaborate.make_views(c.n if c.cl else 1, c.temperature, icp=c.icp,
                                            kind=c.views)
@@ -142,19 +142,22 @@ class _Run:
                                  on_records=lambda recs: self.persist(name, recs),
                                  quiet=self.quiet)
             self.rd.finish(name)
-        return _unique(self.rd.records(name))
+        return _unique(PseudoLabel.of(rec) for rec in self.rd.stream(name))
 
-    def select(self, r: int, records: list[dict]) -> list[dict]:
+    def select(self, r: int, records: list[PseudoLabel]) -> tuple[list[PseudoLabel], float | None]:
+        """The selected records and the entropy threshold (None: no threshold applied)."""
         name = f"selection_r{r}"
         if not self.rd.done(name):
             chosen, tau = selection.select(records, self.config.theta,
                                            adaptive=self.config.adaptive_selection,
                                            per_class=self.config.per_class)
-            self.rd.write_json(f"{name}.json", {"threshold": tau if tau != float("inf") else None,
-                                                "selected": [rec["id"] for rec in chosen]})
-            self.rd.finish(name, selected=len(chosen))
-        keep = set(self.rd.read_json(f"{name}.json")["selected"])
-        return [rec for rec in records if rec["id"] in keep]
+            tau = tau if tau != float("inf") else None
+            self.rd.write_json(f"{name}.json", {"threshold": tau,
+                                                "selected": [rec.id for rec in chosen]})
+            self.rd.finish(name, selected=len(chosen), threshold=tau)
+        saved = self.rd.read_json(f"{name}.json")
+        keep = set(saved["selected"])
+        return [rec for rec in records if rec.id in keep], saved["threshold"]
 
     def evolve(self, r: int, start: str, pairs: list[tuple[Example, str]]) -> str:
         name = f"evolve_r{r}"
@@ -173,7 +176,7 @@ class _Run:
     def evaluate(self, label: str, model: str, test: list[Example]) -> dict:
         name = f"eval_{label}"
         if not self.rd.done(name):
-            finished = {rec["id"] for rec in self.rd.records(name)}
+            finished = {rec["id"] for rec in self.rd.stream(name)}
             todo = [ex for ex in test if ex.id not in finished]
             with self.stage(name):
                 evaluate.predict(self.backend, model, todo, style=self.style,
@@ -182,11 +185,11 @@ class _Run:
                                  on_records=lambda recs: self.persist(name, recs),
                                  quiet=self.quiet)
             self.rd.finish(name, model=model)
-        return evaluate.metrics(_unique(self.rd.records(name)), test)
+        return evaluate.metrics(_unique(self.rd.stream(name), operator.itemgetter("id")), test)
 
 
 def _results(config, backend, rd: RunDir, task: Task, models, scores, rounds,
-             mined: list[dict], selected: set[str]) -> dict:
+             mined: list[PseudoLabel], selected: set[str]) -> dict:
     vanilla = scores["vanilla"]["accuracy"]
     for row in scores.values():
         if row is not None:
@@ -209,7 +212,8 @@ def _results(config, backend, rd: RunDir, task: Task, models, scores, rounds,
     }
 
 
-def _pseudo_label_report(rd: RunDir, task: Task, mined: list[dict], selected: set[str]) -> dict:
+def _pseudo_label_report(rd: RunDir, task: Task, mined: list[PseudoLabel],
+                         selected: set[str]) -> dict:
     """Pseudo-label accuracy of all and of selected pseudo-labels, from the hidden answers.
     This is the only place that reads ``task.hidden``, after the algorithm has finished."""
     if not task.hidden:
@@ -217,10 +221,10 @@ def _pseudo_label_report(rd: RunDir, task: Task, mined: list[dict], selected: se
     from .answers import is_correct
 
     by_id = {ex.id: ex for ex in task.unlabeled}
-    rows = [{"id": rec["id"], "entropy": rec["entropy"], "justified": rec["justified"],
-             "selected": rec["id"] in selected, "pseudo_label": rec["pseudo_label"],
-             "correct": is_correct(rec["pseudo_label"], by_id[rec["id"]], task.hidden.get(rec["id"]))}
-            for rec in mined if rec["id"] in task.hidden]
+    rows = [{"id": rec.id, "entropy": rec.entropy, "justified": rec.justified,
+             "selected": rec.id in selected, "pseudo_label": rec.pseudo_label,
+             "correct": is_correct(rec.pseudo_label, by_id[rec.id], task.hidden.get(rec.id))}
+            for rec in mined if rec.id in task.hidden]
     rd.write_json("pseudo_labels.json", rows)
 
     def acc(subset):
@@ -230,12 +234,12 @@ def _pseudo_label_report(rd: RunDir, task: Task, mined: list[dict], selected: se
             "selected": acc([r for r in rows if r["selected"]])}
 
 
-def _unique(records: list[dict]) -> list[dict]:
+def _unique(records: Iterable, id_of=operator.attrgetter("id")) -> list:
     """One record per id (the first), in case a resumed batch was written twice."""
     seen, out = set(), []
     for rec in records:
-        if rec["id"] not in seen:
-            seen.add(rec["id"])
+        if id_of(rec) not in seen:
+            seen.add(id_of(rec))
             out.append(rec)
     return out
 

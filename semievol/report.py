@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from .rundir import RunDir, atomic_write_text
+from .types import PseudoLabel
 
 ROWS = [("vanilla", "Vanilla"), ("sft", "SFT (warm-up)"), ("semievol", "SemiEvol")]
 
@@ -78,11 +79,11 @@ def compare(run_dirs: list[Path], figure: Path) -> str:
     return "\n".join(lines) + f"\n\nfigure: {figure}"
 
 
-def _mined(run_dir: Path, results: dict) -> tuple[list[dict], set[str]]:
+def _mined(run_dir: Path, results: dict) -> tuple[list[PseudoLabel], set[str]]:
     rd = RunDir(run_dir)
     records, selected = [], set()
     for r in results.get("rounds", []):
-        records += rd.records(f"collaborate_r{r['round']}")
+        records += map(PseudoLabel.of, rd.stream(f"collaborate_r{r['round']}"))
         selected |= set(rd.read_json(f"selection_r{r['round']}.json")["selected"])
     return records, selected
 
@@ -100,10 +101,10 @@ def _accuracy_figure(plt, results: dict, path: Path) -> Path:
     return _save(plt, fig, path)
 
 
-def _entropy_figure(plt, records: list[dict], selected: set[str], path: Path) -> Path:
+def _entropy_figure(plt, records: list[PseudoLabel], selected: set[str], path: Path) -> Path:
     """Paper figure 4: the entropy of selected and rejected pseudo-responses."""
-    kept = [r["entropy"] for r in records if r["entropy"] is not None and r["id"] in selected]
-    dropped = [r["entropy"] for r in records if r["entropy"] is not None and r["id"] not in selected]
+    kept = [r.entropy for r in records if r.entropy is not None and r.id in selected]
+    dropped = [r.entropy for r in records if r.entropy is not None and r.id not in selected]
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     bins, log = _bins(kept + dropped)
     floor = lambda values: [max(v, bins[0]) for v in values]  # zeros go in the first bin

@@ -11,7 +11,8 @@ loses no finished work.
 
 Resume is the simple way: a stage marked done in the manifest is skipped; an item-wise stage
 reads its JSONL and continues after the last complete line (a torn last line from a kill is
-dropped); a fine-tune is keyed, so the backend returns the finished model instead of
+cut once, before this process first appends to the file; appends never re-read it, so a
+stage's cost per item stays flat however large it grows); a fine-tune is keyed, so the backend returns the finished model instead of
 training or paying again.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 import os
 import tempfile
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -57,6 +58,8 @@ class RunDir:
             self.manifest = {"run_id": uuid.uuid4().hex[:12], "stages": {}, "models": {},
                              "usage": {}, "timings_s": {}}
             self.save()
+        self._appending: set[str] = set()
+        """JSONL files this process has checked for a torn tail (then only appends)."""
 
     @property
     def run_id(self) -> str:
@@ -96,12 +99,18 @@ class RunDir:
     # -- item-wise JSONL artifacts -----------------------------------------------------
     def records(self, name: str) -> list[dict]:
         """The complete records of ``name``.jsonl (a torn last line is dropped)."""
-        return read_jsonl(self.path / f"{name}.jsonl")
+        return list(self.stream(name))
+
+    def stream(self, name: str) -> Iterator[dict]:
+        """The same records, read one line at a time (for stages too large to hold)."""
+        return stream_jsonl(self.path / f"{name}.jsonl")
 
     def append(self, name: str, records: Iterable[dict]) -> None:
         """Append finished records and flush them to disk before returning."""
         path = self.path / f"{name}.jsonl"
-        _drop_torn_tail(path)
+        if name not in self._appending:
+            _drop_torn_tail(path)
+            self._appending.add(name)
         with open(path, "a", encoding="utf-8") as f:
             for record in records:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -115,25 +124,35 @@ class RunDir:
         return json.loads((self.path / name).read_text())
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def stream_jsonl(path: Path) -> Iterator[dict]:
+    """The records of a JSONL file, line by line, up to a last line torn by a kill."""
     if not Path(path).exists():
-        return []
-    records = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines(keepends=True):
-        if not line.endswith("\n"):
-            break  # torn by a kill mid-write
-        if line.strip():
-            records.append(json.loads(line))
-    return records
+        return
+    with open(path, encoding="utf-8", newline="\n") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                return  # torn by a kill mid-write
+            if line.strip():
+                yield json.loads(line)
 
 
-def _drop_torn_tail(path: Path) -> None:
-    """Cut a last line that a kill left without its newline, so appends stay whole."""
+def _drop_torn_tail(path: Path, chunk: int = 1 << 16) -> None:
+    """Cut a last line that a kill left without its newline, so appends stay whole. Reads
+    the file backwards from its end, only as far as the last newline."""
     if not path.exists() or path.stat().st_size == 0:
         return
-    data = path.read_bytes()
-    if data.endswith(b"\n"):
-        return
-    keep = data.rfind(b"\n") + 1
     with open(path, "r+b") as f:
-        f.truncate(keep)
+        end = f.seek(0, os.SEEK_END)
+        at = end
+        while at > 0:
+            start = max(0, at - chunk)
+            f.seek(start)
+            block = f.read(at - start)
+            if at == end and block.endswith(b"\n"):
+                return
+            newline = block.rfind(b"\n")
+            if newline >= 0:
+                f.truncate(start + newline + 1)
+                return
+            at = start
+        f.truncate(0)

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .types import PseudoLabel
+
 
 def threshold(entropies: Sequence[float], theta: float) -> float:
     """tau = Percentile_theta of the entropies (linear interpolation); inf when empty."""
@@ -24,19 +26,19 @@ def threshold(entropies: Sequence[float], theta: float) -> float:
     return float(np.percentile(finite, 100 * theta))
 
 
-def select(records: Sequence[dict], theta: float, *, adaptive: bool = True,
-           per_class: bool = False) -> tuple[list[dict], float]:
+def select(records: Sequence[PseudoLabel], theta: float, *, adaptive: bool = True,
+           per_class: bool = False) -> tuple[list[PseudoLabel], float]:
     """The records to train on, and the (global) threshold. Records without a pseudo-label
     are never kept; without adaptive selection every labeled record is."""
-    labeled = [r for r in records if r.get("pseudo_label") is not None]
+    labeled = [r for r in records if r.pseudo_label is not None]
     if not adaptive:
         return labeled, math.inf
-    tau = threshold([r["entropy"] for r in labeled], theta)
+    tau = threshold([r.entropy for r in labeled], theta)
     if per_class:
-        classes = {r["pseudo_label"] for r in labeled}
-        kept = {id(r) for c in classes
-                for r in select([r for r in labeled if r["pseudo_label"] == c], theta)[0]}
-        return [r for r in labeled if id(r) in kept], tau
+        classes = {r.pseudo_label for r in labeled}
+        kept = {r.id for c in classes
+                for r in select([r for r in labeled if r.pseudo_label == c], theta)[0]}
+        return [r for r in labeled if r.id in kept], tau
     if theta >= 1:
-        return [r for r in labeled if r["entropy"] is not None], tau
-    return [r for r in labeled if r["entropy"] is not None and r["entropy"] < tau], tau
+        return [r for r in labeled if r.entropy is not None], tau
+    return [r for r in labeled if r.entropy is not None and r.entropy < tau], tau

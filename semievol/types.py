@@ -65,6 +65,25 @@ class Generation:
         return -sum(self.logprobs) / len(self.logprobs)
 
 
+@dataclass(frozen=True, slots=True)
+class PseudoLabel:
+    """What selection, evolution and the results need of one mined item: its pseudo-label
+    and entropy, without the response texts (which stay in the stage's JSONL file), so a
+    million of them fit in memory."""
+
+    id: str
+    pseudo_label: str | None
+    entropy: float | None
+    consistent: bool = False
+    justified: bool = False
+
+    @classmethod
+    def of(cls, record: dict) -> "PseudoLabel":
+        """From a collaborate record (as written to ``collaborate_r<round>.jsonl``)."""
+        return cls(record["id"], record["pseudo_label"], record["entropy"],
+                   record["consistent"], record["justified"])
+
+
 @dataclass
 class Usage:
     """Tokens a backend has used (and paid for, where it costs money)."""

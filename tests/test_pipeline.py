@@ -12,7 +12,7 @@ from semievol.collaborate import make_views
 from semievol.demo import PROBLEMS, TEAMS, make_task
 from semievol.errors import ConfigError
 from semievol.pipeline import run
-from semievol.types import Generation
+from semievol.types import Generation, PseudoLabel
 
 
 def team_of(text: str) -> str:
@@ -91,10 +91,10 @@ def test_threshold_is_the_theta_percentile():
     entropies = [0.1, 0.2, 0.3, 0.4, 0.5]
     assert selection.threshold(entropies, 0.5) == pytest.approx(0.3)
     assert selection.threshold(entropies, 0.25) == pytest.approx(0.2)
-    records = [{"id": str(i), "pseudo_label": "A", "entropy": h} for i, h in enumerate(entropies)]
-    records.append({"id": "x", "pseudo_label": None, "entropy": None})
+    records = [PseudoLabel(str(i), "A", h) for i, h in enumerate(entropies)]
+    records.append(PseudoLabel("x", None, None))
     kept, tau = selection.select(records, 0.5)
-    assert [r["id"] for r in kept] == ["0", "1"] and tau == pytest.approx(0.3)  # H < tau
+    assert [r.id for r in kept] == ["0", "1"] and tau == pytest.approx(0.3)  # H < tau
     assert len(selection.select(records, 1.0)[0]) == 5
     assert len(selection.select(records, 0.5, adaptive=False)[0]) == 5
 
@@ -279,13 +279,13 @@ def test_resuming_with_another_configuration_is_refused(task_dir, tmp_path):
 
 def test_per_class_selection_keeps_every_class():
     # The majority class is the surest: a global threshold keeps only it.
-    records = [{"id": f"b{i}", "pseudo_label": "B", "entropy": 0.01 * i} for i in range(10)]
-    records += [{"id": f"a{i}", "pseudo_label": "A", "entropy": 1 + 0.1 * i} for i in range(4)]
+    records = [PseudoLabel(f"b{i}", "B", 0.01 * i) for i in range(10)]
+    records += [PseudoLabel(f"a{i}", "A", 1 + 0.1 * i) for i in range(4)]
     kept, _ = selection.select(records, 0.5)
-    assert {r["pseudo_label"] for r in kept} == {"B"}
+    assert {r.pseudo_label for r in kept} == {"B"}
     kept, _ = selection.select(records, 0.5, per_class=True)
-    assert [r["id"] for r in kept if r["pseudo_label"] == "A"] == ["a0", "a1"]
-    assert len([r for r in kept if r["pseudo_label"] == "B"]) == 5
+    assert [r.id for r in kept if r.pseudo_label == "A"] == ["a0", "a1"]
+    assert len([r for r in kept if r.pseudo_label == "B"]) == 5
 
 
 def test_vote_settles_disagreements_without_asking_the_model(task_dir, tmp_path):
@@ -310,7 +310,6 @@ def test_usage_survives_a_kill_mid_stage(task_dir, tmp_path):
     """SIGKILL-like death (os._exit: no finally, no handlers) part-way through mining: the
     manifest already holds the tokens of every persisted batch (warm-up and retrieval use
     no prompt tokens, so they are mining's), and the resumed run adds to them."""
-    import os
     import subprocess
     import sys
     from pathlib import Path
