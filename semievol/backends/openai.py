@@ -23,6 +23,8 @@ What it promises beyond the Backend protocol:
       openai.APIConnectionError, APITimeoutError ─┐
       openai.AuthenticationError, PermissionDenied├─> BackendError  (message says what to do)
       openai.RateLimitError, other APIStatusError ┘
+      jobs.create refused: no fine-tuning access ───> BackendError naming --backend together
+                                                      and --backend hf
       job status failed / cancelled ─────────────────> FinetuneFailed (the job's own error)
       invalid training examples ─────────────────────> DataError
       a step that would pass max_cost_usd ───────────> BudgetExceeded
@@ -181,7 +183,7 @@ class OpenAIBackend:
             if config.learning_rate_multiplier is not None:
                 hyperparameters["learning_rate_multiplier"] = config.learning_rate_multiplier
             attempt = record.get("attempt", 0)
-            with self._api("creating the fine-tuning job"):
+            with self._api("creating the fine-tuning job"), self._finetuning_access():
                 job = self.client.fine_tuning.jobs.create(
                     model=base, training_file=record["file_id"],
                     method={"type": "supervised",
@@ -459,6 +461,19 @@ class OpenAIBackend:
         except openai.OpenAIError as e:
             raise BackendError(f"{what}: {self._scrub(str(e))}") from None
 
+    @contextmanager
+    def _finetuning_access(self):
+        """Around ``jobs.create``: a refusal for lost fine-tuning access
+        (:func:`lost_finetuning_access`) becomes the message that says so and what to use
+        instead; anything else goes on to :meth:`_api`."""
+        try:
+            yield
+        except openai.APIStatusError as e:
+            if not lost_finetuning_access(e):
+                raise
+            reason = f"HTTP {e.status_code}: {self._reason(e)}"
+            raise BackendError(FINETUNING_CLOSED.format(reason=reason)) from None
+
     def _poll(self, fetch: Callable, done: Callable):
         """Poll every poll_interval, backing off, for at most max_wait seconds."""
         return poll(fetch, done, interval=self.poll_interval, max_wait=self.max_wait)
@@ -480,6 +495,38 @@ class OpenAIBackend:
         if not self.quiet:
             print(message, file=sys.stderr, flush=True)
 
+
+
+# -- OpenAI closing fine-tuning ------------------------------------------------------------
+
+FINETUNING_CLOSED = (
+    "OpenAI refused to create the fine-tuning job: this organisation has no fine-tuning "
+    "access ({reason}). OpenAI is closing self-serve fine-tuning (API deprecations page, "
+    "2026-05-07): organisations that never fine-tuned cannot create jobs since 2026-05-07, "
+    "those with no fine-tuned-model inference in the last 60 days since 2026-07-02, and no "
+    "one can from 2027-01-06. Nothing was trained or paid for this step. Evolve a hosted "
+    "open model with --backend together (set TOGETHER_API_KEY), or a local one with "
+    "--backend hf.")
+
+_ACCESS = re.compile(r"\b(access|not (available|allowed|permitted|enabled|eligible|supported)"
+                     r"|no longer|unavailable|disabled|deprecat\w*|sunset|shut ?down|retired"
+                     r"|closed)\b")
+
+
+def lost_finetuning_access(error: openai.APIStatusError) -> bool:
+    """Whether a refused ``jobs.create`` means the organisation may not fine-tune. A 403
+    there always does: the same key has just listed jobs and uploaded the file, so it is
+    the job that is forbidden. A 400 or 404 does when its code or message speaks of
+    fine-tuning being unavailable to the organisation (the wording is OpenAI's to change;
+    the test pins the forms it has taken)."""
+    if error.status_code == 403:
+        return True
+    if error.status_code not in (400, 404):
+        return False
+    body = error.body if isinstance(error.body, dict) else {}
+    text = " ".join(str(body.get(k) or "") for k in ("code", "message", "type"))
+    text = re.sub(r"[_-]+", " ", f"{text} {error.message}".lower())
+    return bool(re.search(r"fine ?tun", text) and _ACCESS.search(text))
 
 
 # -- training data --------------------------------------------------------------------
