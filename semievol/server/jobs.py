@@ -24,7 +24,8 @@ Hyperparameters (OpenAI's names -> :class:`~semievol.config.FinetuneConfig`):
 - ``seed`` -> ``seed`` (a random one when not given, reported on the job like OpenAI).
 
 A job created in another dialect (Together's: learning rate, LoRA rank and alpha given
-directly) carries those FinetuneConfig fields in its private ``_finetune``; they win.
+directly) carries those FinetuneConfig fields in its private ``_finetune``; they win. Its
+``_min_examples`` (Together's minimum is 1) replaces the server's.
 """
 from __future__ import annotations
 
@@ -106,7 +107,8 @@ class Trainer:
         if job is None or job["status"] != "validating_files":
             return
         try:
-            examples = self._read(job["training_file"], "training_file", self.min_examples)
+            examples = self._read(job["training_file"], "training_file",
+                                  job.get("_min_examples", self.min_examples))
             if job["validation_file"]:
                 self._read(job["validation_file"], "validation_file", 1)
         except _FileFailure as e:

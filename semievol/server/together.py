@@ -43,6 +43,8 @@ STATUS = {"validating_files": "pending", "queued": "queued", "running": "running
 EVENT_TYPES = {"error": "job_error", "warn": "warning"}
 """Together's event type of a store event, by level (the store keeps no finer type)."""
 MAX_EPOCHS, MAX_BATCH, MAX_RANK = 50, 256, 64
+MIN_SAMPLES = 1
+"""Together's fewest training examples (its SDK's ``MIN_SAMPLES``), not OpenAI's 10."""
 
 
 class _Body(BaseModel):
@@ -125,7 +127,8 @@ def create(server: ServerDep, body: FineTuneCreate, background: BackgroundTasks)
         validation_file=None, hyperparameters=hyper, seed=body.random_seed, suffix=suffix,
         name=lambda root, job_id: f"{ORGANIZATION}/{root.split('/')[-1]}"
                                   f"{'-' + suffix if suffix else ''}-{job_id[6:14]}",
-        private={"_finetune": finetune, "_from_checkpoint": body.from_checkpoint})
+        private={"_finetune": finetune, "_from_checkpoint": body.from_checkpoint,
+                 "_min_examples": MIN_SAMPLES})
     return job_view(record)
 
 
