@@ -107,9 +107,11 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--figure", default="compare.png", help="where to write the figure")
     cmp_.set_defaults(func=_cmd_compare)
 
-    srv = sub.add_parser("serve", help="serve an OpenAI-compatible API over a local backend",
+    srv = sub.add_parser("serve", help="serve an OpenAI- and Together-compatible API over a "
+                         "local backend",
                          description="OpenAI-compatible fine-tuning, chat (with logprobs) and "
-                         "embeddings API over a local backend.")
+                         "embeddings API over a local backend; Together's dialect "
+                         "(/v1/files/upload, /v1/fine-tunes, integer logprobs) on the same port.")
     srv.add_argument("--backend", default="hf", choices=["hf", "fake"])
     srv.add_argument("--model", help="base model (default: the embedded smollm2-135m)")
     srv.add_argument("--host", default="127.0.0.1")
