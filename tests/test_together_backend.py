@@ -259,3 +259,16 @@ def test_dry_run_prints_a_dollar_estimate_offline(shared, tmp_path):
     assert "Together list prices as of 2026-11" in result.stdout
     assert "not reached" in result.stdout and "tg-dry-run-key" not in result.stdout
     assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_asks_the_estimate_endpoint_when_reachable(server, tmp_path):
+    from semievol.backends.together import ask_price
+    from semievol.config import RunConfig
+    from semievol.data import load_task
+    from semievol.demo import make_task
+
+    data = make_task(tmp_path / "data")
+    config = RunConfig(data=str(data), backend="together", model="fake-base")
+    line = ask_price(load_task(data), config, base_url=server.url, api_key=API_KEY)
+    assert "Together's own estimate for the warm-up fine-tune: $0.0000" in line
+    assert "trained tokens" in line
