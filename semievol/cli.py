@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--rounds", type=int, default=1, help="rounds of mining and evolving (1)")
     run.add_argument("--recipe", choices=sorted(RECIPES), help="fine-tuning and prompt defaults: "
                      "'small' (4 epochs, lr 4e-4, answers in the option's words; the default on "
-                     "hf) or 'paper' (2 epochs, lr 1e-4, 'Answer: X'; the default on openai)")
+                     "hf) or 'paper' (2 epochs, lr 1e-4, 'Answer: X'; the default on openai "
+                     "and together)")
     run.add_argument("--epochs", type=float, help="fine-tuning epochs (from --recipe)")
     run.add_argument("--lr", type=float, help="LoRA learning rate (from --recipe)")
     run.add_argument("--evolve-lr", type=float, help="learning rate of the evolve step (as --lr)")
@@ -106,9 +107,11 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--figure", default="compare.png", help="where to write the figure")
     cmp_.set_defaults(func=_cmd_compare)
 
-    srv = sub.add_parser("serve", help="serve an OpenAI-compatible API over a local backend",
+    srv = sub.add_parser("serve", help="serve an OpenAI- and Together-compatible API over a "
+                         "local backend",
                          description="OpenAI-compatible fine-tuning, chat (with logprobs) and "
-                         "embeddings API over a local backend.")
+                         "embeddings API over a local backend; Together's dialect "
+                         "(/v1/files/upload, /v1/fine-tunes, integer logprobs) on the same port.")
     srv.add_argument("--backend", default="hf", choices=["hf", "fake"])
     srv.add_argument("--model", help="base model (default: the embedded smollm2-135m)")
     srv.add_argument("--host", default="127.0.0.1")
@@ -137,13 +140,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _backend_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="hf", choices=["hf", "openai", "fake"],
-                   help="hf: local LoRA (default); openai: the OpenAI API; fake: tests only")
+    p.add_argument("--backend", default="hf", choices=["hf", "openai", "together", "fake"],
+                   help="hf: local LoRA (default); openai: the OpenAI API; together: hosted "
+                   "open models on the Together API; fake: tests only")
     p.add_argument("--model", help="model reference (default: the backend's default)")
-    p.add_argument("--base-url", help="OpenAI-compatible API base URL (e.g. a `semievol serve`)")
-    p.add_argument("--api-key", help="API key (default: $OPENAI_API_KEY); never written anywhere")
+    p.add_argument("--base-url", help="API base URL of the openai or together backend (e.g. a "
+                   "`semievol serve`: http://127.0.0.1:8000/v1, which speaks both)")
+    p.add_argument("--api-key", help="API key (default: $OPENAI_API_KEY or $TOGETHER_API_KEY); "
+                   "never written anywhere")
     p.add_argument("--timeout", type=float, default=60.0,
-                   help="seconds per OpenAI API request (60; raise it for a slow local server)")
+                   help="seconds per API request (60; raise it for a slow local server)")
     p.add_argument("--openai-batch", action="store_true",
                    help="use the OpenAI Batch API for inference (half price, up to 24 h)")
 
@@ -157,6 +163,10 @@ def make_backend(args, workdir: Path | None, max_cost_usd: float | None = None):
         return load_backend("openai", model=args.model, base_url=args.base_url,
                             api_key=args.api_key, workdir=workdir, max_cost_usd=max_cost_usd,
                             batch_mode=args.openai_batch, timeout=args.timeout)
+    if args.backend == "together":
+        return load_backend("together", model=args.model, base_url=args.base_url,
+                            api_key=args.api_key, workdir=workdir, max_cost_usd=max_cost_usd,
+                            timeout=args.timeout)
     return load_backend("fake", workdir=workdir)
 
 
@@ -196,7 +206,16 @@ def _cmd_run(args) -> int:
     if args.dry_run:
         from .cost import print_estimate
 
-        print_estimate(task, config, batch=args.openai_batch)
+        if args.backend != "together":
+            print_estimate(task, config, batch=args.openai_batch)
+            return 0
+        from .backends import together_module
+
+        together = together_module()
+        model = config.model or together.DEFAULT_MODEL
+        print_estimate(task, config, provider="together", model=model,
+                       embed_model=model if args.base_url else together.DEFAULT_EMBED_MODEL)
+        print(together.ask_price(task, config, base_url=args.base_url, api_key=args.api_key))
         return 0
     out = Path(args.out or f"runs/{task.name}-{args.backend}")
     backend = make_backend(args, out / "backend", args.max_cost_usd)

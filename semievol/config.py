@@ -11,6 +11,7 @@ from .errors import ConfigError
 
 
 VIEWS = ("shared", "mixed", "diverse")
+BACKENDS = ("hf", "openai", "together", "fake")
 
 SCHEMA = 1
 """The version of config.json's layout (written as ``"schema"``)."""
@@ -41,7 +42,8 @@ class FinetuneConfig:
 
     epochs: float = 2
     learning_rate: float = 1e-4
-    """Local LoRA learning rate. The OpenAI backend uses ``learning_rate_multiplier``."""
+    """LoRA learning rate (local and Together). The OpenAI backend uses
+    ``learning_rate_multiplier``."""
     lora_rank: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -115,7 +117,7 @@ class RunConfig:
     """Questions per generation call (each with its n samples)."""
 
     def __post_init__(self):
-        _check(self.backend in ("hf", "openai", "fake"), f"unknown backend {self.backend!r}")
+        _check(self.backend in BACKENDS, f"unknown backend {self.backend!r}")
         _check(1 <= self.n <= 16, "n must be between 1 and 16")
         _check(0 <= self.k <= 16, "k must be between 0 and 16")
         _check(0 < self.theta <= 1, "theta must be in (0, 1]")

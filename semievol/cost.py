@@ -12,9 +12,10 @@ Three uses, one set of numbers:
 * **After the run**: the backend prices what the API reported it used (response ``usage``
   fields, the job's ``trained_tokens``) with the same table, into ``results.json``.
 
-Prices are USD per 1M tokens, as OpenAI publishes them, for standard (not priority) processing;
-the Batch API costs half. They change: pass overrides (``prices={"gpt-4o-mini": {...}}``) rather
-than trusting this table for billing. A model is priced by the longest table key it starts
+Prices are USD per 1M tokens, as the provider publishes them: :data:`PRICES` for OpenAI
+(standard, not priority, processing; the Batch API costs half) and :data:`TOGETHER_PRICES`
+for Together. They change: pass overrides (``prices={"gpt-4o-mini": {...}}``) rather than
+trusting these tables for billing. A model is priced by the longest table key it starts
 with (``gpt-4o-mini-2024-07-18`` -> ``gpt-4o-mini``); a fine-tuned model ``ft:BASE:org:...``
 by the key ``ft:BASE``. Models not in the table (a local server's) have no price: their cost
 is ``None``, never a guess.
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 __all__ = ["Price", "PRICES", "price_of", "Step", "Estimate", "estimate_run", "chat_step",
            "finetune_step", "embed_step", "count_tokens", "count_chat_tokens", "Budget",
            "chat_cost", "embedding_cost", "training_cost", "base_of", "match_model", "format_usd",
-           "price_table", "estimate_task", "print_estimate", "exact_counts"]
+           "price_table", "estimate_task", "print_estimate", "exact_counts", "TOGETHER_PRICES",
+           "PRICE_LISTS"]
 
 PRICES_AS_OF = "2025-06"
 """When the table below was read from https://openai.com/api/pricing (standard tier)."""
@@ -75,6 +77,37 @@ PRICES: dict[str, Price] = {
     "text-embedding-ada-002": Price(input=0.10),
 }
 
+TOGETHER_PRICES_AS_OF = "2026-11"
+"""When the table below was read from Together's public pricing page,
+https://www.together.ai/pricing (serverless inference, and supervised LoRA fine-tuning by
+model size: up to 16B, 17-69B, 70-100B parameters). Override it (``prices=``) for billing."""
+
+_TOGETHER_MODELS: dict[str, Price] = {
+    # fine-tunable models: serverless inference (input = output), LoRA SFT per trained token
+    "meta-llama/Meta-Llama-3.1-8B-Instruct-Reference": Price(input=0.18, output=0.18,
+                                                             training=0.48),
+    "meta-llama/Meta-Llama-3.1-70B-Instruct-Reference": Price(input=0.88, output=0.88,
+                                                              training=2.90),
+    "meta-llama/Llama-3.2-3B-Instruct": Price(input=0.06, output=0.06, training=0.48),
+    "Qwen/Qwen2.5-7B-Instruct": Price(input=0.30, output=0.30, training=0.48),
+    "Qwen/Qwen2.5-14B-Instruct": Price(input=0.80, output=0.80, training=0.48),
+    "mistralai/Mistral-7B-Instruct-v0.2": Price(input=0.20, output=0.20, training=0.48),
+}
+TOGETHER_PRICES: dict[str, Price] = {
+    **_TOGETHER_MODELS,
+    # a LoRA fine-tune is served at its base model's price (the key is ft:BASE, as for OpenAI)
+    **{f"ft:{name}": Price(input=p.input, output=p.output)
+       for name, p in _TOGETHER_MODELS.items()},
+    # embeddings: input only
+    "BAAI/bge-base-en-v1.5": Price(input=0.008),
+    "BAAI/bge-large-en-v1.5": Price(input=0.016),
+    "intfloat/multilingual-e5-large-instruct": Price(input=0.02),
+}
+
+PRICE_LISTS = {"openai": (PRICES, PRICES_AS_OF, "OpenAI"),
+               "together": (TOGETHER_PRICES, TOGETHER_PRICES_AS_OF, "Together")}
+"""provider -> (its price table, the month it was read, the provider's name)."""
+
 BATCH_DISCOUNT = 0.5
 """The Batch API bills input and output at half the standard price."""
 
@@ -87,10 +120,11 @@ def base_of(model: str) -> str:
     return model
 
 
-def price_table(overrides: Mapping[str, Price | Mapping] | None = None) -> dict[str, Price]:
-    """:data:`PRICES` with ``overrides`` laid over it; an override is a :class:`Price` or a
-    dict of its fields (``{"input": 0.15, "output": 0.6}``)."""
-    table = dict(PRICES)
+def price_table(overrides: Mapping[str, Price | Mapping] | None = None,
+                provider: str = "openai") -> dict[str, Price]:
+    """The ``provider``'s table (:data:`PRICE_LISTS`) with ``overrides`` laid over it; an
+    override is a :class:`Price` or a dict of its fields (``{"input": 0.15, "output": 0.6}``)."""
+    table = dict(PRICE_LISTS[provider][0])
     for name, value in (overrides or {}).items():
         if isinstance(value, Mapping):
             try:
@@ -235,6 +269,8 @@ class Estimate:
     steps: tuple[tuple[Step, float | None], ...]
     total_usd: float | None = None
     """Sum of the step costs; None when any step has no price."""
+    provider: str = "openai"
+    """Whose price list (:data:`PRICE_LISTS`) priced the steps."""
     approximate: bool = False
     """Token counts were guessed as bytes/4 (no tokenizer could be loaded)."""
 
@@ -250,7 +286,8 @@ class Estimate:
         lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w)
                            for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
         lines.insert(1, "-" * len(lines[0]))
-        note = (f"Estimate at list prices as of {PRICES_AS_OF}; output tokens are an upper "
+        _, as_of, name = PRICE_LISTS[self.provider]
+        note = (f"Estimate at {name} list prices as of {as_of}; output tokens are an upper "
                 "bound (max_tokens per sample).")
         if self.approximate:
             note += " APPROXIMATE: no tokenizer could be loaded, tokens counted as bytes/4."
@@ -264,14 +301,15 @@ class Estimate:
                           for s, usd in self.steps]}
 
 
-def estimate_run(steps: Iterable[Step],
-                 prices: Mapping[str, Price | Mapping] | None = None) -> Estimate:
-    """Price each step (with ``prices`` laid over the table) and sum them."""
-    table = price_table(prices)
+def estimate_run(steps: Iterable[Step], prices: Mapping[str, Price | Mapping] | None = None,
+                 provider: str = "openai") -> Estimate:
+    """Price each step (with ``prices`` laid over the provider's table) and sum them."""
+    table = price_table(prices, provider)
     priced = tuple((s, step_cost(s, table)) for s in steps)
     costs = [usd for _, usd in priced]
     total = None if any(c is None for c in costs) else sum(costs)
-    return Estimate(priced, total, approximate=not all(exact_counts(s.model) for s, _ in priced))
+    return Estimate(priced, total, provider,
+                    approximate=not all(exact_counts(s.model) for s, _ in priced))
 
 
 def chat_step(name: str, model: str, prompts: Sequence[Sequence[Message]], *, n: int = 1,
@@ -296,14 +334,16 @@ def embed_step(name: str, model: str, texts: Sequence[str]) -> Step:
 
 def estimate_task(task, config, *, model: str | None = None,
                   embed_model: str = "text-embedding-3-small", batch: bool = False,
-                  prices: Mapping[str, Price | Mapping] | None = None) -> Estimate:
+                  prices: Mapping[str, Price | Mapping] | None = None,
+                  provider: str = "openai") -> Estimate:
     """What ``semievol run`` would spend on ``task`` (a loaded :class:`~semievol.types.Task`)
     with ``config`` (a :class:`~semievol.config.RunConfig`), step by step as the pipeline runs
     them, from the real prompts. Where the run decides as it goes, the estimate takes the
     dearer side: every unlabeled question goes to self-justify (with candidates of
     ``max_tokens`` tokens), a round selects theta of what it mines (all of it without
     adaptive selection), retrieved examples are as long as the labeled set's average, and
-    every response is ``max_tokens`` long."""
+    every response is ``max_tokens`` long. A fine-tuned model of ``M`` is priced as ``ft:M``
+    on every provider."""
     from . import prompts  # the pipeline's own prompts, so the count is of what is sent
 
     if model is None:
@@ -349,7 +389,7 @@ def estimate_task(task, config, *, model: str | None = None,
     asks = [prompts.question_prompt(ex, style) for ex in test]
     steps += [chat_step(f"eval {label}", m, asks, max_tokens=config.max_tokens, batch=batch)
               for label, m in evaluated]
-    return estimate_run(steps, prices)
+    return estimate_run(steps, prices, provider)
 
 
 def print_estimate(task, config, **options) -> Estimate:

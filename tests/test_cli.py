@@ -95,7 +95,8 @@ def test_recipes_set_defaults_that_flags_override(argv, expected):
     assert {k: seen[k] for k in expected} == expected
 
 
-@pytest.mark.parametrize("backend, recipe", [("hf", "small"), ("openai", "paper")])
+@pytest.mark.parametrize("backend, recipe", [("hf", "small"), ("openai", "paper"),
+                                             ("together", "paper")])
 def test_the_python_recipe_is_the_one_semievol_run_uses(backend, recipe):
     from semievol.cli import _parser, _run_config
 

@@ -35,7 +35,8 @@ SECRET = "sk-test-DO-NOT-LEAK-4242"
 
 class FakeOpenAI:
     """Just enough of the OpenAI API, in memory. ``fault(method, path, nth)`` may return
-    ``(status, headers)`` to answer a request with an error instead; ``job_polls`` is how
+    ``(status, headers)`` or ``(status, headers, error)`` to answer a request with an error
+    instead; ``job_polls`` is how
     many retrieves a job takes to finish (None: never); ``job_outcome`` "succeeded" or
     "failed"; ``batch_failures`` custom_ids the first batch fails."""
 
@@ -73,8 +74,9 @@ class FakeOpenAI:
                                        "type": "invalid_request_error",
                                        "code": "invalid_api_key"}}
         if self.fault and (injected := self.fault(method, route, nth)):
-            status, extra = injected
-            return status, extra, {"error": {"message": f"injected {status}", "type": "x"}}
+            status, extra, *error = injected   # optionally the error object to answer
+            return status, extra, {"error": error[0] if error else
+                                   {"message": f"injected {status}", "type": "x"}}
         body = json.loads(raw) if raw and "json" in headers.get("content-type", "") else None
         record = {"method": method, "path": route, "headers": headers, "body": body,
                   "status": 200}
@@ -696,3 +698,49 @@ def test_a_run_stopped_by_its_budget_resumes_once_the_limit_is_raised(api, tmp_p
     assert results["usage"]["cost_usd"] > spent and results["config"]["max_cost_usd"] == 5.0
     with pytest.raises(ConfigError, match="theta"):
         run(raised.replace(theta=0.3), make(url, out / "backend"), out, quiet=True)
+
+
+# -- OpenAI closing fine-tuning -----------------------------------------------------------
+
+@pytest.mark.parametrize("status, error", [
+    (403, {"message": "You are not allowed to create fine-tuning jobs.",
+           "type": "invalid_request_error", "code": None}),
+    (403, {"message": "Forbidden", "type": "permission_error", "code": "forbidden"}),
+    (400, {"message": "Fine-tuning is no longer available to this organization.",
+           "type": "invalid_request_error", "code": None}),
+    (400, {"message": "This organization does not have access to fine-tuning.",
+           "type": "invalid_request_error", "code": "fine_tuning_not_available"}),
+    (404, {"message": "Fine-tuning jobs are not enabled for your organization.",
+           "type": "invalid_request_error", "code": None}),
+])
+def test_lost_fine_tuning_access_names_the_other_backends(api, tmp_path, status, error):
+    fake, url = api
+    fake.fault = lambda method, route, nth: ((status, {}, error)
+                                             if (method, route) == ("POST", "/v1/fine_tuning/jobs")
+                                             else None)
+    with pytest.raises(BackendError) as e:
+        make(url, tmp_path).finetune(MODEL, examples(), FinetuneConfig(), key="closed")
+    message = str(e.value)
+    assert "no fine-tuning access" in message and f"HTTP {status}" in message
+    assert "--backend together" in message and "--backend hf" in message
+    assert "2027-01-06" in message and SECRET not in message
+    assert not fake.created_jobs()
+
+
+@pytest.mark.parametrize("method, route, status, error, expected", [
+    # a 400 about the request itself is not lost access
+    ("POST", "/v1/fine_tuning/jobs", 400,
+     {"message": "Invalid training file for fine-tuning: line 3 has no assistant message.",
+      "type": "invalid_request_error", "code": "invalid_training_file"}, "HTTP 400"),
+    # a 403 anywhere else is the key's
+    ("POST", "/v1/files", 403, {"message": "Forbidden", "type": "permission_error"},
+     "refused the API key"),
+])
+def test_other_refusals_are_not_taken_for_the_shutdown(api, tmp_path, method, route, status,
+                                                        error, expected):
+    fake, url = api
+    fake.fault = lambda m, r, nth: (status, {}, error) if (m, r) == (method, route) else None
+    with pytest.raises(BackendError, match=expected) as e:
+        make(url, tmp_path, max_retries=0).finetune(MODEL, examples(), FinetuneConfig(),
+                                                    key="other")
+    assert "--backend together" not in str(e.value)

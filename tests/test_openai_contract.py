@@ -17,6 +17,7 @@ import os
 import socket
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx2
@@ -35,11 +36,12 @@ MODEL = "gpt-4o-mini-2024-07-18"
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def prism(tmp_path_factory):
-    """A Prism mock of the official spec on a free port; yields its base URL."""
-    if not (PRISM.exists() and SPEC.exists()):
-        reason = (f"Prism or the spec is missing ({PRISM}, {SPEC}); run `npm install --no-save "
+@contextmanager
+def prism_mock(spec: Path, log_dir: Path):
+    """A Prism mock of ``spec`` on a free port; yields its base URL (``.../v1``). Skips
+    where Prism or the spec is missing, fails instead where ``CI`` is set."""
+    if not (PRISM.exists() and spec.exists()):
+        reason = (f"Prism or the spec is missing ({PRISM}, {spec}); run `npm install --no-save "
                   "--no-audit --no-fund @stoplight/prism-cli@5.14.2` in the repository root")
         if os.environ.get("CI"):
             pytest.fail(reason)
@@ -47,10 +49,10 @@ def prism(tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("prism") / "prism.log"
+    log = log_dir / "prism.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [str(PRISM), "mock", str(SPEC), "-h", "127.0.0.1", "-p", str(port), "-v", "warn"],
+            [str(PRISM), "mock", str(spec), "-h", "127.0.0.1", "-p", str(port), "-v", "warn"],
             stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
     try:
         deadline = time.monotonic() + 90
@@ -71,6 +73,13 @@ def prism(tmp_path_factory):
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.fixture(scope="session")
+def prism(tmp_path_factory):
+    """A Prism mock of the official OpenAI spec; yields its base URL."""
+    with prism_mock(SPEC, tmp_path_factory.mktemp("prism")) as url:
+        yield url
 
 
 @pytest.fixture

@@ -1,9 +1,10 @@
 """The one seam between the algorithm and a model: the Backend protocol.
 
-Three backends implement it and never inherit from each other:
+Four backends implement it and never inherit from each other:
 ``hf`` (transformers + peft LoRA, local), ``openai`` (the official SDK: fine-tuning jobs,
-chat completions with logprobs, embeddings) and ``fake`` (deterministic, in-process, for
-tests). Pick one by name with :func:`load_backend`.
+chat completions with logprobs, embeddings), ``together`` (the official together SDK: LoRA
+jobs on hosted open models) and ``fake`` (deterministic, in-process, for tests). Pick one
+by name with :func:`load_backend`.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ __all__ = ["Backend", "load_backend"]
 @runtime_checkable
 class Backend(Protocol):
     name: str
-    """"hf", "openai" or "fake"."""
+    """"hf", "openai", "together" or "fake"."""
     default_model: str
     """The model reference used when none is named."""
     usage: Usage
@@ -67,4 +68,18 @@ def load_backend(name: str, **options) -> Backend:
         from .openai import OpenAIBackend
 
         return OpenAIBackend(**options)
-    raise ConfigError(f"unknown backend {name!r}: choose hf, openai or fake")
+    if name == "together":
+        return together_module().TogetherBackend(**options)
+    raise ConfigError(f"unknown backend {name!r}: choose hf, openai, together or fake")
+
+
+def together_module():
+    """``semievol.backends.together``, or BackendUnavailable with the install hint when the
+    together SDK is missing."""
+    try:
+        from . import together
+    except ImportError as e:
+        raise BackendUnavailable(
+            f"the together backend needs the together SDK ({e.name} is missing): "
+            'pip install "semievol[together]"') from e
+    return together

@@ -23,6 +23,8 @@ What it promises beyond the Backend protocol:
       openai.APIConnectionError, APITimeoutError ─┐
       openai.AuthenticationError, PermissionDenied├─> BackendError  (message says what to do)
       openai.RateLimitError, other APIStatusError ┘
+      jobs.create refused: no fine-tuning access ───> BackendError naming --backend together
+                                                      and --backend hf
       job status failed / cancelled ─────────────────> FinetuneFailed (the job's own error)
       invalid training examples ─────────────────────> DataError
       a step that would pass max_cost_usd ───────────> BudgetExceeded
@@ -38,7 +40,6 @@ Embeddings: ``text-embedding-3-small`` on OpenAI; with a ``base_url`` the served
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -47,17 +48,16 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import openai
 from openai.types.chat import ChatCompletion
-from tenacity import (Retrying, retry_if_result, stop_after_delay, stop_never,
-                      wait_exponential)
 
 from .. import cost
+from .hosted import (Records, TrainingStats, digest as _digest, example_problem, is_loopback,
+                     jsonl as _jsonl, normalised, poll, request_batches, scrub, slug as _slug,
+                     whole_epochs)
 from ..errors import BackendError, ConfigError, DataError, FinetuneFailed
 from ..types import ChatExample, Generation, Message, Usage
 
@@ -128,6 +128,7 @@ class OpenAIBackend:
         self.embed_model = embed_model or (self.default_model if base_url
                                            else DEFAULT_EMBED_MODEL)
         self.workdir = Path(workdir) if workdir is not None else None
+        self.records = Records(workdir)
         self.max_concurrency = max_concurrency
         self.batch_mode = batch_mode
         self.prices = cost.price_table(prices)
@@ -140,7 +141,7 @@ class OpenAIBackend:
         self._counted_jobs: set[str] = set()
         key = api_key or os.environ.get("OPENAI_API_KEY")
         if not key:
-            if not (base_url and _is_loopback(base_url)):
+            if not (base_url and is_loopback(base_url)):
                 raise ConfigError("no OpenAI API key: set OPENAI_API_KEY (or pass --api-key)")
             key = LOCAL_API_KEY
         self._secret = key
@@ -158,8 +159,8 @@ class OpenAIBackend:
     def finetune(self, base: str, examples: Sequence[ChatExample], config, *, key: str) -> str:
         """Supervised fine-tuning job on ``base`` (a model or an ``ft:`` model, to continue
         training); returns the ``fine_tuned_model``. Reuses or resumes the job of ``key``."""
-        epochs = _whole_epochs(config.epochs)
-        record = self._read_record("jobs", key) or {"key": key}
+        epochs = whole_epochs(config.epochs, "OpenAI")
+        record = self.records.read("jobs", key) or {"key": key}
         tag = _tag(key)
         job = self._find_job(record, tag)
         if job is None:
@@ -177,12 +178,12 @@ class OpenAIBackend:
                         file=(f"{_slug(key)}.jsonl", data, "application/jsonl"),
                         purpose="fine-tune")
                 record["file_id"] = upload.id
-                self._write_record("jobs", key, record)
+                self.records.write("jobs", key, record)
             hyperparameters = {"n_epochs": epochs, "batch_size": config.batch_size}
             if config.learning_rate_multiplier is not None:
                 hyperparameters["learning_rate_multiplier"] = config.learning_rate_multiplier
             attempt = record.get("attempt", 0)
-            with self._api("creating the fine-tuning job"):
+            with self._api("creating the fine-tuning job"), self._finetuning_access():
                 job = self.client.fine_tuning.jobs.create(
                     model=base, training_file=record["file_id"],
                     method={"type": "supervised",
@@ -192,7 +193,7 @@ class OpenAIBackend:
                     extra_headers={"Idempotency-Key": f"semievol-{_digest(key)[:32]}-{attempt}"})
             record.update(job_id=job.id, status=job.status, base=base,
                           examples=stats.n_examples, training_tokens=stats.total_tokens)
-            self._write_record("jobs", key, record)
+            self.records.write("jobs", key, record)
             self._say(f"fine-tuning job {job.id} created ({job.status})")
         job = self._wait_for_job(job, record)
         self._count_job(job, base)
@@ -226,7 +227,7 @@ class OpenAIBackend:
             return None
         job = max(found, key=lambda j: (j.status == "succeeded", j.created_at))
         record.update(job_id=job.id, file_id=job.training_file, status=job.status)
-        self._write_record("jobs", record["key"], record)
+        self.records.write("jobs", record["key"], record)
         self._say(f"found fine-tuning job {job.id} ({job.status}) for this step; not creating "
                   "another")
         return job
@@ -243,7 +244,7 @@ class OpenAIBackend:
             if current.status != record.get("status"):
                 self._say(f"  {job.id}: status {current.status}")
                 record.update(status=current.status, fine_tuned_model=current.fine_tuned_model)
-                self._write_record("jobs", record["key"], record)
+                self.records.write("jobs", record["key"], record)
             for event in reversed(events):          # the API lists the newest first
                 if event.id not in seen:
                     seen.add(event.id)
@@ -256,7 +257,7 @@ class OpenAIBackend:
                 f"fine-tuning job {job.id} is still {job.status} after {self.max_wait:g} s; "
                 "run again to resume waiting on it (no second job is created)")
         record.update(status=job.status, fine_tuned_model=job.fine_tuned_model)
-        self._write_record("jobs", record["key"], record)
+        self.records.write("jobs", record["key"], record)
         if job.status != "succeeded":
             reason = (f"{job.error.code}: {job.error.message}" if job.error and job.error.message
                       else "no reason given")
@@ -337,7 +338,7 @@ class OpenAIBackend:
         ids = [f"r{i}" for i in range(len(bodies))]
         by_id = dict(zip(ids, bodies))
         key = "batch-" + _digest(json.dumps(bodies, sort_keys=True))[:24]
-        record = self._read_record("batches", key) or {"key": key, "batch_ids": []}
+        record = self.records.read("batches", key) or {"key": key, "batch_ids": []}
         results: dict[str, list[Generation]] = {}
         errors: list[str] = []
         for batch_id in record["batch_ids"]:
@@ -358,7 +359,7 @@ class OpenAIBackend:
                     input_file_id=upload.id, endpoint="/v1/chat/completions",
                     completion_window="24h", metadata={"semievol_key": key})
             record["batch_ids"].append(batch.id)
-            self._write_record("batches", key, record)
+            self.records.write("batches", key, record)
             self._say(f"batch {batch.id} submitted: {len(missing)} requests")
             self._collect_batch(self._wait_for_batch(batch.id), by_id, results, errors)
         return [results[i] for i in ids]
@@ -428,9 +429,7 @@ class OpenAIBackend:
                 raise BackendError(f"sent {stop - start} texts to embed, {self.embed_model} "
                                    f"returned {len(response.data)} embeddings")
             rows.extend(d.embedding for d in sorted(response.data, key=lambda d: d.index))
-        vectors = np.asarray(rows, dtype=np.float64)
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        return (vectors / np.where(norms == 0, 1.0, norms)).astype(np.float32)
+        return normalised(rows)
 
     # -- plumbing -----------------------------------------------------------------------
     @contextmanager
@@ -462,16 +461,22 @@ class OpenAIBackend:
         except openai.OpenAIError as e:
             raise BackendError(f"{what}: {self._scrub(str(e))}") from None
 
+    @contextmanager
+    def _finetuning_access(self):
+        """Around ``jobs.create``: a refusal for lost fine-tuning access
+        (:func:`lost_finetuning_access`) becomes the message that says so and what to use
+        instead; anything else goes on to :meth:`_api`."""
+        try:
+            yield
+        except openai.APIStatusError as e:
+            if not lost_finetuning_access(e):
+                raise
+            reason = f"HTTP {e.status_code}: {self._reason(e)}"
+            raise BackendError(FINETUNING_CLOSED.format(reason=reason)) from None
+
     def _poll(self, fetch: Callable, done: Callable):
-        """Call ``fetch`` until ``done(result)``, waiting poll_interval, backing off to 12x
-        that; after ``max_wait`` seconds return the last result, done or not."""
-        retrying = Retrying(
-            retry=retry_if_result(lambda result: not done(result)),
-            wait=wait_exponential(multiplier=self.poll_interval, min=self.poll_interval,
-                                  max=12 * self.poll_interval),
-            stop=stop_after_delay(self.max_wait) if self.max_wait is not None else stop_never,
-            retry_error_callback=lambda state: state.outcome.result())
-        return retrying(fetch)
+        """Poll every poll_interval, backing off, for at most max_wait seconds."""
+        return poll(fetch, done, interval=self.poll_interval, max_wait=self.max_wait)
 
     def _account(self, prompt: int = 0, completion: int = 0, trained: int = 0,
                  cost: float | None = None) -> None:
@@ -484,42 +489,47 @@ class OpenAIBackend:
         return self._scrub(str(body.get("message") or error.message))
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._secret, "***") if len(self._secret) >= 8 else text
+        return scrub(text, self._secret)
 
     def _say(self, message: str) -> None:
         if not self.quiet:
             print(message, file=sys.stderr, flush=True)
 
-    def _record_path(self, kind: str, key: str) -> Path | None:
-        return None if self.workdir is None else self.workdir / kind / f"{_slug(key)}.json"
 
-    def _read_record(self, kind: str, key: str) -> dict | None:
-        path = self._record_path(kind, key)
-        return json.loads(path.read_text()) if path is not None and path.exists() else None
 
-    def _write_record(self, kind: str, key: str, record: dict) -> None:
-        """Atomically (write then rename), so a kill never leaves half a record."""
-        path = self._record_path(kind, key)
-        if path is None:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, path)
+# -- OpenAI closing fine-tuning ------------------------------------------------------------
+
+FINETUNING_CLOSED = (
+    "OpenAI refused to create the fine-tuning job: this organisation has no fine-tuning "
+    "access ({reason}). OpenAI is closing self-serve fine-tuning (API deprecations page, "
+    "2026-05-07): organisations that never fine-tuned cannot create jobs since 2026-05-07, "
+    "those with no fine-tuned-model inference in the last 60 days since 2026-07-02, and no "
+    "one can from 2027-01-06. Nothing was trained or paid for this step. Evolve a hosted "
+    "open model with --backend together (set TOGETHER_API_KEY), or a local one with "
+    "--backend hf.")
+
+_ACCESS = re.compile(r"\b(access|not (available|allowed|permitted|enabled|eligible|supported)"
+                     r"|no longer|unavailable|disabled|deprecat\w*|sunset|shut ?down|retired"
+                     r"|closed)\b")
+
+
+def lost_finetuning_access(error: openai.APIStatusError) -> bool:
+    """Whether a refused ``jobs.create`` means the organisation may not fine-tune. A 403
+    there always does: the same key has just listed jobs and uploaded the file, so it is
+    the job that is forbidden. A 400 or 404 does when its code or message speaks of
+    fine-tuning being unavailable to the organisation (the wording is OpenAI's to change;
+    the test pins the forms it has taken)."""
+    if error.status_code == 403:
+        return True
+    if error.status_code not in (400, 404):
+        return False
+    body = error.body if isinstance(error.body, dict) else {}
+    text = " ".join(str(body.get(k) or "") for k in ("code", "message", "type"))
+    text = re.sub(r"[_-]+", " ", f"{text} {error.message}".lower())
+    return bool(re.search(r"fine ?tun", text) and _ACCESS.search(text))
 
 
 # -- training data --------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TrainingStats:
-    """What the validated training data amounts to."""
-
-    n_examples: int
-    total_tokens: int
-    """Tokens in the training file; OpenAI bills this x epochs."""
-    max_tokens: int
-    """The longest example."""
-
 
 def validate_training_data(examples: Sequence[ChatExample], model: str) -> TrainingStats:
     """Check chat examples as OpenAI's file validation does before any upload: each is a list
@@ -531,7 +541,7 @@ def validate_training_data(examples: Sequence[ChatExample], model: str) -> Train
     problems: list[str] = []
     lengths: list[int] = []
     for i, example in enumerate(examples):
-        bad = _example_problem(example)
+        bad = example_problem(example, ROLES, MESSAGE_KEYS)
         if bad is None:
             tokens = cost.count_chat_tokens(example, model)
             lengths.append(tokens)
@@ -550,27 +560,6 @@ def validate_training_data(examples: Sequence[ChatExample], model: str) -> Train
     return TrainingStats(len(examples), sum(lengths), max(lengths))
 
 
-def _example_problem(example) -> str | None:
-    if not isinstance(example, (list, tuple)) or not example:
-        return "not a non-empty list of messages"
-    for j, message in enumerate(example):
-        if not isinstance(message, dict):
-            return f"message {j} is not a dict"
-        if "role" not in message or "content" not in message:
-            return f"message {j} lacks 'role' or 'content'"
-        if unknown := set(message) - MESSAGE_KEYS:
-            return f"message {j} has unknown keys {sorted(unknown)}"
-        if message["role"] not in ROLES:
-            return f"message {j} has unknown role {message['role']!r}"
-        if not isinstance(message["content"], str):
-            return f"message {j} content is not a string"
-        if message.get("weight", 1) not in (0, 1):
-            return f"message {j} weight must be 0 or 1"
-    if not any(m["role"] == "assistant" for m in example):
-        return "no assistant message"
-    return None
-
-
 # -- small pure helpers ---------------------------------------------------------------
 
 def _chat_body(model: str, messages: list[Message], *, n: int, temperature: float,
@@ -584,34 +573,8 @@ def _chat_body(model: str, messages: list[Message], *, n: int, temperature: floa
 
 def _embedding_batches(token_counts: Sequence[int]):
     """(start, stop) ranges of at most EMBED_MAX_INPUTS inputs and EMBED_MAX_TOKENS tokens."""
-    start, tokens = 0, 0
-    for i, count in enumerate(token_counts):
-        if i > start and (i - start >= EMBED_MAX_INPUTS or tokens + count > EMBED_MAX_TOKENS):
-            yield start, i
-            start, tokens = i, 0
-        tokens += count
-    if start < len(token_counts):
-        yield start, len(token_counts)
-
-
-def _whole_epochs(epochs: float) -> int:
-    if epochs != int(epochs):
-        raise ConfigError(f"OpenAI fine-tuning takes a whole number of epochs, not {epochs}")
-    return int(epochs)
-
-
-def _jsonl(rows) -> bytes:
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
-
-
-def _digest(data: str | bytes) -> str:
-    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
-
-
-def _slug(key: str) -> str:
-    """A file name for a key: its readable part and a hash (keys may hold any character)."""
-    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", key).strip("-.")[:60]
-    return f"{readable}-{_digest(key)[:8]}" if readable else _digest(key)[:16]
+    return request_batches(token_counts, max_inputs=EMBED_MAX_INPUTS,
+                           max_tokens=EMBED_MAX_TOKENS)
 
 
 def _suffix(key: str) -> str:
@@ -622,8 +585,3 @@ def _suffix(key: str) -> str:
 def _tag(key: str) -> str:
     """The key as a metadata value (at most 512 characters)."""
     return key if len(key) <= 512 else "sha256:" + _digest(key)
-
-
-def _is_loopback(url: str) -> bool:
-    host = urlparse(url).hostname or ""
-    return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")

@@ -1,8 +1,10 @@
 """``semievol serve``: an OpenAI-compatible HTTP API (files, fine-tuning jobs, chat
 completions with logprobs, embeddings, models) over a local backend, so any OpenAI
-fine-tuning client, our own OpenAI backend first, can evolve a local model.
+fine-tuning client, our own OpenAI backend first, can evolve a local model. It speaks
+Together's dialect too, on the same port, so the together backend can as well.
 
     app.py       the routes, errors, auth and body limits
+    together.py  Together's dialect on the same port (/v1/files/upload, /v1/fine-tunes)
     schemas.py   request bodies (pydantic)
     chat.py      chat choices, stop sequences, logprobs and embedding rows
     jobs.py      the fine-tuning worker and the hyperparameter mapping

@@ -1,5 +1,5 @@
 """The HTTP routes: the part of the OpenAI API that fine-tuning workflows use, over one
-Backend.
+Backend (Together's dialect is added by ``together.py``, on the helpers here).
 
     POST /v1/files   GET /v1/files   GET|DELETE /v1/files/{id}   GET /v1/files/{id}/content
     POST /v1/fine_tuning/jobs   GET /v1/fine_tuning/jobs   GET /v1/fine_tuning/jobs/{id}
@@ -44,7 +44,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
-from .chat import choice, cut_at_stop, embedding_rows
+from .chat import choice, cut_at_stop, embedding_rows, together_dialect
 from .jobs import Trainer
 from .schemas import ChatRequest, EmbeddingRequest, Hyperparameters, JobCreate
 from .store import DamagedRecord, Store, new_id, now, public
@@ -57,6 +57,8 @@ PURPOSES = ("fine-tune", "batch")
 DEFAULT_MAX_TOKENS = 256
 """Completion length when a request names none (OpenAI's default is the model's limit)."""
 JSON_BODY_LIMIT = 16 * 2**20
+UPLOAD_PATHS = ("/v1/files", "/v1/files/upload")
+"""Where a body may be as large as an upload (OpenAI's path, Together's)."""
 
 
 class ApiError(Exception):
@@ -126,6 +128,9 @@ def create_app(backend, state_dir: str | Path, api_key: str | None = None, *,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
     app.include_router(router)
+    from .together import router as together_router  # it builds on this module
+
+    app.include_router(together_router)
     app.add_exception_handler(ApiError, lambda request, e: e.response())
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(HTTPException, _http_error)
@@ -230,7 +235,7 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = (self.upload_limit + 2**16 if scope["path"].rstrip("/") == "/v1/files"
+        limit = (self.upload_limit + 2**16 if scope["path"].rstrip("/") in UPLOAD_PATHS
                  else JSON_BODY_LIMIT)
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
@@ -270,6 +275,11 @@ def _page(items: list[dict], after: str | None, limit: int) -> dict:
 # -- files -------------------------------------------------------------------------------
 @router.post("/files")
 def upload_file(server: ServerDep, file: UploadFile, purpose: Annotated[str, Form()]):
+    return save_upload(server, file, purpose, file.filename)
+
+
+def save_upload(server: Server, file: UploadFile, purpose: str, filename: str | None) -> dict:
+    """Stream an uploaded file into the store (refused over the size limit); its record."""
     if purpose not in PURPOSES:
         raise ApiError(400, f"Invalid value for 'purpose': '{purpose}' is not one of "
                        f"{list(PURPOSES)}.", param="purpose", code="invalid_value")
@@ -284,7 +294,7 @@ def upload_file(server: ServerDep, file: UploadFile, purpose: Annotated[str, For
                     raise ApiError(413, f"File too large: the limit is "
                                    f"{server.max_upload_bytes // 2**20} MB.", param="file")
                 out.write(chunk)
-        return server.store.add_file(file_id, Path(tmp), filename=(file.filename or
+        return server.store.add_file(file_id, Path(tmp), filename=(filename or
                                      "upload")[:255], purpose=purpose)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -344,9 +354,29 @@ def create_job(server: ServerDep, body: JobCreate, background: BackgroundTasks):
     if body.integrations:
         raise ApiError(400, "Integrations are not supported by this server.",
                        param="integrations")
-    base_ref, root = _fine_tunable(server, body.model)
-    for param in ("training_file", "validation_file"):
-        file_id = getattr(body, param)
+    requested = (body.method.supervised or Hyperparameters()).hyperparameters \
+        if body.method is not None else (body.hyperparameters or Hyperparameters())
+    record = submit_job(server, background, model=body.model, training_file=body.training_file,
+                        validation_file=body.validation_file,
+                        hyperparameters=requested.model_dump(), seed=body.seed,
+                        suffix=body.suffix, metadata=body.metadata,
+                        name=lambda root, job_id: f"ft:{root}:{ORGANIZATION}:"
+                                                  f"{body.suffix or ''}:{job_id[6:14]}")
+    return public(record)
+
+
+def submit_job(server: Server, background: BackgroundTasks, *, model: str, training_file: str,
+               validation_file: str | None, hyperparameters: dict, seed: int | None,
+               suffix: str | None, name, metadata: dict | None = None,
+               private: dict | None = None) -> dict:
+    """Check a job's model and files, record it as ``validating_files`` and validate its
+    files right after the response (then it waits for the worker). The one path by which
+    every dialect creates a job: ``hyperparameters`` are OpenAI's (``"auto"`` allowed),
+    ``name(root model, job id)`` is the model it will make, ``private`` extra ``_`` keys
+    (``_finetune``: FinetuneConfig fields that override the OpenAI mapping)."""
+    base_ref, root = _fine_tunable(server, model)
+    for param, file_id in (("training_file", training_file),
+                           ("validation_file", validation_file)):
         if file_id is None:
             continue
         record = server.store.file(file_id)
@@ -357,29 +387,27 @@ def create_job(server: ServerDep, body: JobCreate, background: BackgroundTasks):
             raise ApiError(400, f"File {file_id} has purpose '{record['purpose']}'; "
                            "fine-tuning needs purpose 'fine-tune'.", param=param,
                            code="invalid_file_purpose")
-    requested = (body.method.supervised or Hyperparameters()).hyperparameters \
-        if body.method is not None else (body.hyperparameters or Hyperparameters())
-    hyper = requested.model_dump()
     job_id = new_id("ftjob")
     record = {
-        "object": "fine_tuning.job", "id": job_id, "model": body.model,
+        "object": "fine_tuning.job", "id": job_id, "model": model,
         "created_at": now(), "error": None, "fine_tuned_model": None, "finished_at": None,
-        "hyperparameters": hyper,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
+        "hyperparameters": hyperparameters,
+        "method": {"type": "supervised",
+                   "supervised": {"hyperparameters": hyperparameters}},
         "organization_id": f"org-{ORGANIZATION}", "result_files": [],
-        "seed": body.seed if body.seed is not None else secrets.randbelow(2**31),
+        "seed": seed if seed is not None else secrets.randbelow(2**31),
         "status": "validating_files", "trained_tokens": None,
-        "training_file": body.training_file, "validation_file": body.validation_file,
-        "integrations": None, "estimated_finish": None, "metadata": body.metadata,
-        "user_provided_suffix": body.suffix,
-        "_requested_hyperparameters": hyper, "_base_ref": base_ref, "_root_model": root,
-        "_fine_tuned_model": f"ft:{root}:{ORGANIZATION}:{body.suffix or ''}:{job_id[6:14]}",
+        "training_file": training_file, "validation_file": validation_file,
+        "integrations": None, "estimated_finish": None, "metadata": metadata,
+        "user_provided_suffix": suffix,
+        "_requested_hyperparameters": hyperparameters, "_base_ref": base_ref,
+        "_root_model": root, "_fine_tuned_model": name(root, job_id), **(private or {}),
     }
     server.store.add_job(record)
     server.store.add_event(job_id, f"Created fine-tuning job: {job_id}")
-    server.store.add_event(job_id, f"Validating training file: {body.training_file}")
+    server.store.add_event(job_id, f"Validating training file: {training_file}")
     background.add_task(server.trainer.validate, job_id)
-    return public(record)
+    return record
 
 
 def _fine_tunable(server: Server, name: str) -> tuple[str, str]:
@@ -445,7 +473,7 @@ def chat_completions(server: ServerDep, body: ChatRequest):
     tokenizer's, read from its usage counter), counted once however large ``n`` is."""
     if body.stream:
         raise ApiError(400, "Streaming is not supported by this server.", param="stream")
-    if body.top_logprobs is not None and not body.logprobs:
+    if body.top_logprobs is not None and body.logprobs is not True:
         raise ApiError(400, "'top_logprobs' needs 'logprobs' set to true.",
                        param="top_logprobs")
     ref = server.resolve(body.model)
@@ -467,10 +495,10 @@ def chat_completions(server: ServerDep, body: ChatRequest):
     return {"id": "chatcmpl-" + secrets.token_hex(12), "object": "chat.completion",
             "created": int(time.time()), "model": body.model,
             "system_fingerprint": server.fingerprint, "service_tier": "default",
-            "choices": [choice(i, g, logprobs=bool(body.logprobs))
-                        for i, g in enumerate(generations)],
+            "choices": [choice(i, g, logprobs=body.logprobs) for i, g in enumerate(generations)],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+                      "total_tokens": prompt_tokens + completion_tokens},
+            **({"prompt": []} if together_dialect(body.logprobs) else {})}
 
 
 @router.post("/embeddings")

@@ -22,6 +22,10 @@ Hyperparameters (OpenAI's names -> :class:`~semievol.config.FinetuneConfig`):
 - ``learning_rate_multiplier`` -> ``learning_rate = multiplier * 1e-4`` (1e-4 is the paper's
   LoRA learning rate); "auto" = 1.0.
 - ``seed`` -> ``seed`` (a random one when not given, reported on the job like OpenAI).
+
+A job created in another dialect (Together's: learning rate, LoRA rank and alpha given
+directly) carries those FinetuneConfig fields in its private ``_finetune``; they win. Its
+``_min_examples`` (Together's minimum is 1) replaces the server's.
 """
 from __future__ import annotations
 
@@ -103,7 +107,8 @@ class Trainer:
         if job is None or job["status"] != "validating_files":
             return
         try:
-            examples = self._read(job["training_file"], "training_file", self.min_examples)
+            examples = self._read(job["training_file"], "training_file",
+                                  job.get("_min_examples", self.min_examples))
             if job["validation_file"]:
                 self._read(job["validation_file"], "validation_file", 1)
         except _FileFailure as e:
@@ -151,10 +156,10 @@ class Trainer:
             return
         examples = self.store.examples(job_id)
         hyper = job["hyperparameters"]
-        config = FinetuneConfig(
-            epochs=hyper["n_epochs"], batch_size=hyper["batch_size"],
-            learning_rate=hyper["learning_rate_multiplier"] * BASE_LEARNING_RATE,
-            seed=job["seed"])
+        config = FinetuneConfig(**{
+            "epochs": hyper["n_epochs"], "batch_size": hyper["batch_size"],
+            "learning_rate": hyper["learning_rate_multiplier"] * BASE_LEARNING_RATE,
+            "seed": job["seed"], **job.get("_finetune", {})})
         steps = math.ceil(len(examples) / config.batch_size) * hyper["n_epochs"]
         self.store.add_event(job_id, f"Training {len(examples)} examples for "
                              f"{hyper['n_epochs']} epochs: {steps} steps of batch size "

@@ -77,10 +77,21 @@ class ChatRequest(_Body):
     seed: int | None = None
     max_tokens: int | None = Field(None, ge=1, le=MAX_COMPLETION_TOKENS)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_COMPLETION_TOKENS)
-    logprobs: bool | None = False
+    logprobs: bool | int | None = False
+    """OpenAI's boolean, or Together's integer (top-k, 0-20): the integer asks for the
+    answer in Together's shape (see :func:`semievol.server.chat.choice`)."""
     top_logprobs: int | None = Field(None, ge=0, le=20)
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     stream: bool | None = False
+
+
+    @field_validator("logprobs", mode="plain")
+    @classmethod
+    def _logprobs(cls, value):
+        if value is None or isinstance(value, bool) or (
+                isinstance(value, int) and 0 <= value <= 20):
+            return value
+        raise ValueError("must be a boolean (OpenAI) or an integer from 0 to 20 (Together)")
 
 
 class EmbeddingRequest(_Body):

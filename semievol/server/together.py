@@ -1,0 +1,241 @@
+"""Together's dialect of the API, served beside OpenAI's on the same port (no flag): a
+client of either finds its paths, over one store, one trainer and one backend.
+
+    POST /v1/files/upload                     (multipart: file, file_name, purpose)
+    POST /v1/fine-tunes   GET /v1/fine-tunes   GET /v1/fine-tunes/{id}
+    POST /v1/fine-tunes/{id}/cancel   GET /v1/fine-tunes/{id}/events
+    GET /v1/fine-tunes/models/limits   POST /v1/fine-tunes/estimate-price
+
+Chat completions with an integer ``logprobs`` and embeddings share OpenAI's routes (see
+``chat.py``). A Together job is a job of the store like any other (so each dialect lists
+every job), created through :func:`~semievol.server.app.submit_job`; this module only maps
+Together's request onto it and shows the record in Together's shape:
+
+- ``learning_rate``, ``training_type.lora_r`` / ``lora_alpha`` / ``lora_dropout``,
+  ``warmup_ratio`` and the scheduler go to the backend's FinetuneConfig as given;
+  ``batch_size: "max"`` is the OpenAI mapping's "auto"; ``random_seed`` is the seed.
+- ``from_checkpoint`` (a job id or an output model name made here, an optional ``:step``
+  ignored: only the final checkpoint is kept) continues that model, as ``model`` of an
+  OpenAI job does with an ``ft:`` name.
+- Status: pending (validating files), queued, running, completed, error, cancelled.
+- The model made is ``semievol/<base>-<suffix>-<8 characters of the job id>``.
+- Full training, DPO, validation files, evaluations and W&B are refused or ignored; the
+  price estimate is 0 dollars (a local model) with a word count as its token count.
+"""
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, BackgroundTasks, Depends, Form, Query, UploadFile
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..config import FinetuneConfig
+from .app import ORGANIZATION, ApiError, Server, ServerDep, _authorize, _job, save_upload, \
+    submit_job
+from .jobs import BASE_LEARNING_RATE
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(_authorize)])
+
+STATUS = {"validating_files": "pending", "queued": "queued", "running": "running",
+          "succeeded": "completed", "failed": "error", "cancelled": "cancelled"}
+EVENT_TYPES = {"error": "job_error", "warn": "warning"}
+"""Together's event type of a store event, by level (the store keeps no finer type)."""
+MAX_EPOCHS, MAX_BATCH, MAX_RANK = 50, 256, 64
+MIN_SAMPLES = 1
+"""Together's fewest training examples (its SDK's ``MIN_SAMPLES``), not OpenAI's 10."""
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class LoRA(_Body):
+    type: Literal["Lora", "Full"]
+    lora_r: Annotated[int, Field(ge=1, le=MAX_RANK)] | None = None
+    lora_alpha: Annotated[int, Field(ge=1)] | None = None
+    lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+
+
+class Method(_Body):
+    method: Literal["sft", "dpo"] = "sft"
+
+
+class Scheduler(_Body):
+    lr_scheduler_type: Literal["linear", "cosine"] = "cosine"
+
+
+class FineTuneCreate(_Body):
+    training_file: str = Field(min_length=1, max_length=128)
+    model: str | None = Field(None, min_length=1, max_length=256)
+    from_checkpoint: str | None = Field(None, min_length=1, max_length=256)
+    n_epochs: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] = 1
+    batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH)] | Literal["max"] = "max"
+    learning_rate: Annotated[float, Field(gt=0, le=1)] = 1e-5
+    warmup_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0
+    lr_scheduler: Scheduler | None = None
+    training_type: LoRA | None = None
+    training_method: Method | None = None
+    suffix: str | None = Field(None, max_length=40, pattern=r"^[A-Za-z0-9._-]*$")
+    random_seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+
+
+class PriceRequest(_Body):
+    training_file: str = Field(min_length=1, max_length=128)
+    model: str | None = None
+    from_checkpoint: str | None = None
+    n_epochs: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] = 1
+
+
+# -- files --------------------------------------------------------------------------------
+@router.post("/files/upload")
+def upload(server: ServerDep, file: UploadFile, purpose: Annotated[str, Form()],
+           file_name: Annotated[str, Form()],
+           file_type: Annotated[Literal["jsonl"] | None, Form()] = None):
+    record = save_upload(server, file, purpose, file_name)
+    return {"id": record["id"], "object": "file", "created_at": record["created_at"],
+            "filename": record["filename"], "bytes": record["bytes"],
+            "purpose": record["purpose"], "FileType": "jsonl", "Processed": True}
+
+
+# -- fine-tunes ---------------------------------------------------------------------------
+@router.post("/fine-tunes")
+def create(server: ServerDep, body: FineTuneCreate, background: BackgroundTasks):
+    lora = body.training_type or LoRA(type="Lora")
+    if lora.type != "Lora":
+        raise ApiError(400, "Full fine-tuning is not supported by this server; use "
+                       "training_type Lora.", param="training_type")
+    if body.training_method is not None and body.training_method.method != "sft":
+        raise ApiError(400, "Only the 'sft' training method is supported by this server.",
+                       param="training_method")
+    if (body.model is None) == (body.from_checkpoint is None):
+        raise ApiError(400, "Specify either a model or a checkpoint to start from.",
+                       param="model")
+    model = _checkpoint(server, body.from_checkpoint) if body.from_checkpoint else body.model
+    rank = lora.lora_r or FinetuneConfig().lora_rank
+    finetune = {"learning_rate": body.learning_rate, "lora_rank": rank,
+                "lora_alpha": lora.lora_alpha or 2 * rank, "lora_dropout": lora.lora_dropout,
+                "warmup_ratio": min(body.warmup_ratio, 0.99),
+                "lr_scheduler": (body.lr_scheduler or Scheduler()).lr_scheduler_type}
+    hyper = {"n_epochs": body.n_epochs, "batch_size": "auto" if body.batch_size == "max"
+             else body.batch_size, "learning_rate_multiplier": body.learning_rate
+             / BASE_LEARNING_RATE}
+    suffix = body.suffix or None
+    record = submit_job(
+        server, background, model=model, training_file=body.training_file,
+        validation_file=None, hyperparameters=hyper, seed=body.random_seed, suffix=suffix,
+        name=lambda root, job_id: f"{ORGANIZATION}/{root.split('/')[-1]}"
+                                  f"{'-' + suffix if suffix else ''}-{job_id[6:14]}",
+        private={"_finetune": finetune, "_from_checkpoint": body.from_checkpoint,
+                 "_min_examples": MIN_SAMPLES})
+    return job_view(record)
+
+
+def _checkpoint(server: Server, checkpoint: str) -> str:
+    """The served model a ``from_checkpoint`` names: a job's output (by job id) or an
+    output model name; ``:step`` is ignored (only the final checkpoint is kept)."""
+    name = re.sub(r":\d+$", "", checkpoint)
+    job = server.store.job(name)
+    if job is not None:
+        if job["status"] != "succeeded":
+            raise ApiError(400, f"Job {name} has no checkpoint: it is {job['status']}.",
+                           param="from_checkpoint")
+        return job["fine_tuned_model"]
+    if server.store.model(name) is None:
+        raise ApiError(400, f"No checkpoint '{checkpoint}': not a job or a model made here.",
+                       param="from_checkpoint", code="invalid_checkpoint")
+    return name
+
+
+@router.get("/fine-tunes")
+def list_jobs(server: ServerDep):
+    return {"data": [job_view(j) for j in server.store.jobs()]}
+
+
+@router.get("/fine-tunes/models/limits")
+def limits(server: ServerDep, model_name: Annotated[str, Query(min_length=1)]):
+    """What this server takes for a model it can fine-tune (the OpenAI dialect's bounds)."""
+    if model_name != server.backend.default_model and server.store.model(model_name) is None:
+        raise ApiError(404, f"Model {model_name} is not available for fine-tuning.",
+                       param="model_name", code="model_not_available")
+    config = FinetuneConfig()
+    return {"model_name": model_name, "default_gradient_accumulation_steps": 1,
+            "lora_training": {"default_rank": config.lora_rank, "max_rank": MAX_RANK,
+                              "min_batch_size": 1, "max_batch_size": MAX_BATCH,
+                              "max_batch_size_dpo": 0, "target_modules": ["all-linear"]},
+            "full_training": None, "supports_full_training": False,
+            "min_learning_rate": 1e-7, "max_learning_rate": 1.0,
+            "max_num_epochs": MAX_EPOCHS, "max_num_checkpoints": 1, "max_num_evals": 0,
+            "max_seq_length_sft": config.max_length, "max_seq_length_dpo": 0,
+            "min_max_seq_length": 8, "merge_output_lora": False, "supports_reasoning": False,
+            "supports_tools": False, "supports_vision": False}
+
+
+@router.post("/fine-tunes/estimate-price")
+def estimate_price(server: ServerDep, body: PriceRequest):
+    record = server.store.file(body.training_file)
+    if record is None:
+        raise ApiError(400, f"Invalid file id '{body.training_file}': no such file.",
+                       param="training_file", code="invalid_file_id")
+    words = len(server.store.file_path(record["id"]).read_bytes().split())
+    return {"estimation_available": True, "estimated_total_price": 0.0,
+            "allowed_to_proceed": True, "estimated_train_token_count": words * body.n_epochs,
+            "estimated_eval_token_count": 0}
+
+
+@router.get("/fine-tunes/{job_id}")
+def retrieve(server: ServerDep, job_id: str):
+    return job_view(_job(server, job_id))
+
+
+@router.post("/fine-tunes/{job_id}/cancel")
+def cancel(server: ServerDep, job_id: str):
+    record = _job(server, job_id)
+    cancelled = server.trainer.cancel(job_id)
+    if cancelled is None:
+        raise ApiError(400, f"Job {job_id} is already {STATUS[record['status']]}; it cannot "
+                       "be cancelled.", param="id")
+    return job_view(cancelled)
+
+
+@router.get("/fine-tunes/{job_id}/events")
+def events(server: ServerDep, job_id: str):
+    _job(server, job_id)
+    return {"data": [{"object": "fine-tune-event", "created_at": _iso(e["created_at"]),
+                      "level": {"warn": "warning"}.get(e["level"], e["level"]),
+                      "message": e["message"],
+                      "type": EVENT_TYPES.get(e["level"], "job_start")}
+                     for e in reversed(server.store.events(job_id))]}
+
+
+def job_view(record: dict) -> dict:
+    """A store job as Together shows a fine-tune."""
+    hyper, finetune = record["hyperparameters"], record.get("_finetune", {})
+    rank = finetune.get("lora_rank", FinetuneConfig().lora_rank)
+    return {
+        "id": record["id"], "job_id": record["id"], "object": "finetune",
+        "status": STATUS[record["status"]], "user_id": ORGANIZATION,
+        "model": record["_root_model"], "model_output_name": record["_fine_tuned_model"],
+        "suffix": record["user_provided_suffix"], "training_file": record["training_file"],
+        "validation_file": record["validation_file"] or "",
+        "from_checkpoint": record.get("_from_checkpoint"),
+        "n_epochs": hyper["n_epochs"] if hyper["n_epochs"] != "auto" else None,
+        "batch_size": hyper["batch_size"] if hyper["batch_size"] != "auto" else None,
+        "learning_rate": finetune.get("learning_rate", BASE_LEARNING_RATE * (
+            hyper["learning_rate_multiplier"] if hyper["learning_rate_multiplier"] != "auto"
+            else 1.0)),
+        "training_type": {"type": "Lora", "lora_r": rank,
+                          "lora_alpha": finetune.get("lora_alpha", FinetuneConfig().lora_alpha),
+                          "lora_dropout": finetune.get("lora_dropout", 0.0),
+                          "lora_trainable_modules": "all-linear"},
+        "training_method": {"method": "sft", "train_on_inputs": False},
+        "random_seed": record["seed"], "token_count": record["trained_tokens"],
+        "total_price": 0, "created_at": _iso(record["created_at"]),
+        "updated_at": _iso(record["finished_at"] or record["created_at"]),
+        "error": (record["error"] or {}).get("message"),
+    }
+
+
+def _iso(timestamp: int) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat()
