@@ -321,6 +321,39 @@ def test_malformed_training_file_fails_the_job_with_its_line(client, rows, line,
     assert events[0].level == "error"
 
 
+def test_idempotency_key_makes_one_job_concurrent_sequential_and_after_a_restart(tmp_path):
+    """Ten concurrent creates with one key, the same key again, and again after a restart:
+    one job, and every answer is that job as created. The key with another body: 422."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    state = tmp_path / "state"
+    with running_server("fake", state) as server:
+        client = server.client()
+        training = _upload(client, TEN)
+
+        def create(key, suffix="same"):
+            return client.fine_tuning.jobs.create(model="fake-base", training_file=training.id,
+                                                  suffix=suffix,
+                                                  extra_headers={"Idempotency-Key": key})
+
+        with ThreadPoolExecutor(10) as pool:
+            jobs = list(pool.map(lambda _: create("key-1"), range(10)))
+        assert len({j.id for j in jobs}) == 1
+        assert {j.model_dump_json() for j in jobs} == {jobs[0].model_dump_json()}
+        assert create("key-1").model_dump_json() == jobs[0].model_dump_json()
+        assert create("key-2").id != jobs[0].id              # another key, another job
+        with pytest.raises(openai.UnprocessableEntityError, match="Idempotency-Key"):
+            create("key-1", suffix="different")
+        assert len(client.fine_tuning.jobs.list(limit=100).data) == 2
+    with running_server("fake", state) as server:
+        client = server.client()
+        again = client.fine_tuning.jobs.create(model="fake-base", training_file=training.id,
+                                               suffix="same",
+                                               extra_headers={"Idempotency-Key": "key-1"})
+        assert again.id == jobs[0].id and again.status == "validating_files"
+        assert len(client.fine_tuning.jobs.list(limit=100).data) == 2
+
+
 @pytest.mark.parametrize("auth", [b"", b"Authorization: Bearer wrong\r\n"])
 def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(fake_server, auth):
     """Headers announce a 900 kB upload (under the 1 MB limit) and no body follows: the

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import os
 import re
@@ -38,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import (APIRouter, BackgroundTasks, Depends, FastAPI, Form, Query, Request,
-                     UploadFile)
+from fastapi import (APIRouter, BackgroundTasks, Depends, FastAPI, Form, Header, Query,
+                     Request, UploadFile)
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException
@@ -47,7 +48,7 @@ from starlette.exceptions import HTTPException
 from .chat import choice, cut_at_stop, embedding_rows, together_dialect
 from .jobs import Trainer
 from .schemas import ChatRequest, EmbeddingRequest, Hyperparameters, JobCreate
-from .store import DamagedRecord, Store, new_id, now, public
+from .store import DamagedRecord, IdempotencyConflict, Store, new_id, now, public
 from .validate import MIN_EXAMPLES
 
 log = logging.getLogger("semievol.server")
@@ -341,7 +342,8 @@ def delete_file(server: ServerDep, file_id: str):
 
 # -- fine-tuning jobs --------------------------------------------------------------------
 @router.post("/fine_tuning/jobs")
-def create_job(server: ServerDep, body: JobCreate, background: BackgroundTasks):
+def create_job(server: ServerDep, body: JobCreate, background: BackgroundTasks,
+               idempotency_key: Annotated[str | None, Header()] = None):
     """Record the job as ``validating_files`` and answer; its files are validated right
     after the response, then it waits for the worker."""
     if body.method is not None and body.method.type != "supervised":
@@ -361,19 +363,54 @@ def create_job(server: ServerDep, body: JobCreate, background: BackgroundTasks):
                         hyperparameters=requested.model_dump(), seed=body.seed,
                         suffix=body.suffix, metadata=body.metadata,
                         name=lambda root, job_id: f"ft:{root}:{ORGANIZATION}:"
-                                                  f"{body.suffix or ''}:{job_id[6:14]}")
+                                                  f"{body.suffix or ''}:{job_id[6:14]}",
+                        idempotency_key=idempotency_key)
     return public(record)
 
 
 def submit_job(server: Server, background: BackgroundTasks, *, model: str, training_file: str,
                validation_file: str | None, hyperparameters: dict, seed: int | None,
                suffix: str | None, name, metadata: dict | None = None,
-               private: dict | None = None) -> dict:
+               private: dict | None = None, idempotency_key: str | None = None) -> dict:
     """Check a job's model and files, record it as ``validating_files`` and validate its
     files right after the response (then it waits for the worker). The one path by which
     every dialect creates a job: ``hyperparameters`` are OpenAI's (``"auto"`` allowed),
     ``name(root model, job id)`` is the model it will make, ``private`` extra ``_`` keys
-    (``_finetune``: FinetuneConfig fields that override the OpenAI mapping)."""
+    (``_finetune``: FinetuneConfig fields that override the OpenAI mapping).
+
+    With an ``Idempotency-Key``, the first request with that key makes the job and every
+    later one (concurrent, retried, after a restart) gets that same job as it was created;
+    the key with another request is refused with 422, as the IETF Idempotency-Key draft
+    has it."""
+    request = {"model": model, "training_file": training_file, "validation_file":
+               validation_file, "hyperparameters": hyperparameters, "seed": seed,
+               "suffix": suffix, "metadata": metadata, "private": private}
+    made = []
+
+    def make() -> dict:
+        made.append(_new_job(server, request, name))
+        return made[0]
+
+    if idempotency_key is None:
+        record = make()
+    else:
+        digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+        try:
+            record = server.store.idempotent("fine-tuning jobs", idempotency_key, digest, make)
+        except IdempotencyConflict:
+            raise ApiError(422, "This Idempotency-Key was already used with a different "
+                           "request; use a new key for a new job.",
+                           code="idempotency_key_reused") from None
+    if made:  # a new job: validate its files after the response
+        background.add_task(server.trainer.validate, record["id"])
+    return record
+
+
+def _new_job(server: Server, request: dict, name) -> dict:
+    """Check the job's model and files and record it (``validating_files``)."""
+    model, training_file = request["model"], request["training_file"]
+    validation_file, hyperparameters = request["validation_file"], request["hyperparameters"]
+    seed, suffix = request["seed"], request["suffix"]
     base_ref, root = _fine_tunable(server, model)
     for param, file_id in (("training_file", training_file),
                            ("validation_file", validation_file)):
@@ -398,15 +435,15 @@ def submit_job(server: Server, background: BackgroundTasks, *, model: str, train
         "seed": seed if seed is not None else secrets.randbelow(2**31),
         "status": "validating_files", "trained_tokens": None,
         "training_file": training_file, "validation_file": validation_file,
-        "integrations": None, "estimated_finish": None, "metadata": metadata,
+        "integrations": None, "estimated_finish": None, "metadata": request["metadata"],
         "user_provided_suffix": suffix,
         "_requested_hyperparameters": hyperparameters, "_base_ref": base_ref,
-        "_root_model": root, "_fine_tuned_model": name(root, job_id), **(private or {}),
+        "_root_model": root, "_fine_tuned_model": name(root, job_id),
+        **(request["private"] or {}),
     }
     server.store.add_job(record)
     server.store.add_event(job_id, f"Created fine-tuning job: {job_id}")
     server.store.add_event(job_id, f"Validating training file: {training_file}")
-    background.add_task(server.trainer.validate, job_id)
     return record
 
 

@@ -28,7 +28,7 @@ import re
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, BackgroundTasks, Depends, Form, Query, UploadFile
+from fastapi import APIRouter, BackgroundTasks, Depends, Form, Header, Query, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import FinetuneConfig
@@ -101,7 +101,8 @@ def upload(server: ServerDep, file: UploadFile, purpose: Annotated[str, Form()],
 
 # -- fine-tunes ---------------------------------------------------------------------------
 @router.post("/fine-tunes")
-def create(server: ServerDep, body: FineTuneCreate, background: BackgroundTasks):
+def create(server: ServerDep, body: FineTuneCreate, background: BackgroundTasks,
+           idempotency_key: Annotated[str | None, Header()] = None):
     lora = body.training_type or LoRA(type="Lora")
     if lora.type != "Lora":
         raise ApiError(400, "Full fine-tuning is not supported by this server; use "
@@ -128,7 +129,7 @@ def create(server: ServerDep, body: FineTuneCreate, background: BackgroundTasks)
         name=lambda root, job_id: f"{ORGANIZATION}/{root.split('/')[-1]}"
                                   f"{'-' + suffix if suffix else ''}-{job_id[6:14]}",
         private={"_finetune": finetune, "_from_checkpoint": body.from_checkpoint,
-                 "_min_examples": MIN_SAMPLES})
+                 "_min_examples": MIN_SAMPLES}, idempotency_key=idempotency_key)
     return job_view(record)
 
 
