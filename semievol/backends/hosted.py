@@ -1,8 +1,10 @@
 """What the two hosted-API backends (``openai``, ``together``) share, in one home: the job
-records that keep a crashed run from paying twice, polling with tenacity, and the small pure
-helpers (digests, file names, JSONL, request batches, normalised embedding rows).
+records that keep a crashed run from paying twice, polling with tenacity, the translation of
+SDK errors into semievol's, and the small pure helpers (digests, file names, JSONL, request
+batches, normalised embedding rows).
 
-Nothing here imports a provider SDK.
+Nothing here imports a provider SDK: both SDKs are generated from the same template and
+raise the same exception classes, each from its own module, which is passed in.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -17,7 +20,7 @@ from urllib.parse import urlparse
 import numpy as np
 from tenacity import Retrying, retry_if_result, stop_after_delay, stop_never, wait_exponential
 
-from ..errors import ConfigError
+from ..errors import BackendError, ConfigError
 from ..rundir import atomic_write_json
 
 
@@ -142,3 +145,43 @@ def is_loopback(url: str) -> bool:
 def scrub(text: str, secret: str) -> str:
     """``text`` with the API key replaced by ``***`` (keys too short to be real are left)."""
     return text.replace(secret, "***") if len(secret) >= 8 else text
+
+
+def server_message(error, secret: str) -> str:
+    """The server's own words in an SDK status error: the ``message`` of its body (or of the
+    body's ``error``), the key removed."""
+    body = error.body if isinstance(error.body, dict) else {}
+    inner = body.get("error") if isinstance(body.get("error"), dict) else body
+    return scrub(str(inner.get("message") or error.message), secret)
+
+
+@contextmanager
+def sdk_errors(sdk, what: str, *, where: str, client, secret: str, key_env: str,
+               base: type[Exception]):
+    """The one place an SDK's errors become :class:`~semievol.errors.BackendError`, each
+    saying what failed, where, and whether running again resumes. ``sdk`` is the
+    ``openai`` or ``together`` module, ``base`` its root exception; the SDK has already
+    retried what is worth it."""
+    retries = client.max_retries
+    try:
+        yield
+    except sdk.APITimeoutError:
+        raise BackendError(f"{what}: {where} did not answer within {client.timeout} s "
+                           f"({retries} retries); run again to resume") from None
+    except sdk.APIConnectionError as e:
+        raise BackendError(f"{what}: could not reach {where} ({retries} retries): "
+                           f"{scrub(str(e.__cause__ or e), secret)}; run again to resume"
+                           ) from None
+    except (sdk.AuthenticationError, sdk.PermissionDeniedError) as e:
+        raise BackendError(f"{what}: {where} refused the API key (HTTP {e.status_code}): "
+                           f"{server_message(e, secret)}. Set {key_env}.") from None
+    except sdk.RateLimitError as e:
+        raise BackendError(f"{what}: rate-limited or out of quota or credit (HTTP 429) after "
+                           f"{retries} retries: {server_message(e, secret)}; run again later "
+                           "to resume") from None
+    except sdk.APIStatusError as e:
+        hint = "; run again to resume" if e.status_code >= 500 else ""
+        raise BackendError(f"{what}: HTTP {e.status_code} from {where}: "
+                           f"{server_message(e, secret)}{hint}") from None
+    except base as e:
+        raise BackendError(f"{what}: {scrub(str(e), secret)}") from None

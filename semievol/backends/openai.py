@@ -56,8 +56,8 @@ from openai.types.chat import ChatCompletion
 
 from .. import cost
 from .hosted import (Records, TrainingStats, digest as _digest, example_problem, is_loopback,
-                     jsonl as _jsonl, normalised, poll, request_batches, scrub, slug as _slug,
-                     whole_epochs)
+                     jsonl as _jsonl, normalised, poll, request_batches, scrub, sdk_errors,
+                     server_message, slug as _slug, whole_epochs)
 from ..errors import BackendError, ConfigError, DataError, FinetuneFailed
 from ..types import ChatExample, Generation, Message, Usage
 
@@ -434,32 +434,10 @@ class OpenAIBackend:
     # -- plumbing -----------------------------------------------------------------------
     @contextmanager
     def _api(self, what: str):
-        """The one place SDK errors become semievol errors (tree in the module docstring).
-        The SDK has already retried what is worth retrying."""
-        where = self.base_url
-        retries = self.client.max_retries
-        try:
+        """SDK errors as semievol's (:func:`~semievol.backends.hosted.sdk_errors`)."""
+        with sdk_errors(openai, what, where=self.base_url, client=self.client,
+                        secret=self._secret, key_env="OPENAI_API_KEY", base=openai.OpenAIError):
             yield
-        except openai.APITimeoutError:
-            raise BackendError(f"{what}: {where} did not answer within {self.client.timeout}"
-                               f" s ({retries} retries); run again to resume") from None
-        except openai.APIConnectionError as e:
-            raise BackendError(f"{what}: could not reach {where} ({retries} retries): "
-                               f"{self._scrub(str(e.__cause__ or e))}; run again to resume"
-                               ) from None
-        except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
-            raise BackendError(f"{what}: {where} refused the API key (HTTP {e.status_code}): "
-                               f"{self._reason(e)}. Set OPENAI_API_KEY.") from None
-        except openai.RateLimitError as e:
-            raise BackendError(f"{what}: rate-limited or out of quota (HTTP 429) after "
-                               f"{retries} retries: {self._reason(e)}; run again later "
-                               "to resume") from None
-        except openai.APIStatusError as e:
-            hint = "; run again to resume" if e.status_code >= 500 else ""
-            raise BackendError(f"{what}: HTTP {e.status_code} from {where}: "
-                               f"{self._reason(e)}{hint}") from None
-        except openai.OpenAIError as e:
-            raise BackendError(f"{what}: {self._scrub(str(e))}") from None
 
     @contextmanager
     def _finetuning_access(self):
@@ -471,7 +449,7 @@ class OpenAIBackend:
         except openai.APIStatusError as e:
             if not lost_finetuning_access(e):
                 raise
-            reason = f"HTTP {e.status_code}: {self._reason(e)}"
+            reason = f"HTTP {e.status_code}: {server_message(e, self._secret)}"
             raise BackendError(FINETUNING_CLOSED.format(reason=reason)) from None
 
     def _poll(self, fetch: Callable, done: Callable):
@@ -482,11 +460,6 @@ class OpenAIBackend:
                  cost: float | None = None) -> None:
         with self._lock:
             self.usage.add(prompt=prompt, completion=completion, trained=trained, cost=cost)
-
-    def _reason(self, error: openai.APIStatusError) -> str:
-        """The server's own message (the ``error.message`` of its body), key removed."""
-        body = error.body if isinstance(error.body, dict) else {}
-        return self._scrub(str(body.get("message") or error.message))
 
     def _scrub(self, text: str) -> str:
         return scrub(text, self._secret)

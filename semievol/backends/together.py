@@ -68,7 +68,7 @@ from .. import cost
 from ..errors import BackendError, ConfigError, DataError, FinetuneFailed
 from ..types import ChatExample, Generation, Message, Usage
 from .hosted import (Records, TrainingStats, digest, example_problem, is_loopback, jsonl,
-                     normalised, poll, request_batches, scrub, slug, whole_epochs)
+                     normalised, poll, request_batches, scrub, sdk_errors, slug, whole_epochs)
 
 __all__ = ["TogetherBackend", "validate_training_data", "DEFAULT_MODEL",
            "DEFAULT_EMBED_MODEL"]
@@ -409,32 +409,12 @@ class TogetherBackend:
     # -- plumbing -----------------------------------------------------------------------
     @contextmanager
     def _api(self, what: str):
-        """The one place SDK errors become semievol errors (tree in the module docstring).
-        The SDK has already retried what is worth retrying."""
-        where = self.base_url
-        retries = self.client.max_retries
+        """SDK errors as semievol's (:func:`~semievol.backends.hosted.sdk_errors`)."""
         try:
-            yield
-        except together.APITimeoutError:
-            raise BackendError(f"{what}: {where} did not answer within {self.client.timeout}"
-                               f" s ({retries} retries); run again to resume") from None
-        except together.APIConnectionError as e:
-            raise BackendError(f"{what}: could not reach {where} ({retries} retries): "
-                               f"{self._scrub(str(e.__cause__ or e))}; run again to resume"
-                               ) from None
-        except (together.AuthenticationError, together.PermissionDeniedError) as e:
-            raise BackendError(f"{what}: {where} refused the API key (HTTP {e.status_code}): "
-                               f"{self._reason(e)}. Set TOGETHER_API_KEY.") from None
-        except together.RateLimitError as e:
-            raise BackendError(f"{what}: rate-limited or out of credit (HTTP 429) after "
-                               f"{retries} retries: {self._reason(e)}; run again later "
-                               "to resume") from None
-        except together.APIStatusError as e:
-            hint = "; run again to resume" if e.status_code >= 500 else ""
-            raise BackendError(f"{what}: HTTP {e.status_code} from {where}: "
-                               f"{self._reason(e)}{hint}") from None
-        except together.TogetherError as e:
-            raise BackendError(f"{what}: {self._scrub(str(e))}") from None
+            with sdk_errors(together, what, where=self.base_url, client=self.client,
+                            secret=self._secret, key_env="TOGETHER_API_KEY",
+                            base=together.TogetherError):
+                yield
         except ValueError as e:  # the SDK's own checks of a job request
             raise ConfigError(f"{what}: {self._scrub(str(e))}") from None
 
@@ -445,12 +425,6 @@ class TogetherBackend:
                  cost: float | None = None) -> None:
         with self._lock:
             self.usage.add(prompt=prompt, completion=completion, trained=trained, cost=cost)
-
-    def _reason(self, error: together.APIStatusError) -> str:
-        """The server's own message (``error.message`` or ``message`` of its body)."""
-        body = error.body if isinstance(error.body, dict) else {}
-        inner = body.get("error") if isinstance(body.get("error"), dict) else body
-        return self._scrub(str(inner.get("message") or error.message))
 
     def _scrub(self, text: str) -> str:
         return scrub(text, self._secret)
