@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
@@ -36,6 +37,7 @@ def main(argv=None) -> dict:
     rng = np.random.default_rng(0)
     queries = unit(args.queries, args.dim, rng)
     rows = []
+    print("load average (1, 5, 15 min) at the start: %.1f %.1f %.1f" % os.getloadavg())
     print(f"{'pool':>10} {'exact s':>9} {'ivf s':>9} {'speed-up':>9} {'recall@k':>9}")
     for size in [int(s) for s in args.pools.split(",")]:
         keys = unit(size, args.dim, rng)
@@ -50,6 +52,7 @@ def main(argv=None) -> dict:
                      "recall": round(recall, 4)})
         print(f"{size:>10,} {t_exact:>9.2f} {t_ivf:>9.2f} {t_exact / t_ivf:>8.1f}x {recall:>9.4f}",
               flush=True)
+    print("load average (1, 5, 15 min) at the end: %.1f %.1f %.1f" % os.getloadavg())
     summary = {"dim": args.dim, "queries": args.queries, "k": args.k, "rows": rows}
     print(json.dumps(summary))
     return summary

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -66,6 +67,7 @@ def main(argv=None) -> dict:
         return {}
 
     rows = []
+    print("load average (1, 5, 15 min) at the start: %.1f %.1f %.1f" % os.getloadavg())
     print(f"{'unlabeled':>10} {'seconds':>9} {'us/item':>9} {'peak MiB':>9}  slowest stages")
     for size in [int(s) for s in args.sizes.split(",")]:
         out = subprocess.run([sys.executable, __file__, "--one", str(size), "--labeled",
@@ -77,6 +79,7 @@ def main(argv=None) -> dict:
         print(f"{size:>10,} {row['seconds']:>9.1f} {row['us_per_item']:>9.1f} "
               f"{row['peak_mib']:>9.0f}  " + ", ".join(f"{k} {v:.1f}s" for k, v in slow),
               flush=True)
+    print("load average (1, 5, 15 min) at the end: %.1f %.1f %.1f" % os.getloadavg())
     summary = {"rows": [{k: r[k] for k in ("size", "us_per_item", "peak_mib")} for r in rows],
                "per_item_ratio_largest_to_smallest":
                    round(rows[-1]["us_per_item"] / rows[0]["us_per_item"], 2)}
