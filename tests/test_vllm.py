@@ -167,3 +167,26 @@ def test_a_run_on_fpb_through_vllm(shared, vllm_url, tmp_path):
     served = {m.id for m in VLLMServer(vllm_url, usage=Usage()).models()}
     for kind in ("warm", "evolved"):
         assert served_name(results["models"][kind]) in served
+
+
+@pytest.mark.slow
+def test_semievol_serve_generates_on_vllm(vllm_url, tmp_path):
+    """`semievol serve --backend hf --vllm-url`: its chat completions come from vLLM (its
+    request counter moves), with the local loop's greedy text."""
+    import urllib.request
+
+    from test_server import running_server
+
+    def requests_done() -> float:
+        with urllib.request.urlopen(f"{vllm_url}/metrics") as response:
+            lines = response.read().decode().splitlines()
+        return sum(float(line.split()[-1]) for line in lines
+                   if line.startswith("vllm:request_success_total"))
+
+    before = requests_done()
+    with running_server("hf", tmp_path / "state", "--vllm-url", vllm_url) as server:
+        reply = server.client().chat.completions.create(
+            model="smollm2-135m", messages=PROMPTS[2], n=2, logprobs=True, max_tokens=8,
+            temperature=1.0, seed=0)
+    assert len(reply.choices) == 2 and all(c.logprobs.content for c in reply.choices)
+    assert requests_done() > before

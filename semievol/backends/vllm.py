@@ -154,7 +154,9 @@ def start_server(model: str | Path, *, python: str | Path = sys.executable,
                  timeout: float = 300.0) -> tuple[subprocess.Popen, str]:
     """Start vLLM's OpenAI-compatible server for ``model`` (an HF folder) on a free loopback
     port, the way semievol's tests and benchmarks run it: runtime LoRA loading on, LoRA
-    rank up to 16, 2048-token context, plus ``args`` (e.g. ``["--dtype", "float32"]``) and
+    rank up to 16, 2048-token context, no chunked prefill (vLLM 0.32 on CPU kills its
+    engine on a seeded request whose prompt is split over steps: "CPU Generator does not
+    use offset"), plus ``args`` (e.g. ``["--dtype", "float32"]``) and
     ``env``. ``python`` is the interpreter that has vLLM (its own venv). Waits until
     ``/health`` answers; returns the process (terminate it when done) and the URL. Output
     goes to ``log`` (default: discarded). Users run their own server their own way."""
@@ -164,7 +166,8 @@ def start_server(model: str | Path, *, python: str | Path = sys.executable,
     url = f"http://127.0.0.1:{port}"
     command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                "--host", "127.0.0.1", "--port", str(port), "--enable-lora",
-               "--max-lora-rank", "16", "--max-model-len", "2048", *args]
+               "--max-lora-rank", "16", "--max-model-len", "2048",
+               "--no-enable-chunked-prefill", *args]
     environment = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
                    "VLLM_NO_USAGE_STATS": "1", **(env or {})}
     with open(log or os.devnull, "w") as out:
