@@ -138,7 +138,7 @@ class HFBackend:
                 generator.seed()
             else:
                 generator.manual_seed(seed)
-            stop = torch.tensor(sorted(_stop_ids(tok, lm)), device=_output_device(lm))
+            stop = torch.tensor(sorted(stop_ids(tok, lm)), device=_output_device(lm))
             order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
             with tqdm(total=len(prompts), desc="generate", unit="prompt", leave=False,
                       disable=self.quiet) as bar:
@@ -251,6 +251,13 @@ class HFBackend:
                 a = answers[start:start + self.batch_size]
                 out.extend(_teacher_forced(lm, tok.pad_token_id, p, a))
         return out
+
+    @contextmanager
+    def loaded(self, model: str) -> Iterator[tuple[torch.nn.Module, object]]:
+        """(torch model, tokenizer) of ``model``, its adapter on, for code that drives
+        transformers itself (benchmarks); the backend's own state, not a copy."""
+        with self._active(model) as lm:
+            yield lm, self._tokenizer
 
     # -- models and adapters -----------------------------------------------------------
     def _resolve(self, ref: str) -> tuple[str, str | None]:
@@ -554,7 +561,7 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids, mask
 
 
-def _stop_ids(tok, model) -> set[int]:
+def stop_ids(tok, model) -> set[int]:
     """End-of-turn and end-of-sequence ids of the tokenizer and generation config."""
     ids = {tok.eos_token_id}
     configured = getattr(model.generation_config, "eos_token_id", None)
