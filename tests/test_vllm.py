@@ -5,8 +5,9 @@ The server (the ``vllm_url`` session fixture) serves the float32 export of the e
 model; the local side loads the GGUF alias in float32: the same weights in the same dtype.
 Measured on this CPU: greedy texts identical, token log-probabilities within 2e-5 of the
 local loop's (base model and through a LoRA adapter), so TOLERANCE below leaves a 5x
-margin for other CPUs' kernels. (vLLM serving the bfloat16 export instead runs in bfloat16
-and is not comparable at this precision.)"""
+margin for other CPUs' kernels. The server runs with ``--dtype float32``: on its default
+(``auto``, the folder's dtype) a bfloat16 export would run in bfloat16, which is not the
+local loop's arithmetic and was not compared here."""
 from __future__ import annotations
 
 import json
