@@ -127,7 +127,15 @@ def main(argv: list[str] | None = None) -> None:
             for backend in (local, remote):
                 backend.generate_with_logprobs(model, prompts[:2], n=args.n, temperature=1.0,
                                                max_tokens=4, seed=0)
+        with local.loaded(local.default_model) as (_, tok):
+            lengths = [len(tok.apply_chat_template(p, tokenize=True, add_generation_prompt=True,
+                                                   return_dict=True)["input_ids"])
+                       for p in prompts]
         load_before = os.getloadavg()[0]
+        print(f"{len(prompts)} fpb collaborate prompts of {min(lengths)}-{max(lengths)} "
+              f"tokens, n={args.n}, max_tokens={args.max_tokens}, temperature 1, float32; "
+              f"local batches of {args.batch_size} prompts on {torch.get_num_threads()} torch "
+              f"threads; load average {load_before:.1f} at the start", flush=True)
         rounds: list[dict[str, tuple[float, int]]] = []
         for rep in range(args.repeats):
             measured = {}
@@ -135,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
                 start = time.perf_counter()
                 tokens = engine(rep)
                 measured[name] = (time.perf_counter() - start, tokens)
+                seconds = measured[name][0]
+                print(f"round {rep + 1}  {name:<10}{tokens:>6} tokens {seconds:>7.1f} s "
+                      f"{tokens / seconds:>7.1f} tok/s", flush=True)
             rounds.append(measured)
         load_after = os.getloadavg()[0]
     finally:
@@ -148,19 +159,10 @@ def main(argv: list[str] | None = None) -> None:
         ratios.update({"loop+lora/loop": ("loop+lora", "loop"),
                        "vllm+lora/vllm": ("vllm+lora", "vllm")})
     ratio = {k: [a / b for a, b in zip(speed[x], speed[y])] for k, (x, y) in ratios.items()}
-    with local.loaded(local.default_model) as (_, tok):
-        lengths = [len(tok.apply_chat_template(p, tokenize=True, add_generation_prompt=True,
-                                               return_dict=True)["input_ids"]) for p in prompts]
-
-    print(f"{len(prompts)} fpb collaborate prompts of {min(lengths)}-{max(lengths)} tokens, "
-          f"n={args.n}, max_tokens={args.max_tokens}, temperature 1, float32; local batches "
-          f"of {args.batch_size} prompts on {torch.get_num_threads()} torch threads; load "
-          f"average {load_before:.1f} before, {load_after:.1f} after")
-    print(f"{'engine':<12}" + "".join(f"{'round ' + str(i + 1):>18}" for i in range(args.repeats))
-          + f"{'median tok/s':>14}{'range':>16}")
+    print(f"load average {load_after:.1f} at the end")
+    print(f"{'engine':<12}{'median tok/s':>14}{'range':>16}")
     for name in engines:
-        cells = "".join(f"{f'{r[name][1]} tok {r[name][0]:.1f} s':>18}" for r in rounds)
-        print(f"{name:<12}{cells}{statistics.median(speed[name]):>14.1f}"
+        print(f"{name:<12}{statistics.median(speed[name]):>14.1f}"
               f"{f'{min(speed[name]):.1f}-{max(speed[name]):.1f}':>16}")
     for name, values in ratio.items():
         print(f"{name:<16} median {statistics.median(values):.2f}x "
