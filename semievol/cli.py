@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .config import RECIPES, VIEWS, FinetuneConfig, RunConfig
-from .errors import BackendUnavailable, SemievolError
+from .errors import BackendUnavailable, ConfigError, SemievolError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--state-dir", help="where files, jobs and adapters live (default: ./semievol-serve)")
     srv.add_argument("--api-key", help="require this bearer token (or set SEMIEVOL_API_KEY)")
     srv.add_argument("--max-upload-mb", type=int, default=512, help="largest accepted upload (512)")
+    srv.add_argument("--vllm-url", help=VLLM_HELP)
     srv.set_defaults(func=_cmd_serve)
 
     exp = sub.add_parser("export", help="write a base model as a plain Hugging Face folder",
@@ -152,13 +153,20 @@ def _backend_args(p: argparse.ArgumentParser) -> None:
                    help="seconds per API request (60; raise it for a slow local server)")
     p.add_argument("--openai-batch", action="store_true",
                    help="use the OpenAI Batch API for inference (half price, up to 24 h)")
+    p.add_argument("--vllm-url", help=VLLM_HELP)
+
+
+VLLM_HELP = ("hf backend: generate on the vLLM server at this URL (serving the same base model "
+             "with --enable-lora; adapters are trained here and loaded into it by path)")
 
 
 def make_backend(args, workdir: Path | None, max_cost_usd: float | None = None):
     from .backends import load_backend
 
+    if args.vllm_url and args.backend != "hf":
+        raise ConfigError("--vllm-url works with --backend hf")
     if args.backend == "hf":
-        return load_backend("hf", model=args.model, workdir=workdir)
+        return load_backend("hf", model=args.model, workdir=workdir, vllm_url=args.vllm_url)
     if args.backend == "openai":
         return load_backend("openai", model=args.model, base_url=args.base_url,
                             api_key=args.api_key, workdir=workdir, max_cost_usd=max_cost_usd,
@@ -260,7 +268,7 @@ def _cmd_serve(args) -> int:
 
     serve(backend=args.backend, model=args.model, host=args.host, port=args.port,
           state_dir=args.state_dir, api_key=args.api_key or os.environ.get("SEMIEVOL_API_KEY"),
-          max_upload_mb=args.max_upload_mb)
+          max_upload_mb=args.max_upload_mb, vllm_url=args.vllm_url)
     return 0
 
 

@@ -60,3 +60,36 @@ def hf_backend(tmp_path_factory):
     from semievol.backends import load_backend
 
     return load_backend("hf", workdir=tmp_path_factory.mktemp("hf-work"), quiet=True)
+
+
+VLLM_PYTHON = REPO / ".vllm-venv" / "bin" / "python"
+VLLM_MODEL = REPO / ".vllm" / "smollm2-135m"
+"""What `make vllm` builds: vLLM's own venv, and the embedded model as a float32 HF folder
+(the very weights the hf backend loads from the GGUF file)."""
+
+
+@pytest.fixture(scope="session")
+def vllm_url(tmp_path_factory):
+    """One real vLLM server (CPU) for every vLLM test, serving ``VLLM_MODEL`` in float32 (the
+    hf backend's dtype here) with runtime LoRA loading, on one OpenMP thread so that it
+    shares the two cores with the tests. Fails under ``CI`` when `make vllm` has not run;
+    skips elsewhere."""
+    from semievol.backends.vllm import start_server
+    from semievol.errors import BackendError
+
+    missing = next((p for p in (VLLM_PYTHON, VLLM_MODEL / "config.json") if not p.exists()), None)
+    if missing is not None:
+        reason = f"vLLM is not set up ({missing.relative_to(REPO)} is missing): run `make vllm`"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    try:
+        server, url = start_server(
+            VLLM_MODEL, python=VLLM_PYTHON, args=["--dtype", "float32"],
+            env={"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"},
+            log=tmp_path_factory.mktemp("vllm") / "server.log")
+    except BackendError as e:
+        pytest.fail(str(e))
+    yield url
+    server.terminate()
+    server.wait(60)

@@ -19,6 +19,9 @@ each token's log-probability from the raw logits (not the temperature-scaled one
 entropies mean the same at any temperature). Tokens and log-probabilities stop before the
 end-of-turn token, which appears in neither nor in the text.
 
+With ``vllm_url`` every generation goes to a vLLM server instead (:mod:`.vllm`): adapters
+are still trained here and loaded into the server by path; embeddings stay local.
+
 Errors: a model or adapter that cannot be loaded, or a failing forward pass, raises
 :class:`~semievol.errors.BackendError`; a training run that fails raises
 :class:`~semievol.errors.FinetuneFailed`.
@@ -50,6 +53,7 @@ from transformers import (AutoModel, AutoModelForCausalLM, AutoTokenizer, Dynami
 
 from ..errors import BackendError, FinetuneFailed
 from ..types import ChatExample, Generation, Message, Usage
+from .vllm import VLLMServer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -67,13 +71,16 @@ class HFBackend:
     ``device`` is a ``device_map`` for ``from_pretrained``: None picks this process's GPU
     (``cuda:$LOCAL_RANK`` under ``torchrun`` / ``accelerate launch``) when there is one, else
     ``"cpu"``; ``"auto"`` shards a large model over every GPU. ``batch_size``
-    prompts (or texts) go through the model at once. ``quiet`` turns off progress bars."""
+    prompts (or texts) go through the model at once. ``quiet`` turns off progress bars.
+    ``vllm_url``: generate on the vLLM server there (serving the same base model, able to
+    read ``workdir``'s adapters: see :mod:`semievol.backends.vllm`)."""
 
     name = "hf"
 
     def __init__(self, model: str | None = None, *, workdir: str | Path | None = None,
                  device: str | None = None, dtype: str | torch.dtype | None = None,
-                 embed_model: str | None = None, batch_size: int = 16, quiet: bool = False):
+                 embed_model: str | None = None, batch_size: int = 16, quiet: bool = False,
+                 vllm_url: str | None = None):
         self.default_model = model or "smollm2-135m"
         self.workdir = Path(workdir or "semievol-work").resolve()
         """Adapters live in ``workdir/adapters/<key>``; references to them are absolute."""
@@ -85,6 +92,9 @@ class HFBackend:
         self.batch_size = batch_size
         self.quiet = quiet
         self.usage = Usage()
+        self.vllm = VLLMServer(vllm_url, usage=self.usage) if vllm_url else None
+        self.generation_engine = "vllm" if vllm_url else "hf"
+        """What generates: this process's decode loop ("hf") or the vLLM server."""
         self._base_ref: str | None = None
         self._model = None
         """The base model, or a PeftModel around it once an adapter has been attached."""
@@ -110,7 +120,11 @@ class HFBackend:
         Prompts are sorted by length and read in batches of ``batch_size``, each prompt
         once; its n samples continue from copies of its KV cache. At temperature 0 the
         samples are identical (greedy), so one is computed and repeated. The same ``seed``
-        gives the same texts for the same call; the global random state is not touched."""
+        gives the same texts for the same call; the global random state is not touched.
+        With a vLLM server, the server generates (one request per prompt)."""
+        if self.vllm is not None:
+            return self.vllm.generate(self._resolve(model)[1], prompts, n=n,
+                                      temperature=temperature, max_tokens=max_tokens, seed=seed)
         if not prompts:
             return []
         samples = 1 if temperature == 0 else n
@@ -124,7 +138,7 @@ class HFBackend:
                 generator.seed()
             else:
                 generator.manual_seed(seed)
-            stop = torch.tensor(sorted(_stop_ids(tok, lm)), device=_output_device(lm))
+            stop = torch.tensor(sorted(stop_ids(tok, lm)), device=_output_device(lm))
             order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
             with tqdm(total=len(prompts), desc="generate", unit="prompt", leave=False,
                       disable=self.quiet) as bar:
@@ -237,6 +251,13 @@ class HFBackend:
                 a = answers[start:start + self.batch_size]
                 out.extend(_teacher_forced(lm, tok.pad_token_id, p, a))
         return out
+
+    @contextmanager
+    def loaded(self, model: str) -> Iterator[tuple[torch.nn.Module, object]]:
+        """(torch model, tokenizer) of ``model``, its adapter on, for code that drives
+        transformers itself (benchmarks); the backend's own state, not a copy."""
+        with self._active(model) as lm:
+            yield lm, self._tokenizer
 
     # -- models and adapters -----------------------------------------------------------
     def _resolve(self, ref: str) -> tuple[str, str | None]:
@@ -540,7 +561,7 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids, mask
 
 
-def _stop_ids(tok, model) -> set[int]:
+def stop_ids(tok, model) -> set[int]:
     """End-of-turn and end-of-sequence ids of the tokenizer and generation config."""
     ids = {tok.eos_token_id}
     configured = getattr(model.generation_config, "eos_token_id", None)

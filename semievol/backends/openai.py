@@ -109,7 +109,8 @@ class OpenAIBackend:
                  prices: dict | None = None, max_cost_usd: float | None = None,
                  embed_model: str | None = None, timeout: float = 60.0,
                  max_retries: int = 5, poll_interval: float = 5.0,
-                 max_wait: float | None = None, quiet: bool = False, http_client=None):
+                 max_wait: float | None = None, quiet: bool = False, http_client=None,
+                 extra_body: dict | None = None):
         """
         ``workdir``: where job and batch records are kept (the run directory's own folder);
         None keeps none, and only the API's job list protects against paying twice.
@@ -122,7 +123,8 @@ class OpenAIBackend:
         job/batch polls (backing off to 12x). ``max_wait``: give up waiting on a job or batch
         after this many seconds (None: wait as long as it takes); the run resumes waiting on
         it when run again. ``http_client``: an ``httpx2.Client`` for the SDK (proxies, test
-        hooks). ``quiet``: no progress lines on stderr.
+        hooks). ``quiet``: no progress lines on stderr. ``extra_body``: fields added to every
+        chat request (not in batch mode), beyond the API's own: vLLM's ``top_k``, ``min_p``...
         """
         self.default_model = model or DEFAULT_MODEL
         self.embed_model = embed_model or (self.default_model if base_url
@@ -135,6 +137,7 @@ class OpenAIBackend:
         self.poll_interval = poll_interval
         self.max_wait = max_wait
         self.quiet = quiet
+        self.extra_body = extra_body
         self.usage = Usage()
         self.budget = cost.Budget(max_cost_usd, self.usage)
         self._lock = threading.Lock()
@@ -299,7 +302,7 @@ class OpenAIBackend:
 
     def _chat(self, body: dict) -> list[Generation]:
         with self._api(f"chat completion with {body['model']}"):
-            completion = self.client.chat.completions.create(**body)
+            completion = self.client.chat.completions.create(**body, extra_body=self.extra_body)
         return self._generations(completion, body)
 
     def _generations(self, completion: ChatCompletion, body: dict, *,

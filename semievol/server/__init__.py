@@ -50,13 +50,15 @@ def default_state_dir() -> Path:
 
 def serve(backend: str, model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           state_dir: str | Path | None = None, api_key: str | None = None,
-          max_upload_mb: int = 512) -> None:
+          max_upload_mb: int = 512, vllm_url: str | None = None) -> None:
     """Build the backend and run the server until interrupted.
 
     The backend is ``load_backend(backend, model=model, workdir=<state_dir>/backend)``
-    (``model`` only when given). ``api_key`` falls back to ``$SEMIEVOL_API_KEY``; without
+    (``model`` only when given; ``vllm_url`` too, for the hf backend: generate on that vLLM
+    server). ``api_key`` falls back to ``$SEMIEVOL_API_KEY``; without
     either, requests need no key, so the server binds to loopback by default."""
     from ..backends import load_backend
+    from ..errors import ConfigError
 
     try:
         import uvicorn
@@ -69,6 +71,10 @@ def serve(backend: str, model: str | None = None, host: str = "127.0.0.1", port:
     options = {"workdir": (state / "backend").resolve()}
     if model is not None:
         options["model"] = model
+    if vllm_url is not None:
+        if backend != "hf":
+            raise ConfigError("--vllm-url works with the hf backend")
+        options["vllm_url"] = vllm_url
     backend_obj = load_backend(backend, **options)
     if api_key is None and not _is_loopback(host):
         log.warning("serving on %s without an API key: anyone who can reach it can use it "
