@@ -8,8 +8,9 @@ import os
 import sys
 from pathlib import Path
 
+from . import ranks
 from .config import RECIPES, VIEWS, FinetuneConfig, RunConfig
-from .errors import BackendUnavailable, SemievolError
+from .errors import BackendUnavailable, ConfigError, SemievolError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,10 +200,19 @@ def _cmd_run(args) -> int:
         print_estimate(task, config, batch=args.openai_batch)
         return 0
     out = Path(args.out or f"runs/{task.name}-{args.backend}")
-    backend = make_backend(args, out / "backend", args.max_cost_usd)
-    results = pipeline.run(config, backend, out, task=task, quiet=args.quiet)
-    print(report.summary(results))
-    print(f"\nrun directory: {out}   (semievol report {out})")
+    if ranks.world_size() > 1 and args.backend != "hf":
+        raise ConfigError(f"a data-parallel launch (WORLD_SIZE={ranks.world_size()}) needs "
+                          "--backend hf")
+    with ranks.run_dir(out) as here:  # rank 0 writes out; the others a private copy
+        backend = make_backend(args, here / "backend", args.max_cost_usd)
+        if ranks.world_size() > 1:
+            ranks.mirror(out, here)
+            backend.barrier()  # every copy is taken before rank 0 writes
+        results = pipeline.run(config, backend, here, task=task,
+                               quiet=args.quiet or ranks.rank() > 0)
+    if ranks.rank() == 0:
+        print(report.summary(results))
+        print(f"\nrun directory: {out}   (semievol report {out})")
     return 0
 
 
@@ -217,7 +227,9 @@ def _cmd_eval(args) -> int:
                      style=args.prompt_style, max_tokens=args.max_tokens, batch_size=16,
                      on_records=records.extend)
     scores = evaluate.metrics(records, items)
-    print(json.dumps({"model": args.model or backend.default_model, "split": args.split, **scores}))
+    if ranks.rank() == 0:
+        print(json.dumps({"model": args.model or backend.default_model, "split": args.split,
+                          **scores}))
     return 0
 
 

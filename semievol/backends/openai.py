@@ -60,6 +60,7 @@ from tenacity import (Retrying, retry_if_result, stop_after_delay, stop_never,
 from .. import cost
 from ..errors import BackendError, ConfigError, DataError, FinetuneFailed
 from ..types import ChatExample, Generation, Message, Usage
+from . import library_versions
 
 __all__ = ["OpenAIBackend", "validate_training_data", "TrainingStats"]
 
@@ -431,6 +432,11 @@ class OpenAIBackend:
         vectors = np.asarray(rows, dtype=np.float64)
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         return (vectors / np.where(norms == 0, 1.0, norms)).astype(np.float32)
+
+    def runtime(self) -> dict:
+        """A hosted API: the provider's devices and number types are not known here."""
+        return {"world_size": 1, "device": "remote", "dtype": "unknown",
+                "generation_engine": "api", "versions": library_versions()}
 
     # -- plumbing -----------------------------------------------------------------------
     @contextmanager
