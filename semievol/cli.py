@@ -112,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
                          "embeddings API over a local backend.")
     srv.add_argument("--backend", default="hf", choices=["hf", "fake"])
     srv.add_argument("--model", help="base model (default: the embedded smollm2-135m)")
+    _dtype_arg(srv)
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--state-dir", help="where files, jobs and adapters live (default: ./semievol-serve)")
@@ -147,13 +148,24 @@ def _backend_args(p: argparse.ArgumentParser) -> None:
                    help="seconds per OpenAI API request (60; raise it for a slow local server)")
     p.add_argument("--openai-batch", action="store_true",
                    help="use the OpenAI Batch API for inference (half price, up to 24 h)")
+    _dtype_arg(p)
+
+
+def _dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="hf backend: the number type of the model's weights (auto: bfloat16 "
+                   "on a GPU, float32 on the CPU)")
+
+
+def _dtype(args) -> str | None:
+    return None if args.dtype == "auto" else args.dtype
 
 
 def make_backend(args, workdir: Path | None, max_cost_usd: float | None = None):
     from .backends import load_backend
 
     if args.backend == "hf":
-        return load_backend("hf", model=args.model, workdir=workdir)
+        return load_backend("hf", model=args.model, workdir=workdir, dtype=_dtype(args))
     if args.backend == "openai":
         return load_backend("openai", model=args.model, base_url=args.base_url,
                             api_key=args.api_key, workdir=workdir, max_cost_usd=max_cost_usd,
@@ -253,7 +265,7 @@ def _cmd_serve(args) -> int:
 
     serve(backend=args.backend, model=args.model, host=args.host, port=args.port,
           state_dir=args.state_dir, api_key=args.api_key or os.environ.get("SEMIEVOL_API_KEY"),
-          max_upload_mb=args.max_upload_mb)
+          max_upload_mb=args.max_upload_mb, dtype=_dtype(args))
     return 0
 
 

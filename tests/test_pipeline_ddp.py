@@ -2,7 +2,8 @@
 
 - two data-parallel processes under torchrun on CPU (gloo): DDP fine-tunes, generation and
   evaluation split over the ranks, only rank 0 writing the run directory, and a rerun that
-  resumes (skips everything).
+  resumes (skips everything);
+- one process in bfloat16 from a plain Hugging Face folder (`--model DIR --dtype bfloat16`).
 
 Each rank runs with OMP_NUM_THREADS=1: two processes with torch's default thread count
 oversubscribe two cores twenty-fold (../shared/ENVIRONMENT.md)."""
@@ -58,7 +59,7 @@ def test_two_process_run_then_resume(shared, tmp_path):
     assert first.stdout.count("run directory:") == 1  # only rank 0 prints the summary
     adapters = sorted(p.name for p in (out / "backend" / "adapters").iterdir())
     assert len(adapters) == 2 and not any(n.startswith(".") for n in adapters)
-    assert list(tmp.iterdir()) == []  # rank 1's private copy is gone
+    assert not list(tmp.glob("semievol-rank*"))  # rank 1's private copy is gone
 
     manifest = (out / "manifest.json").read_text()
     again = torchrun(shared, out, tmp)
@@ -68,3 +69,17 @@ def test_two_process_run_then_resume(shared, tmp_path):
     assert resumed["eval"] == results["eval"] and resumed["models"] == results["models"]
     assert "train_runtime" not in again.stdout + again.stderr  # no fine-tune ran
 
+
+def test_bfloat16_run_from_a_model_folder(shared, hf_folder_bf16, tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "semievol", "run", "--data", str(shared / "data" / "fpb"),
+            "--backend", "hf", "--model", str(hf_folder_bf16), "--dtype", "bfloat16",
+            "--out", str(out), *SLICE]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=1500,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    results = json.loads((out / "results.json").read_text())
+    check_schema(results)
+    assert results["runtime"]["dtype"] == "bfloat16" and results["runtime"]["world_size"] == 1
+    assert results["base_model"] == str(hf_folder_bf16)
+    assert results["models"]["evolved"] != results["models"]["warm"]  # both fine-tunes ran

@@ -409,6 +409,9 @@ class HFBackend:
             trainer.remove_callback(PrinterCallback)  # it prints the final metrics
         with redirect_stdout(sys.stderr):  # Trainer logs the loss to stdout: keep it for results
             trainer.train()
+        # With bf16=True accelerate wrapped the model's forward in autocast; take it off, so
+        # the model generates after training exactly as it does when loaded from disk
+        trainer.accelerator.unwrap_model(trainer.model_wrapped, keep_fp32_wrapper=False)
         del trainer
 
     def _chat_texts(self, prompts: Sequence[list[Message]], *, generation_prompt: bool):
