@@ -44,7 +44,8 @@ $(PRISM):
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/semievol demo
 
-test-deps: install vllm $(PRISM)
+TEST_DEPS ?= install vllm $(PRISM)
+test-deps: $(TEST_DEPS)
 
 test: test-deps
 	$(VENV)/bin/pytest -v --durations=15 $(PYTEST_ARGS)

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import ranks
 from .config import RECIPES, VIEWS, FinetuneConfig, RunConfig
 from .errors import BackendUnavailable, ConfigError, SemievolError
 
@@ -114,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
                          "(/v1/files/upload, /v1/fine-tunes, integer logprobs) on the same port.")
     srv.add_argument("--backend", default="hf", choices=["hf", "fake"])
     srv.add_argument("--model", help="base model (default: the embedded smollm2-135m)")
+    _dtype_arg(srv)
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--state-dir", help="where files, jobs and adapters live (default: ./semievol-serve)")
@@ -154,10 +156,21 @@ def _backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--openai-batch", action="store_true",
                    help="use the OpenAI Batch API for inference (half price, up to 24 h)")
     p.add_argument("--vllm-url", help=VLLM_HELP)
+    _dtype_arg(p)
 
 
 VLLM_HELP = ("hf backend: generate on the vLLM server at this URL (serving the same base model "
              "with --enable-lora; adapters are trained here and loaded into it by path)")
+
+
+def _dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="hf backend: the number type of the model's weights (auto: bfloat16 "
+                   "on a GPU, float32 on the CPU)")
+
+
+def _dtype(args) -> str | None:
+    return None if args.dtype == "auto" else args.dtype
 
 
 def make_backend(args, workdir: Path | None, max_cost_usd: float | None = None):
@@ -166,7 +179,8 @@ def make_backend(args, workdir: Path | None, max_cost_usd: float | None = None):
     if args.vllm_url and args.backend != "hf":
         raise ConfigError("--vllm-url works with --backend hf")
     if args.backend == "hf":
-        return load_backend("hf", model=args.model, workdir=workdir, vllm_url=args.vllm_url)
+        return load_backend("hf", model=args.model, workdir=workdir, vllm_url=args.vllm_url,
+                            dtype=_dtype(args))
     if args.backend == "openai":
         return load_backend("openai", model=args.model, base_url=args.base_url,
                             api_key=args.api_key, workdir=workdir, max_cost_usd=max_cost_usd,
@@ -226,10 +240,19 @@ def _cmd_run(args) -> int:
         print(together.ask_price(task, config, base_url=args.base_url, api_key=args.api_key))
         return 0
     out = Path(args.out or f"runs/{task.name}-{args.backend}")
-    backend = make_backend(args, out / "backend", args.max_cost_usd)
-    results = pipeline.run(config, backend, out, task=task, quiet=args.quiet)
-    print(report.summary(results))
-    print(f"\nrun directory: {out}   (semievol report {out})")
+    if ranks.world_size() > 1 and args.backend != "hf":
+        raise ConfigError(f"a data-parallel launch (WORLD_SIZE={ranks.world_size()}) needs "
+                          "--backend hf")
+    with ranks.run_dir(out) as here:  # rank 0 writes out; the others a private copy
+        backend = make_backend(args, here / "backend", args.max_cost_usd)
+        if ranks.world_size() > 1:
+            ranks.mirror(out, here)
+            backend.barrier()  # every copy is taken before rank 0 writes
+        results = pipeline.run(config, backend, here, task=task,
+                               quiet=args.quiet or ranks.rank() > 0)
+    if ranks.rank() == 0:
+        print(report.summary(results))
+        print(f"\nrun directory: {out}   (semievol report {out})")
     return 0
 
 
@@ -244,7 +267,9 @@ def _cmd_eval(args) -> int:
                      style=args.prompt_style, max_tokens=args.max_tokens, batch_size=16,
                      on_records=records.extend)
     scores = evaluate.metrics(records, items)
-    print(json.dumps({"model": args.model or backend.default_model, "split": args.split, **scores}))
+    if ranks.rank() == 0:
+        print(json.dumps({"model": args.model or backend.default_model, "split": args.split,
+                          **scores}))
     return 0
 
 
@@ -268,7 +293,7 @@ def _cmd_serve(args) -> int:
 
     serve(backend=args.backend, model=args.model, host=args.host, port=args.port,
           state_dir=args.state_dir, api_key=args.api_key or os.environ.get("SEMIEVOL_API_KEY"),
-          max_upload_mb=args.max_upload_mb, vllm_url=args.vllm_url)
+          max_upload_mb=args.max_upload_mb, vllm_url=args.vllm_url, dtype=_dtype(args))
     return 0
 
 

@@ -208,6 +208,7 @@ def _results(config, backend, rd: RunDir, task: Task, models, scores, rounds,
         "usage": {"prompt_tokens": 0, "completion_tokens": 0, "trained_tokens": 0,
                   "cost_usd": None, **rd.manifest["usage"]},
         "timings_s": dict(rd.manifest["timings_s"]),
+        "runtime": backend.runtime(),
         "config": config.to_dict(),
     }
 

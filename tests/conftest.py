@@ -93,3 +93,14 @@ def vllm_url(tmp_path_factory):
     yield url
     server.terminate()
     server.wait(60)
+
+
+@pytest.fixture(scope="session")
+def hf_folder_bf16(tmp_path_factory) -> Path:
+    """The embedded model as a plain Hugging Face folder in bfloat16: what a user of their
+    own model (Llama-3.1-8B and the like) passes as ``--model``. Written once per session."""
+    pytest.importorskip("transformers")
+    from semievol.backends.hf import export_model
+
+    return export_model("smollm2-135m", tmp_path_factory.mktemp("hf-folder") / "smollm2-bf16",
+                        dtype="bfloat16")

@@ -114,3 +114,19 @@ def test_entropy_bins_go_log_spaced_when_entropies_span_decades():
     assert log and len(edges) == 21 and edges[0] == pytest.approx(0.001) and edges[-1] == pytest.approx(2.0)
     edges, log = _bins([0.1, 0.2, 0.5])
     assert not log and edges[0] == 0.1 and edges[-1] == 0.5
+
+
+@pytest.mark.parametrize("flag, dtype", [([], "auto"), (["--dtype", "bfloat16"], "bfloat16"),
+                                         (["--dtype", "float32"], "float32")])
+def test_dtype_reaches_the_hf_backend(flag, dtype, tmp_path):
+    torch = pytest.importorskip("torch")
+    from semievol.cli import _parser, make_backend
+
+    if dtype == "auto":
+        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+
+    for command in (["run", "--data", "d"], ["eval", "--data", "d"]):
+        args = _parser().parse_args([*command, *flag])
+        backend = make_backend(args, tmp_path)  # builds the backend; loads no model yet
+        assert backend.runtime()["dtype"] == dtype
+    assert _parser().parse_args(["serve", *flag]).dtype == (flag[1] if flag else "auto")

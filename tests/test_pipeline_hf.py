@@ -49,6 +49,12 @@ def check_schema(results: dict) -> None:
         assert isinstance(usage[key], int)
     assert usage["cost_usd"] is None or isinstance(usage["cost_usd"], float)
     assert all(isinstance(v, float) for v in results["timings_s"].values())
+    runtime = results["runtime"]
+    assert isinstance(runtime["world_size"], int) and runtime["world_size"] >= 1
+    assert isinstance(runtime["device"], str) and isinstance(runtime["dtype"], str)
+    assert runtime["generation_engine"] in ("hf", "vllm", "api")
+    assert all(isinstance(v, str) for v in runtime["versions"].values())
+    assert "semievol" in runtime["versions"]
 
 
 def test_run_on_fpb_slice(shared, tmp_path):
@@ -62,6 +68,8 @@ def test_run_on_fpb_slice(shared, tmp_path):
     assert results["usage"]["trained_tokens"] > 0 and results["usage"]["prompt_tokens"] > 0
     assert {"warmup", "collaborate_r1", "eval_semievol"} <= set(results["timings_s"])
     assert "SemiEvol" in result.stdout
+    assert results["runtime"]["world_size"] == 1 and results["runtime"]["dtype"] == "float32"
+    assert results["runtime"]["generation_engine"] == "hf" and results["runtime"]["device"] == "cpu"
 
 
 def test_killed_during_inference_resumes_without_loss_or_repeats(shared, tmp_path):

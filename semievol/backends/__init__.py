@@ -19,7 +19,11 @@ from ..types import ChatExample, Generation, Message, Usage
 if TYPE_CHECKING:
     from ..config import FinetuneConfig
 
-__all__ = ["Backend", "load_backend"]
+__all__ = ["Backend", "load_backend", "library_versions"]
+
+LIBRARIES = ("semievol", "torch", "transformers", "peft", "accelerate", "openai", "together",
+             "faiss-cpu", "numpy")
+"""The distributions whose versions a run records (those installed)."""
 
 
 @runtime_checkable
@@ -47,6 +51,26 @@ class Backend(Protocol):
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """One L2-normalised row per text, shape (len(texts), d)."""
         ...
+
+    def runtime(self) -> dict:
+        """Where and how the backend computes, recorded in ``results.json``: ``world_size``
+        (data-parallel processes), ``device``, ``dtype``, ``generation_engine`` ("hf" for
+        the local decode loop, "vllm" for a vLLM server, "api" for a hosted API) and
+        ``versions`` (:func:`library_versions`)."""
+        ...
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries in :data:`LIBRARIES`, by distribution name."""
+    from importlib import metadata
+
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
 
 
 def load_backend(name: str, **options) -> Backend:

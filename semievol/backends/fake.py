@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..types import ChatExample, Generation, Message, Usage
+from . import library_versions
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,10 @@ class FakeBackend:
                 vectors[row, _hash(word) % self.dim] += 1.0
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         return vectors / np.where(norms == 0, 1.0, norms)
+
+    def runtime(self) -> dict:
+        return {"world_size": 1, "device": "none", "dtype": "none",
+                "generation_engine": "fake", "versions": library_versions()}
 
     # -- helpers ------------------------------------------------------------------------
     def _lineage(self, model: str) -> tuple[ChatExample, ...]:

@@ -22,6 +22,12 @@ end-of-turn token, which appears in neither nor in the text.
 With ``vllm_url`` every generation goes to a vLLM server instead (:mod:`.vllm`): adapters
 are still trained here and loaded into the server by path; embeddings stay local.
 
+Data-parallel (``torchrun`` / ``accelerate launch``, ``WORLD_SIZE`` above 1): the backend
+joins the launcher's process group (gloo on CPU, nccl on GPU), every fine-tune is DDP over
+all ranks, and ``generate_with_logprobs`` and ``embed`` each take this rank's share of the
+inputs and hand every rank the whole result in order (see :mod:`.ddp`), so every rank can
+run the same pipeline.
+
 Errors: a model or adapter that cannot be loaded, or a failing forward pass, raises
 :class:`~semievol.errors.BackendError`; a training run that fails raises
 :class:`~semievol.errors.FinetuneFailed`.
@@ -54,6 +60,7 @@ from transformers import (AutoModel, AutoModelForCausalLM, AutoTokenizer, Dynami
 from ..errors import BackendError, FinetuneFailed
 from ..types import ChatExample, Generation, Message, Usage
 from .vllm import VLLMServer
+from . import ddp, library_versions
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -76,6 +83,8 @@ class HFBackend:
     read ``workdir``'s adapters: see :mod:`semievol.backends.vllm`)."""
 
     name = "hf"
+    generation_engine = "hf"
+    """What generates: this process's own decode loop."""
 
     def __init__(self, model: str | None = None, *, workdir: str | Path | None = None,
                  device: str | None = None, dtype: str | torch.dtype | None = None,
@@ -85,6 +94,7 @@ class HFBackend:
         self.workdir = Path(workdir or "semievol-work").resolve()
         """Adapters live in ``workdir/adapters/<key>``; references to them are absolute."""
         self.device = device or _default_device()
+        ddp.setup(self.device)
         on_gpu = self.device != "cpu" and torch.cuda.is_available()
         self.dtype = _dtype(dtype) if dtype is not None else (
             torch.bfloat16 if on_gpu else torch.float32)
@@ -120,15 +130,19 @@ class HFBackend:
         Prompts are sorted by length and read in batches of ``batch_size``, each prompt
         once; its n samples continue from copies of its KV cache. At temperature 0 the
         samples are identical (greedy), so one is computed and repeated. The same ``seed``
-        gives the same texts for the same call; the global random state is not touched.
-        With a vLLM server, the server generates (one request per prompt)."""
+        gives the same texts for the same call (and number of ranks); the global random
+        state is not touched. Data-parallel, each rank reads every ``world_size``-th prompt
+        by length, with its own seed derived from ``seed``, and every rank returns all
+        results; ``usage`` counts every rank's tokens. With a vLLM server, the server
+        generates (one request per prompt; every rank asks for all of them)."""
         if self.vllm is not None:
             return self.vllm.generate(self._resolve(model)[1], prompts, n=n,
                                       temperature=temperature, max_tokens=max_tokens, seed=seed)
         if not prompts:
             return []
         samples = 1 if temperature == 0 else n
-        results: list[list[Generation] | None] = [None] * len(prompts)
+        done: dict[int, list[Generation]] = {}
+        used = Usage()
         with self._active(model) as lm:
             tok = self._tokenizer
             ids = [tok(text, add_special_tokens=False)["input_ids"]
@@ -137,11 +151,11 @@ class HFBackend:
             if seed is None:
                 generator.seed()
             else:
-                generator.manual_seed(seed)
+                generator.manual_seed(ddp.rank_seed(seed))
             stop = torch.tensor(sorted(stop_ids(tok, lm)), device=_output_device(lm))
-            order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-            with tqdm(total=len(prompts), desc="generate", unit="prompt", leave=False,
-                      disable=self.quiet) as bar:
+            order = ddp.share(sorted(range(len(ids)), key=lambda i: len(ids[i])))
+            with tqdm(total=len(order), desc="generate", unit="prompt", leave=False,
+                      disable=self.quiet or ddp.rank() > 0) as bar:
                 for start in range(0, len(order), self.batch_size):
                     batch = order[start:start + self.batch_size]
                     input_ids, mask = _left_pad([ids[i] for i in batch], tok.pad_token_id,
@@ -152,12 +166,14 @@ class HFBackend:
                     gens = self._generations(token_ids, logprobs, lengths, max_tokens)
                     for row, i in enumerate(batch):
                         mine = gens[row * samples:(row + 1) * samples]
-                        results[i] = mine * n if samples == 1 else mine
+                        done[i] = mine * n if samples == 1 else mine
                     # prompts are read (and counted) once; every returned token is counted
-                    self.usage.add(prompt=int(mask.sum()),
-                                   completion=n * int(lengths.sum()) // samples)
+                    used.add(prompt=int(mask.sum()), completion=n * int(lengths.sum()) // samples)
                     bar.update(len(batch))
-        return results
+        for part, tokens in ddp.all_gather((done, used)):
+            done.update(part)
+            self.usage.add(prompt=tokens.prompt_tokens, completion=tokens.completion_tokens)
+        return [done[i] for i in range(len(prompts))]
 
     def finetune(self, base: str, examples: Sequence[ChatExample], config, *, key: str) -> str:
         """Train a LoRA adapter on ``examples`` and return its directory.
@@ -210,7 +226,20 @@ class HFBackend:
         """Mean-pooled (over real tokens) last hidden states, L2-normalised, float32.
 
         From ``embed_model`` when given, else from the base model of ``default_model`` with
-        every adapter off, so the embedding space does not move as the model evolves."""
+        every adapter off, so the embedding space does not move as the model evolves.
+        Data-parallel, each rank embeds every ``world_size``-th text and every rank returns
+        all rows."""
+        mine = ddp.share(range(len(texts)))
+        rows = self._embed_rows([texts[i] for i in mine])
+        parts = ddp.all_gather((mine, rows))
+        if len(parts) == 1:
+            return rows
+        out = np.zeros((len(texts), rows.shape[1]), dtype=np.float32)
+        for index, part in parts:
+            out[index] = part
+        return out
+
+    def _embed_rows(self, texts: Sequence[str]) -> np.ndarray:
         if self.embed_model is not None:
             tok, model = self._embedding_model()
             context = nullcontext(model)
@@ -231,7 +260,17 @@ class HFBackend:
                 return np.zeros((0, model.config.hidden_size), dtype=np.float32)
         return np.concatenate(rows)
 
+    def runtime(self) -> dict:
+        """Where and how this backend computes, for ``results.json``."""
+        return {"world_size": ddp.world_size(), "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "generation_engine": self.generation_engine, "versions": library_versions()}
+
     # -- beyond the protocol -----------------------------------------------------------
+    def barrier(self) -> None:
+        """Wait until every data-parallel rank is here (nothing with one process)."""
+        ddp.barrier()
+
     def score(self, model: str, prompts: Sequence[list[Message]],
               completions: Sequence[str | Sequence[str]]) -> list[list[float]]:
         """Teacher-forced log-probability of each completion token given its prompt.
@@ -367,16 +406,23 @@ class HFBackend:
         self._model.set_adapter(name)
 
     def _train(self, features: list[dict], config, output_dir: Path) -> None:
-        """Run transformers' Trainer over the active adapter (no checkpoints, no eval)."""
+        """Run transformers' Trainer over the active adapter (no checkpoints, no eval).
+
+        Data-parallel, Trainer wraps the model in DDP (the process group exists already) and
+        each rank takes ``batch_size / world_size`` (rounded up) examples of every step, so
+        an optimizer step sees ``batch_size`` examples whatever the number of ranks."""
+        per_rank = -(-config.batch_size // ddp.world_size())
         args = TrainingArguments(
             output_dir=str(output_dir), num_train_epochs=config.epochs,
-            per_device_train_batch_size=config.batch_size, learning_rate=config.learning_rate,
+            per_device_train_batch_size=per_rank, learning_rate=config.learning_rate,
             lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_ratio,
             seed=config.seed, data_seed=config.seed, save_strategy="no", eval_strategy="no",
             report_to="none", disable_tqdm=self.quiet, remove_unused_columns=False,
             train_sampling_strategy="group_by_length",  # batches of similar lengths pad less
+            # the same on every rank: logging gathers the loss over the ranks
             logging_strategy="no" if self.quiet else "steps", logging_steps=10,
             use_cpu=_input_device(self._model).type == "cpu",
+            ddp_find_unused_parameters=False,  # every LoRA weight of the adapter gets a gradient
             bf16=self.dtype == torch.bfloat16)
         trainer = Trainer(model=self._model, args=args, train_dataset=features,
                           data_collator=AnswerCollator(self._tokenizer.pad_token_id))
@@ -384,6 +430,9 @@ class HFBackend:
             trainer.remove_callback(PrinterCallback)  # it prints the final metrics
         with redirect_stdout(sys.stderr):  # Trainer logs the loss to stdout: keep it for results
             trainer.train()
+        # With bf16=True accelerate wrapped the model's forward in autocast; take it off, so
+        # the model generates after training exactly as it does when loaded from disk
+        trainer.accelerator.unwrap_model(trainer.model_wrapped, keep_fp32_wrapper=False)
         del trainer
 
     def _chat_texts(self, prompts: Sequence[list[Message]], *, generation_prompt: bool):

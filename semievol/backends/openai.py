@@ -60,6 +60,7 @@ from .hosted import (Records, TrainingStats, digest as _digest, example_problem,
                      server_message, slug as _slug, whole_epochs)
 from ..errors import BackendError, ConfigError, DataError, FinetuneFailed
 from ..types import ChatExample, Generation, Message, Usage
+from . import library_versions
 
 __all__ = ["OpenAIBackend", "validate_training_data", "TrainingStats"]
 
@@ -433,6 +434,11 @@ class OpenAIBackend:
                                    f"returned {len(response.data)} embeddings")
             rows.extend(d.embedding for d in sorted(response.data, key=lambda d: d.index))
         return normalised(rows)
+
+    def runtime(self) -> dict:
+        """A hosted API: the provider's devices and number types are not known here."""
+        return {"world_size": 1, "device": "remote", "dtype": "unknown",
+                "generation_engine": "api", "versions": library_versions()}
 
     # -- plumbing -----------------------------------------------------------------------
     @contextmanager

@@ -50,13 +50,14 @@ def default_state_dir() -> Path:
 
 def serve(backend: str, model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           state_dir: str | Path | None = None, api_key: str | None = None,
-          max_upload_mb: int = 512, vllm_url: str | None = None) -> None:
+          max_upload_mb: int = 512, vllm_url: str | None = None,
+          dtype: str | None = None) -> None:
     """Build the backend and run the server until interrupted.
 
     The backend is ``load_backend(backend, model=model, workdir=<state_dir>/backend)``
-    (``model`` only when given; ``vllm_url`` too, for the hf backend: generate on that vLLM
-    server). ``api_key`` falls back to ``$SEMIEVOL_API_KEY``; without
-    either, requests need no key, so the server binds to loopback by default."""
+    (``model`` only when given; on hf, ``dtype`` when given, and ``vllm_url``: generate on
+    that vLLM server). ``api_key`` falls back to ``$SEMIEVOL_API_KEY``; without either,
+    requests need no key, so the server binds to loopback by default."""
     from ..backends import load_backend
     from ..errors import ConfigError
 
@@ -75,6 +76,8 @@ def serve(backend: str, model: str | None = None, host: str = "127.0.0.1", port:
         if backend != "hf":
             raise ConfigError("--vllm-url works with the hf backend")
         options["vllm_url"] = vllm_url
+    if dtype is not None:
+        options["dtype"] = dtype
     backend_obj = load_backend(backend, **options)
     if api_key is None and not _is_loopback(host):
         log.warning("serving on %s without an API key: anyone who can reach it can use it "
