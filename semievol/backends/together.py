@@ -67,6 +67,7 @@ from tqdm.auto import tqdm
 from .. import cost
 from ..errors import BackendError, ConfigError, DataError, FinetuneFailed
 from ..types import ChatExample, Generation, Message, Usage
+from . import library_versions
 from .hosted import (Records, TrainingStats, digest, example_problem, is_loopback, jsonl,
                      normalised, poll, request_batches, scrub, sdk_errors, slug, whole_epochs)
 
@@ -405,6 +406,11 @@ class TogetherBackend:
                                    f"returned {len(response.data)} embeddings")
             rows.extend(d.embedding for d in sorted(response.data, key=lambda d: d.index))
         return normalised(rows)
+
+    def runtime(self) -> dict:
+        """A hosted API: the provider's devices and number types are not known here."""
+        return {"world_size": 1, "device": "remote", "dtype": "unknown",
+                "generation_engine": "api", "versions": library_versions()}
 
     # -- plumbing -----------------------------------------------------------------------
     @contextmanager
