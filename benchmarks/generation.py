@@ -80,7 +80,11 @@ def run_batched(backend: HFBackend, prompts, n: int, max_tokens: int) -> tuple[f
 
 def run_naive(backend: HFBackend, prompts, n: int, max_tokens: int) -> tuple[float, int]:
     """One generate() call per prompt and sample, logprobs from its raw logits."""
-    model, tok = backend._model, backend._tokenizer
+    with backend.loaded(backend.default_model) as (model, tok):
+        return _naive(model, tok, prompts, n, max_tokens)
+
+
+def _naive(model, tok, prompts, n: int, max_tokens: int) -> tuple[float, int]:
     stop = stop_ids(tok, model)
     torch.manual_seed(0)
     start, generated = time.perf_counter(), 0
@@ -112,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     backend = HFBackend(batch_size=args.batch_size, quiet=True)
     prompts = build_prompts(args.prompts)
     backend.generate_with_logprobs(backend.default_model, prompts[:1], max_tokens=2)  # load, warm
-    tok = backend._tokenizer
+    with backend.loaded(backend.default_model) as (_, tok):
+        pass
     lengths = [len(tok.apply_chat_template(p, tokenize=True, add_generation_prompt=True,
                                            return_dict=True)["input_ids"]) for p in prompts]
 

@@ -224,7 +224,7 @@ def _cmd_run(args) -> int:
     config = _run_config(args)
     if args.openai_batch:  # one Batch API job per stage, not one per generation call
         config = config.replace(generation_batch=1_000_000)
-    task = load_task(config.data, limits=pipeline._limits(config))
+    task = load_task(config.data, limits=pipeline.limits(config))
     if args.dry_run:
         from .cost import print_estimate
 

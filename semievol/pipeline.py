@@ -31,7 +31,7 @@ def run(config: RunConfig, backend: Backend, run_dir: str | Path, *, task: Task 
     """Run (or resume) SemiEvol; return the results also written to results.json."""
     rd = RunDir(run_dir)
     _check_config(rd, config)
-    task = task or load_task(config.data, limits=_limits(config))
+    task = task or load_task(config.data, limits=limits(config))
     if rd.manifest["usage"].get("cost_usd") is not None:  # a resumed run's budget counts what it spent
         backend.usage.cost_usd = (backend.usage.cost_usd or 0.0) + rd.manifest["usage"]["cost_usd"]
     stages = _Run(config, backend, rd, quiet)
@@ -245,7 +245,7 @@ def _unique(records: Iterable, id_of=operator.attrgetter("id")) -> list:
     return out
 
 
-def _limits(config: RunConfig) -> dict:
+def limits(config: RunConfig) -> dict:
     return {"labeled": config.limit_labeled, "unlabeled": config.limit_unlabeled,
             "test": config.limit_test}
 
