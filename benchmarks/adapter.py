@@ -80,13 +80,13 @@ def main(argv=None) -> dict:
 
 def random_adapter(backend: HFBackend, path: Path) -> str:
     """An adapter directory as `finetune` writes one, with random (not zero) LoRA weights."""
-    backend._load(backend.default_model)
     torch.manual_seed(0)
     config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM",
                         init_lora_weights=False)
-    model = get_peft_model(backend._model, config)
-    model.save_pretrained(str(path), save_embedding_layers=False)
-    backend._model = model.unload()  # the bare base model again, as loaded
+    with backend.loaded(backend.default_model) as (base, _):
+        model = get_peft_model(base, config)
+        model.save_pretrained(str(path), save_embedding_layers=False)
+        model.unload()  # the LoRA layers out of the backend's base model again, in place
     (path / RECORD).write_text(json.dumps({"base": backend.default_model}))
     return str(path)
 

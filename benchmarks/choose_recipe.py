@@ -81,7 +81,7 @@ def _views(args, sample, items) -> dict:
                              key=f"choose-warm-L{len(sample)}-s{args.seed}")
     by_id = {ex.id: ex for ex in sample}
     shots = {uid: [by_id[i] for i in ids]
-             for uid, ids in propagate.retrieve(backend, sample, items, 3).items()}
+             for uid, ids in propagate.retrieve(backend, sample, items, 3)[0].items()}
     truth = {ex.id: ex.answer for ex in items}
     unlabeled = [dataclasses.replace(ex, answer=None) for ex in items]
     rows = {}
@@ -92,20 +92,21 @@ def _views(args, sample, items) -> dict:
                          collaborate.make_views(4, 1.0, icp=icp, kind=kind), style="text",
                          max_tokens=32, seed=args.seed + 1000, batch_size=16,
                          justify=quality.SMALL["justify"],
-                         on_records=records.extend, quiet=True)
-        kept, _ = selection.select([PseudoLabel.of(r) for r in records], 0.5,
+                         on_records=lambda batch, usage: records.extend(batch), quiet=True)
+        kept, _ = selection.select([PseudoLabel.of(r.to_json()) for r in records],
+                                   0.5,
                                    per_class=quality.SMALL["per_class"])
         kept_ids = {k.id for k in kept}
         rows[name] = {"flags": flags, "accuracy_all": _accuracy(records, truth),
-                      "accuracy_selected": _accuracy([r for r in records if r["id"] in kept_ids],
+                      "accuracy_selected": _accuracy([r for r in records if r.id in kept_ids],
                                                      truth), "selected": len(kept),
-                      "consistent": sum(r["consistent"] for r in records),
+                      "consistent": sum(r.consistent for r in records),
                       "seconds": round(time.perf_counter() - started, 1)}
     return rows
 
 
 def _accuracy(records, truth) -> float:
-    return sum(r["pseudo_label"] == truth[r["id"]] for r in records) / max(1, len(records))
+    return sum(r.pseudo_label == truth[r.id] for r in records) / max(1, len(records))
 
 
 def _best(rows: dict, metric) -> str:

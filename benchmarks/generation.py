@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         "max_tokens": args.max_tokens, "batch_size": args.batch_size,
         "prompt_tokens": [min(lengths), max(lengths)], "generated_tokens": batched_tokens,
         "naive_generated_tokens": naive_tokens, "seconds": round(batched_s, 2),
-        "naive_seconds": round(naive_s, 2), "device": str(backend._model.device),
+        "naive_seconds": round(naive_s, 2), "device": str(backend.device),
         "data": "fpb" if FPB.is_file() else "made-up"}))
 
 

@@ -45,7 +45,7 @@ def main(argv=None) -> dict:
         model = {"hf": "smollm2-135m", "fake": "fake-base"}[args.server_backend]
         backend = load_backend("openai", model=model, base_url=url, api_key=KEY,
                                workdir=Path(state) / "client", quiet=True, timeout=600)
-        neighbours = propagate.retrieve(backend, task.labeled, task.unlabeled, args.k)
+        neighbours, _ = propagate.retrieve(backend, task.labeled, task.unlabeled, args.k)
         by_id = {ex.id: ex for ex in task.labeled}
         shots = {uid: [by_id[i] for i in ids] for uid, ids in neighbours.items()}
         ways = {"ours: n samples in one request": [View(True, 1.0, args.n)],
@@ -53,12 +53,10 @@ def main(argv=None) -> dict:
                                                        for i in range(args.n)]}
         measured = {}
         for name, views in ways.items():
-            before = backend.usage.to_dict()
             start = time.perf_counter()
-            infer(backend, model, task.unlabeled, shots, views, "text", args.max_tokens, 0)
-            after = backend.usage.to_dict()
-            prompt = after["prompt_tokens"] - before["prompt_tokens"]
-            completion = after["completion_tokens"] - before["completion_tokens"]
+            _, usage = infer(backend, model, task.unlabeled, shots, views, "text",
+                             args.max_tokens, 0)
+            prompt, completion = usage.prompt_tokens, usage.completion_tokens
             measured[name] = {"prompt_tokens": prompt, "completion_tokens": completion,
                               "requests": len(task.unlabeled) * len(views),
                               "usd_gpt4o_mini": cost.chat_cost(args.price_model, prompt, completion),

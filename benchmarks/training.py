@@ -27,7 +27,7 @@ from peft import LoraConfig, get_peft_model
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from semievol import prompts
-from semievol.backends.hf import AnswerCollator, HFBackend, _encode_example
+from semievol.backends.hf import AnswerCollator, HFBackend, encode_example
 from semievol.data import load_task
 
 
@@ -58,11 +58,14 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     backend = HFBackend(quiet=True)
-    backend._load(backend.default_model)
-    tok = backend._tokenizer
+    with backend.loaded(backend.default_model) as (base, tok):
+        return _measure(args, base, tok)
+
+
+def _measure(args, base, tok) -> dict:
     task = load_task(args.data)
     pool = task.labeled[:len(task.labeled) // args.batch_size * args.batch_size]
-    features = [_encode_example(tok, prompts.training_example(ex, ex.answer, "text"), 1024)
+    features = [encode_example(tok, prompts.training_example(ex, ex.answer, "text"), 1024)
                 for ex in pool]
     torch.manual_seed(0)
     orders = {"random": torch.randperm(len(features)).tolist(),
@@ -78,7 +81,7 @@ def main(argv=None) -> dict:
     epoch_tokens = {name: sum(args.batch_size * max(len(f["input_ids"]) for f in batch)
                               for batch in epoch) / len(epoch)
                     for name, epoch in batches.items()}
-    model = get_peft_model(backend._model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
                                                      target_modules="all-linear"))
     model.train()
     rows = {}

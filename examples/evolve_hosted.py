@@ -11,14 +11,20 @@ max_cost_usd; rerunning resumes and never starts a second fine-tuning job for a 
 import sys
 
 from semievol import RunConfig, load_backend
-from semievol.pipeline import run
+from semievol.pipeline import run, spent_usd
 from semievol.report import summary
 
-data = sys.argv[1]
-base_url = sys.argv[2] if len(sys.argv) > 2 else None
-out = "runs/hosted"
-config = RunConfig(data=data, backend="openai", model="gpt-4o-mini-2024-07-18",
-                   base_url=base_url, max_cost_usd=5.0)
-backend = load_backend("openai", model=config.model, base_url=base_url,
-                       workdir=f"{out}/backend", max_cost_usd=config.max_cost_usd)
-print(summary(run(config, backend, out)))
+
+def main(data: str, base_url: str | None = None, out: str = "runs/hosted",
+         model: str = "gpt-4o-mini-2024-07-18") -> dict:
+    config = RunConfig.recipe("paper", data=data, backend="openai", model=model,
+                              base_url=base_url, max_cost_usd=5.0)
+    backend = load_backend("openai", model=model, base_url=base_url, workdir=f"{out}/backend",
+                           max_cost_usd=config.max_cost_usd, spent_usd=spent_usd(out))
+    results = run(config, backend, out)
+    print(summary(results))
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)

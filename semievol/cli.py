@@ -173,7 +173,10 @@ def _dtype(args) -> str | None:
     return None if args.dtype == "auto" else args.dtype
 
 
-def make_backend(args, workdir: Path | None, max_cost_usd: float | None = None):
+def make_backend(args, workdir: Path | None, max_cost_usd: float | None = None,
+                 spent_usd: float = 0.0):
+    """The backend the flags name. ``max_cost_usd`` is the whole run's budget, of which a
+    resumed run has spent ``spent_usd`` already."""
     from .backends import load_backend
 
     if args.vllm_url and args.backend != "hf":
@@ -184,11 +187,12 @@ def make_backend(args, workdir: Path | None, max_cost_usd: float | None = None):
     if args.backend == "openai":
         return load_backend("openai", model=args.model, base_url=args.base_url,
                             api_key=args.api_key, workdir=workdir, max_cost_usd=max_cost_usd,
-                            batch_mode=args.openai_batch, timeout=args.timeout)
+                            spent_usd=spent_usd, batch_mode=args.openai_batch,
+                            timeout=args.timeout)
     if args.backend == "together":
         return load_backend("together", model=args.model, base_url=args.base_url,
                             api_key=args.api_key, workdir=workdir, max_cost_usd=max_cost_usd,
-                            timeout=args.timeout)
+                            spent_usd=spent_usd, timeout=args.timeout)
     return load_backend("fake", workdir=workdir)
 
 
@@ -226,17 +230,23 @@ def _cmd_run(args) -> int:
         config = config.replace(generation_batch=1_000_000)
     task = load_task(config.data, limits=pipeline.limits(config))
     if args.dry_run:
-        from .cost import print_estimate
+        from .estimate import print_estimate
 
         if args.backend != "together":
-            print_estimate(task, config, batch=args.openai_batch)
+            from .backends import openai
+
+            model = config.model or openai.DEFAULT_MODEL
+            print_estimate(task, config, model=model, batch=args.openai_batch,
+                           embed_model=model if args.base_url else openai.DEFAULT_EMBED_MODEL,
+                           min_finetune_examples=openai.OpenAIBackend.min_finetune_examples)
             return 0
         from .backends import together_module
 
         together = together_module()
         model = config.model or together.DEFAULT_MODEL
         print_estimate(task, config, provider="together", model=model,
-                       embed_model=model if args.base_url else together.DEFAULT_EMBED_MODEL)
+                       embed_model=model if args.base_url else together.DEFAULT_EMBED_MODEL,
+                       min_finetune_examples=together.TogetherBackend.min_finetune_examples)
         print(together.ask_price(task, config, base_url=args.base_url, api_key=args.api_key))
         return 0
     out = Path(args.out or f"runs/{task.name}-{args.backend}")
@@ -244,7 +254,8 @@ def _cmd_run(args) -> int:
         raise ConfigError(f"a data-parallel launch (WORLD_SIZE={ranks.world_size()}) needs "
                           "--backend hf")
     with ranks.run_dir(out) as here:  # rank 0 writes out; the others a private copy
-        backend = make_backend(args, here / "backend", args.max_cost_usd)
+        backend = make_backend(args, here / "backend", args.max_cost_usd,
+                               pipeline.spent_usd(here))
         if ranks.world_size() > 1:
             ranks.mirror(out, here)
             backend.barrier()  # every copy is taken before rank 0 writes
@@ -262,10 +273,10 @@ def _cmd_eval(args) -> int:
 
     items = load_split(find_split(Path(args.data), args.split), split=args.split)[: args.limit]
     backend = make_backend(args, Path("semievol-work"))
-    records: list[dict] = []
+    records: list[evaluate.Prediction] = []
     evaluate.predict(backend, args.model or backend.default_model, items,
                      style=args.prompt_style, max_tokens=args.max_tokens, batch_size=16,
-                     on_records=records.extend)
+                     on_records=lambda batch, usage: records.extend(batch))
     scores = evaluate.metrics(records, items)
     if ranks.rank() == 0:
         print(json.dumps({"model": args.model or backend.default_model, "split": args.split,

@@ -2,10 +2,8 @@
 
 Three uses, one set of numbers:
 
-* **Before the run** (``semievol run --dry-run``): describe each spending step as counts
-  (:class:`Step`: prompt tokens, an upper bound on output tokens, training tokens x epochs)
-  and :func:`estimate_run` prices them. :func:`chat_step`, :func:`finetune_step` and
-  :func:`embed_step` count the tokens of real prompts with tiktoken.
+* **Before the run** (``semievol run --dry-run``): :mod:`semievol.estimate` counts the
+  tokens the pipeline's own steps would send and prices them here.
 * **During the run**: the OpenAI backend prices each step before it spends and asks a
   :class:`Budget` whether the step fits under ``--max-cost-usd``; it raises
   :class:`~semievol.errors.BudgetExceeded` before any money is spent on a step that would not.
@@ -22,23 +20,20 @@ is ``None``, never a guess.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import BudgetExceeded, ConfigError
-from .types import ChatExample, Message, Usage
+from .types import Message, Usage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Price", "PRICES", "price_of", "Step", "Estimate", "estimate_run", "chat_step",
-           "finetune_step", "embed_step", "count_tokens", "count_chat_tokens", "Budget",
+__all__ = ["Price", "PRICES", "price_of", "count_tokens", "count_chat_tokens", "Budget",
            "chat_cost", "embedding_cost", "training_cost", "base_of", "match_model", "format_usd",
-           "price_table", "estimate_task", "print_estimate", "exact_counts", "TOGETHER_PRICES",
-           "PRICE_LISTS"]
+           "price_table", "exact_counts", "TOGETHER_PRICES", "PRICE_LISTS"]
 
 PRICES_AS_OF = "2025-06"
 """When the table below was read from https://openai.com/api/pricing (standard tier)."""
@@ -230,184 +225,6 @@ def count_chat_tokens(messages: Sequence[Message], model: str = "gpt-4o-mini") -
             if key == "name":
                 total += 1
     return total
-
-
-# -- estimating a run -------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Step:
-    """One spending step of a run, as token counts."""
-
-    name: str
-    """What the step is, as the table shows it ("warm-up fine-tune", "collaborate", ...)."""
-    model: str
-    """The model billed: the base for fine-tuning, the (``ft:``) model for generation."""
-    input_tokens: int = 0
-    """Prompt tokens (each prompt counted once, however many samples it asks for) or
-    embedding input tokens."""
-    output_tokens: int = 0
-    """Completion tokens; for an estimate the upper bound prompts x n x max_tokens."""
-    trained_tokens: int = 0
-    """Fine-tuning: tokens in the training file x epochs."""
-    requests: int = 0
-    batch: bool = False
-    """Sent through the Batch API (half price)."""
-
-
-def step_cost(step: Step, prices: Mapping[str, Price] | None = None) -> float | None:
-    """USD for a step, or None when a model it uses has no price."""
-    if step.trained_tokens:
-        return training_cost(step.model, step.trained_tokens, prices=prices)
-    return chat_cost(step.model, step.input_tokens, step.output_tokens, batch=step.batch,
-                     prices=prices)
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """The priced steps of a run and their total."""
-
-    steps: tuple[tuple[Step, float | None], ...]
-    total_usd: float | None = None
-    """Sum of the step costs; None when any step has no price."""
-    provider: str = "openai"
-    """Whose price list (:data:`PRICE_LISTS`) priced the steps."""
-    approximate: bool = False
-    """Token counts were guessed as bytes/4 (no tokenizer could be loaded)."""
-
-    def format(self) -> str:
-        """A plain table for the terminal."""
-        rows = [("step", "model", "input tok", "output tok", "trained tok", "USD")]
-        for step, usd in self.steps:
-            rows.append((step.name + (" (batch)" if step.batch else ""), step.model,
-                         f"{step.input_tokens:,}", f"{step.output_tokens:,}",
-                         f"{step.trained_tokens:,}", format_usd(usd)))
-        rows.append(("total", "", "", "", "", format_usd(self.total_usd)))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w)
-                           for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-        lines.insert(1, "-" * len(lines[0]))
-        _, as_of, name = PRICE_LISTS[self.provider]
-        note = (f"Estimate at {name} list prices as of {as_of}; output tokens are an upper "
-                "bound (max_tokens per sample).")
-        if self.approximate:
-            note += " APPROXIMATE: no tokenizer could be loaded, tokens counted as bytes/4."
-        return "\n".join(lines + [note])
-
-    def to_dict(self) -> dict:
-        return {"total_usd": self.total_usd, "approximate": self.approximate,
-                "steps": [{"name": s.name, "model": s.model, "input_tokens": s.input_tokens,
-                           "output_tokens": s.output_tokens, "trained_tokens": s.trained_tokens,
-                           "requests": s.requests, "batch": s.batch, "usd": usd}
-                          for s, usd in self.steps]}
-
-
-def estimate_run(steps: Iterable[Step], prices: Mapping[str, Price | Mapping] | None = None,
-                 provider: str = "openai") -> Estimate:
-    """Price each step (with ``prices`` laid over the provider's table) and sum them."""
-    table = price_table(prices, provider)
-    priced = tuple((s, step_cost(s, table)) for s in steps)
-    costs = [usd for _, usd in priced]
-    total = None if any(c is None for c in costs) else sum(costs)
-    return Estimate(priced, total, provider,
-                    approximate=not all(exact_counts(s.model) for s, _ in priced))
-
-
-def chat_step(name: str, model: str, prompts: Sequence[Sequence[Message]], *, n: int = 1,
-              max_tokens: int, batch: bool = False) -> Step:
-    """A generation step: each prompt billed once (``n`` samples come from one request),
-    output bounded by ``n * max_tokens`` per prompt."""
-    return Step(name, model, input_tokens=sum(count_chat_tokens(p, model) for p in prompts),
-                output_tokens=len(prompts) * n * max_tokens, requests=len(prompts), batch=batch)
-
-
-def finetune_step(name: str, base: str, examples: Sequence[ChatExample], *,
-                  epochs: int) -> Step:
-    """A fine-tuning step: the training file's tokens x epochs, as OpenAI bills them."""
-    tokens = sum(count_chat_tokens(ex, base) for ex in examples)
-    return Step(name, base, trained_tokens=tokens * epochs, requests=1)
-
-
-def embed_step(name: str, model: str, texts: Sequence[str]) -> Step:
-    return Step(name, model, input_tokens=sum(count_tokens(t, model) for t in texts),
-                requests=1)
-
-
-def estimate_task(task, config, *, model: str | None = None,
-                  embed_model: str = "text-embedding-3-small", batch: bool = False,
-                  prices: Mapping[str, Price | Mapping] | None = None,
-                  provider: str = "openai") -> Estimate:
-    """What ``semievol run`` would spend on ``task`` (a loaded :class:`~semievol.types.Task`)
-    with ``config`` (a :class:`~semievol.config.RunConfig`), step by step as the pipeline runs
-    them, from the real prompts. Where the run decides as it goes, the estimate takes the
-    dearer side: every unlabeled question goes to self-justify (with candidates of
-    ``max_tokens`` tokens), a round selects theta of what it mines (all of it without
-    adaptive selection), retrieved examples are as long as the labeled set's average, and
-    every response is ``max_tokens`` long. A fine-tuned model of ``M`` is priced as ``ft:M``
-    on every provider."""
-    from . import prompts  # the pipeline's own prompts, so the count is of what is sent
-
-    if model is None:
-        from .backends.openai import DEFAULT_MODEL
-        model = config.model or DEFAULT_MODEL
-    style, n, k = config.prompt_style, (config.n if config.cl else 1), config.k
-    labeled, unlabeled, test = task.labeled, task.unlabeled, task.test
-    warm = f"ft:{model}" if config.iwp else model
-    steps: list[Step] = []
-    if config.iwp:
-        steps.append(finetune_step("warm-up fine-tune", model, [
-            prompts.training_example(e, e.answer, style) for e in labeled],
-            epochs=round(config.finetune.epochs)))
-    miner, remaining = warm, list(unlabeled)
-    for r in range(1, config.rounds + 1):
-        if not remaining:
-            break
-        if config.icp and k and labeled:
-            steps.append(embed_step(f"r{r} embed questions", embed_model,
-                                    [e.question for e in labeled + remaining]))
-        shots = [[labeled[(i * k + j) % len(labeled)] for j in range(min(k, len(labeled)))]
-                 if config.icp and labeled else [] for i in range(len(remaining))]
-        asks = [prompts.question_prompt(ex, style, s) for ex, s in zip(remaining, shots)]
-        steps.append(chat_step(f"r{r} collaborate", miner, asks, n=n,
-                               max_tokens=config.max_tokens, batch=batch))
-        if config.cl and n > 1 and config.justify == "model":
-            justify = chat_step(f"r{r} self-justify", miner, [
-                prompts.justify_prompt(ex, [""] * n, style) for ex in remaining],
-                max_tokens=config.max_tokens, batch=batch)
-            steps.append(dataclasses.replace(justify, input_tokens=justify.input_tokens
-                                             + len(remaining) * n * config.max_tokens))
-        chosen = remaining[:math.ceil(config.theta * len(remaining))] \
-            if config.adaptive_selection else remaining
-        pairs = [prompts.training_example(ex, ex.answer or _any_answer(ex), style)
-                 for ex in chosen]
-        if not config.iwp and r == 1:
-            pairs = [prompts.training_example(e, e.answer, style) for e in labeled] + pairs
-        steps.append(finetune_step(f"r{r} evolve fine-tune", miner, pairs,
-                                   epochs=round(config.evolve_ft.epochs)))
-        miner, remaining = f"ft:{model}", remaining[len(chosen):]
-    evaluated = [("vanilla", model)] + ([("sft", warm)] if config.iwp else []) \
-        + [("semievol", f"ft:{model}")]
-    asks = [prompts.question_prompt(ex, style) for ex in test]
-    steps += [chat_step(f"eval {label}", m, asks, max_tokens=config.max_tokens, batch=batch)
-              for label, m in evaluated]
-    return estimate_run(steps, prices, provider)
-
-
-def print_estimate(task, config, **options) -> Estimate:
-    """Print :func:`estimate_task`'s table (``semievol run --dry-run``) and return it."""
-    estimate = estimate_task(task, config, **options)
-    print(f"Estimated cost of this run ({task.name}: {len(task.labeled)} labeled, "
-          f"{len(task.unlabeled)} unlabeled, {len(task.test)} test):\n")
-    print(estimate.format())
-    limit = getattr(config, "max_cost_usd", None)
-    if limit is not None and estimate.total_usd is not None and estimate.total_usd > limit:
-        print(f"\nThis is over --max-cost-usd {limit}: the run would stop before the step "
-              "that passes it.")
-    return estimate
-
-
-def _any_answer(example) -> str:
-    """A stand-in label for an unlabeled question (its answer is hidden): the first option."""
-    return "A" if example.options else "0"
 
 
 # -- the guard --------------------------------------------------------------------------

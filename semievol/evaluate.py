@@ -2,20 +2,37 @@
 accuracy, macro-F1 over the gold classes (multi-choice tasks), and error reduction."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
 from . import answers, prompts
 from .backends import Backend
-from .types import Example
+from .types import Example, Usage
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A model's answer to one question: a line of ``eval_<model>.jsonl``."""
+
+    id: str
+    response: str
+    prediction: str | None
+    """The answer extracted from the response (None: none found)."""
+    correct: bool
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def predict(backend: Backend, model: str, items: Sequence[Example], *, style: str,
-            max_tokens: int, batch_size: int, on_records: Callable[[list[dict]], None],
-            desc: str = "evaluate", quiet: bool = False) -> None:
-    """Greedy answers of ``model`` to ``items``; each finished batch's records (id,
-    response, prediction, correct) go to ``on_records`` before the next batch starts."""
+            max_tokens: int, batch_size: int,
+            on_records: Callable[[list[Prediction], Usage], None], desc: str = "evaluate",
+            quiet: bool = False) -> None:
+    """Greedy answers of ``model`` to ``items``; each finished batch's predictions, and the
+    tokens the batch used, go to ``on_records`` before the next batch starts."""
     with tqdm(total=len(items), desc=desc, unit="q", disable=quiet) as bar:
         for start in range(0, len(items), batch_size):
             batch = items[start:start + batch_size]
@@ -25,23 +42,22 @@ def predict(backend: Backend, model: str, items: Sequence[Example], *, style: st
             records = []
             for ex, (gen,) in zip(batch, out):
                 pred = answers.extract(gen.text, ex)
-                records.append({"id": ex.id, "response": gen.text, "prediction": pred,
-                                "correct": answers.is_correct(pred, ex)})
-            on_records(records)
+                records.append(Prediction(ex.id, gen.text, pred, answers.is_correct(pred, ex)))
+            on_records(records, out.usage)
             bar.update(len(batch))
 
 
-def metrics(records: Sequence[dict], items: Sequence[Example]) -> dict:
+def metrics(records: Sequence[Prediction], items: Sequence[Example]) -> dict:
     """Accuracy (unanswered counts as wrong), macro-F1 for multi-choice items (None for
     free answers), and the number of items scored."""
     by_id = {ex.id: ex for ex in items}
-    scored = [r for r in records if r["id"] in by_id]
+    scored = [r for r in records if r.id in by_id]
     n = len(scored)
-    accuracy = sum(r["correct"] for r in scored) / n if n else 0.0
-    choice = all(by_id[r["id"]].options is not None for r in scored)
-    f1 = macro_f1([by_id[r["id"]].answer for r in scored],
-                  [r["prediction"] for r in scored]) if choice and n else None
-    answered = sum(r["prediction"] is not None for r in scored)
+    accuracy = sum(r.correct for r in scored) / n if n else 0.0
+    choice = all(by_id[r.id].options is not None for r in scored)
+    f1 = macro_f1([by_id[r.id].answer for r in scored],
+                  [r.prediction for r in scored]) if choice and n else None
+    answered = sum(r.prediction is not None for r in scored)
     return {"accuracy": accuracy, "macro_f1": f1, "n": n, "answered": answered}
 
 

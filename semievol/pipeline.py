@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
-import operator
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,7 +21,9 @@ from .config import RESUMABLE, RunConfig
 from .data import load_task
 from .errors import ConfigError
 from .rundir import RunDir
-from .types import Example, PseudoLabel, Task
+from .collaborate import Mined
+from .evaluate import Prediction
+from .types import Example, PseudoLabel, Task, Usage
 
 log = logging.getLogger("semievol")
 
@@ -32,8 +34,6 @@ def run(config: RunConfig, backend: Backend, run_dir: str | Path, *, task: Task 
     rd = RunDir(run_dir)
     _check_config(rd, config)
     task = task or load_task(config.data, limits=limits(config))
-    if rd.manifest["usage"].get("cost_usd") is not None:  # a resumed run's budget counts what it spent
-        backend.usage.cost_usd = (backend.usage.cost_usd or 0.0) + rd.manifest["usage"]["cost_usd"]
     stages = _Run(config, backend, rd, quiet)
     base = config.model or backend.default_model
 
@@ -79,39 +79,29 @@ class _Run:
     def __init__(self, config: RunConfig, backend: Backend, rd: RunDir, quiet: bool):
         self.config, self.backend, self.rd, self.quiet = config, backend, rd, quiet
         self.style = config.prompt_style
-        self.counted = backend.usage.to_dict()
-        """The backend's usage as last written to the manifest."""
 
     @contextlib.contextmanager
     def stage(self, name: str):
-        """Time a stage and write the tokens it used to the manifest."""
+        """Time a stage."""
         start = time.perf_counter()
         log.info("stage %s", name)
         try:
             yield
         finally:
             self.rd.add_time(name, time.perf_counter() - start)
-            self.count_usage()
 
-    def count_usage(self) -> None:
-        """Write what the backend used since the last count to the manifest. Item-wise
-        stages count with each batch they persist, so a kill loses no record of spending
-        (and a resumed ``--max-cost-usd`` sees it)."""
-        now = self.backend.usage.to_dict()
-        self.rd.add_usage({k: now[k] - (self.counted[k] or 0) for k in now if now[k] is not None})
-        self.counted = now
-
-    def persist(self, name: str, records: list[dict]) -> None:
-        """Append a finished batch's records, and count what it cost."""
-        self.rd.append(name, records)
-        self.count_usage()
+    def persist(self, name: str, records: list[Mined] | list[Prediction], usage: Usage) -> None:
+        """Append a finished batch's records, and count the tokens (and dollars) it used,
+        so a kill loses no record of spending (and a resumed ``--max-cost-usd`` sees it)."""
+        self.rd.append(name, [rec.to_json() for rec in records])
+        self.rd.add_usage(name, usage)
 
     def warm_up(self, base: str, labeled: list[Example]) -> str:
         if not self.rd.done("warmup"):
             with self.stage("warmup"):
                 model = propagate.warm_up(self.backend, base, labeled, self.config.finetune,
                                           style=self.style, key=f"{self.rd.run_id}-warmup")
-            self.rd.finish("warmup", model=model, examples=len(labeled))
+            self.rd.finish("warmup", usage=model.usage, model=model, examples=len(labeled))
         return self.rd.stage_info("warmup")["model"]
 
     def retrieve(self, r: int, pool: list[Example], items: list[Example]) -> dict[str, list[Example]]:
@@ -120,9 +110,9 @@ class _Run:
         name = f"retrieve_r{r}"
         if not self.rd.done(name):
             with self.stage(name):
-                neighbours = propagate.retrieve(self.backend, pool, items, self.config.k)
+                neighbours, usage = propagate.retrieve(self.backend, pool, items, self.config.k)
             self.rd.write_json(f"{name}.json", neighbours)
-            self.rd.finish(name)
+            self.rd.finish(name, usage=usage)
         by_id = {ex.id: ex for ex in pool}
         return {uid: [by_id[i] for i in ids] for uid, ids in self.rd.read_json(f"{name}.json").items()}
 
@@ -139,7 +129,7 @@ class _Run:
                                  max_tokens=c.max_tokens, seed=c.seed + 1000 * r,
                                  batch_size=c.generation_batch,
                                  justify=c.justify if c.cl else None,
-                                 on_records=lambda recs: self.persist(name, recs),
+                                 on_records=lambda recs, usage: self.persist(name, recs, usage),
                                  quiet=self.quiet)
             self.rd.finish(name)
         return _unique(PseudoLabel.of(rec) for rec in self.rd.stream(name))
@@ -147,30 +137,32 @@ class _Run:
     def select(self, r: int, records: list[PseudoLabel]) -> tuple[list[PseudoLabel], float | None]:
         """The selected records and the entropy threshold (None: no threshold applied)."""
         name = f"selection_r{r}"
-        if not self.rd.done(name):
-            chosen, tau = selection.select(records, self.config.theta,
-                                           adaptive=self.config.adaptive_selection,
-                                           per_class=self.config.per_class)
-            tau = tau if tau != float("inf") else None
-            self.rd.write_json(f"{name}.json", {"threshold": tau,
-                                                "selected": [rec.id for rec in chosen]})
-            self.rd.finish(name, selected=len(chosen), threshold=tau)
-        saved = self.rd.read_json(f"{name}.json")
-        keep = set(saved["selected"])
-        return [rec for rec in records if rec.id in keep], saved["threshold"]
+        if self.rd.done(name):
+            saved = self.rd.read_json(f"{name}.json")
+            keep = set(saved["selected"])
+            return [rec for rec in records if rec.id in keep], saved["threshold"]
+        chosen, tau = selection.select(records, self.config.theta,
+                                       adaptive=self.config.adaptive_selection,
+                                       per_class=self.config.per_class)
+        tau = tau if tau != float("inf") else None
+        self.rd.write_json(f"{name}.json", {"threshold": tau,
+                                            "selected": [rec.id for rec in chosen]})
+        self.rd.finish(name, selected=len(chosen), threshold=tau)
+        return chosen, tau
 
     def evolve(self, r: int, start: str, pairs: list[tuple[Example, str]]) -> str:
         name = f"evolve_r{r}"
         if not self.rd.done(name):
-            if len(pairs) < getattr(self.backend, "min_finetune_examples", 1):
+            if len(pairs) < self.backend.min_finetune_examples:
                 log.warning("round %d selected %d examples, too few to fine-tune: "
                             "the evolved model stays %s", r, len(pairs), start)
-                model = start
+                model, usage = start, None
             else:
                 with self.stage(name):
                     model = evolve.evolve(self.backend, start, pairs, self.config.evolve_ft,
                                           style=self.style, key=f"{self.rd.run_id}-evolve-r{r}")
-            self.rd.finish(name, model=model, examples=len(pairs))
+                usage = model.usage
+            self.rd.finish(name, usage=usage, model=model, examples=len(pairs))
         return self.rd.stage_info(name)["model"]
 
     def evaluate(self, label: str, model: str, test: list[Example]) -> dict:
@@ -182,10 +174,10 @@ class _Run:
                 evaluate.predict(self.backend, model, todo, style=self.style,
                                  max_tokens=self.config.max_tokens,
                                  batch_size=self.config.generation_batch, desc=f"eval {label}",
-                                 on_records=lambda recs: self.persist(name, recs),
+                                 on_records=lambda recs, usage: self.persist(name, recs, usage),
                                  quiet=self.quiet)
             self.rd.finish(name, model=model)
-        return evaluate.metrics(_unique(self.rd.stream(name), operator.itemgetter("id")), test)
+        return evaluate.metrics(_unique(Prediction(**rec) for rec in self.rd.stream(name)), test)
 
 
 def _results(config, backend, rd: RunDir, task: Task, models, scores, rounds,
@@ -207,6 +199,7 @@ def _results(config, backend, rd: RunDir, task: Task, models, scores, rounds,
                   "test": len(task.test)},
         "usage": {"prompt_tokens": 0, "completion_tokens": 0, "trained_tokens": 0,
                   "cost_usd": None, **rd.manifest["usage"]},
+        "usage_by_stage": dict(rd.manifest["usage_by_stage"]),
         "timings_s": dict(rd.manifest["timings_s"]),
         "runtime": backend.runtime(),
         "config": config.to_dict(),
@@ -235,14 +228,23 @@ def _pseudo_label_report(rd: RunDir, task: Task, mined: list[PseudoLabel],
             "selected": acc([r for r in rows if r["selected"]])}
 
 
-def _unique(records: Iterable, id_of=operator.attrgetter("id")) -> list:
+def _unique(records: Iterable) -> list:
     """One record per id (the first), in case a resumed batch was written twice."""
     seen, out = set(), []
     for rec in records:
-        if id_of(rec) not in seen:
-            seen.add(id_of(rec))
+        if rec.id not in seen:
+            seen.add(rec.id)
             out.append(rec)
     return out
+
+
+def spent_usd(run_dir: str | Path) -> float:
+    """Dollars a run directory's earlier part spent (0 for a new run): what a hosted
+    backend's budget must count when the run resumes (its ``spent_usd``)."""
+    manifest = Path(run_dir) / "manifest.json"
+    if not manifest.exists():
+        return 0.0
+    return json.loads(manifest.read_text())["usage"].get("cost_usd") or 0.0
 
 
 def limits(config: RunConfig) -> dict:

@@ -9,11 +9,11 @@ from collections.abc import Sequence
 from . import knn, prompts
 from .backends import Backend
 from .config import FinetuneConfig
-from .types import Example
+from .types import Example, ModelRef, Usage
 
 
 def warm_up(backend: Backend, base: str, labeled: Sequence[Example], config: FinetuneConfig,
-            *, style: str, key: str) -> str:
+            *, style: str, key: str) -> ModelRef:
     """In-weight propagation: fine-tune the base model on the labeled set."""
     examples = [prompts.training_example(e, e.answer, style) for e in labeled]
     return backend.finetune(base, examples, config, key=key)
@@ -25,14 +25,18 @@ unlabeled set: 8192 x 576 float32 is 19 MB for the embedded model."""
 
 
 def retrieve(backend: Backend, labeled: Sequence[Example], unlabeled: Sequence[Example],
-             k: int) -> dict[str, list[str]]:
-    """In-context propagation: unlabeled id -> ids of its k nearest labeled examples."""
+             k: int) -> tuple[dict[str, list[str]], Usage]:
+    """In-context propagation: unlabeled id -> ids of its k nearest labeled examples; and
+    the tokens the embeddings used."""
     if k == 0 or not labeled or not unlabeled:
-        return {u.id: [] for u in unlabeled}
-    keys = knn.index(backend.embed([e.question for e in labeled]))
+        return {u.id: [] for u in unlabeled}, Usage()
+    vectors = backend.embed([e.question for e in labeled])
+    keys, usage = knn.index(vectors), Usage() + vectors.usage
     neighbours = {}
     for start in range(0, len(unlabeled), EMBED_CHUNK):
         chunk = unlabeled[start:start + EMBED_CHUNK]
-        found = knn.search(keys, backend.embed([u.question for u in chunk]), k)
+        queries = backend.embed([u.question for u in chunk])
+        usage += queries.usage
+        found = knn.search(keys, queries, k)
         neighbours.update((u.id, [labeled[i].id for i in row]) for u, row in zip(chunk, found))
-    return neighbours
+    return neighbours, usage

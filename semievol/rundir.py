@@ -12,17 +12,33 @@ loses no finished work.
 Resume is the simple way: a stage marked done in the manifest is skipped; an item-wise stage
 reads its JSONL and continues after the last complete line (a torn last line from a kill is
 cut once, before this process first appends to the file; appends never re-read it, so a
-stage's cost per item stays flat however large it grows); a fine-tune is keyed, so the backend returns the finished model instead of
-training or paying again.
+stage's cost per item stays flat however large it grows); a fine-tune is keyed, so the
+backend returns the finished model instead of training or paying again.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from .types import Usage
+
+
+def digest(data: str | bytes) -> str:
+    """SHA-256 hex digest of text or bytes."""
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def slug(key: str) -> str:
+    """A file name for a key (a job, batch or adapter key): its readable part and a hash,
+    since keys may hold any character and two keys must never share a file."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", key).strip("-.")[:60]
+    return f"{readable}-{digest(key)[:8]}" if readable else digest(key)[:16]
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -56,8 +72,9 @@ class RunDir:
             self.manifest = json.loads(manifest.read_text())
         else:
             self.manifest = {"run_id": uuid.uuid4().hex[:12], "stages": {}, "models": {},
-                             "usage": {}, "timings_s": {}}
+                             "usage": {}, "usage_by_stage": {}, "timings_s": {}}
             self.save()
+        self.manifest.setdefault("usage_by_stage", {})  # a run made before it was kept
         self._appending: set[str] = set()
         """JSONL files this process has checked for a torn tail (then only appends)."""
 
@@ -79,9 +96,14 @@ class RunDir:
     def stage_info(self, stage: str) -> dict:
         return self.manifest["stages"].get(stage, {})
 
-    def finish(self, stage: str, **info) -> None:
-        """Mark a stage done, with what it made (a model reference, counts)."""
+    def finish(self, stage: str, *, usage: Usage | None = None, **info) -> None:
+        """Mark a stage done, with what it made (a model reference, counts), and count the
+        ``usage`` it has not counted yet in the same write (so a fine-tune is counted once:
+        with its stage marked done, or not at all and trained again on resume, which
+        reports it again)."""
         self.manifest["stages"][stage] = {"status": "done", **info}
+        if usage is not None:
+            self._count(stage, usage)
         self.save()
 
     def add_time(self, stage: str, seconds: float) -> None:
@@ -89,12 +111,17 @@ class RunDir:
         timings[stage] = round(timings.get(stage, 0.0) + seconds, 3)
         self.save()
 
-    def add_usage(self, delta: dict) -> None:
-        usage = self.manifest["usage"]
-        for name, value in delta.items():
-            if value is not None:
-                usage[name] = usage.get(name, 0) + value
+    def add_usage(self, stage: str, usage: Usage) -> None:
+        """Count what a stage has used (in the run's total and the stage's own)."""
+        self._count(stage, usage)
         self.save()
+
+    def _count(self, stage: str, usage: Usage) -> None:
+        for total in (self.manifest["usage"],
+                      self.manifest["usage_by_stage"].setdefault(stage, {})):
+            for name, value in usage.to_dict().items():
+                if value is not None:
+                    total[name] = total.get(name, 0) + value
 
     # -- item-wise JSONL artifacts -----------------------------------------------------
     def records(self, name: str) -> list[dict]:

@@ -5,6 +5,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+
 Message = dict[str, str]
 """A chat message: ``{"role": "system" | "user" | "assistant", "content": str}``."""
 
@@ -86,12 +88,15 @@ class PseudoLabel:
 
 @dataclass
 class Usage:
-    """Tokens a backend has used (and paid for, where it costs money)."""
+    """Tokens used (and dollars paid, where it costs money): by one backend call, or summed
+    over many. Every backend call's result carries its own (``.usage``), so whoever makes the
+    call counts it; nothing diffs a running counter."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     trained_tokens: int = 0
     cost_usd: float | None = None
+    """None while nothing priced has been spent (a local model costs nothing)."""
 
     def add(self, prompt: int = 0, completion: int = 0, trained: int = 0,
             cost: float | None = None) -> None:
@@ -101,9 +106,58 @@ class Usage:
         if cost is not None:
             self.cost_usd = (self.cost_usd or 0.0) + cost
 
+    def __iadd__(self, other: "Usage") -> "Usage":
+        self.add(other.prompt_tokens, other.completion_tokens, other.trained_tokens,
+                 other.cost_usd)
+        return self
+
+    def __add__(self, other: "Usage") -> "Usage":
+        total = Usage(**self.to_dict())
+        total += other
+        return total
+
     def to_dict(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "trained_tokens": self.trained_tokens, "cost_usd": self.cost_usd}
+
+
+class Generations(list):
+    """What ``generate_with_logprobs`` returns: one list of n :class:`Generation` per prompt
+    (a plain list in every other respect), and ``usage``, what the call used."""
+
+    def __init__(self, outputs=(), usage: Usage | None = None):
+        super().__init__(outputs)
+        self.usage = usage or Usage()
+
+
+class Embeddings(np.ndarray):
+    """What ``embed`` returns: one L2-normalised row per text (an ndarray in every other
+    respect), and ``usage``, what the call used. Arrays derived from it carry no usage."""
+
+    usage: Usage
+
+    def __new__(cls, vectors, usage: Usage | None = None) -> "Embeddings":
+        out = np.asarray(vectors).view(cls)
+        out.usage = usage or Usage()
+        return out
+
+    def __array_finalize__(self, obj) -> None:
+        self.usage = Usage()
+
+
+class ModelRef(str):
+    """What ``finetune`` returns: the new model's reference (a plain string in every other
+    respect), and ``usage``, what training it took. That is reported again when an earlier
+    call with the same key did the training (which is not repeated or paid for twice), so a
+    run resumed after a crash still counts a fine-tune whose count the crash lost; whoever
+    calls counts one fine-tune step once."""
+
+    usage: Usage
+
+    def __new__(cls, ref: str, usage: Usage | None = None) -> "ModelRef":
+        out = super().__new__(cls, ref)
+        out.usage = usage or Usage()
+        return out
 
 
 @dataclass

@@ -6,6 +6,7 @@ model) skips it with the reason on a user's machine and FAILS it under ``CI``, s
 counts a skip as a pass. Token counts need no set-up: the tokenizers ship with semievol."""
 from __future__ import annotations
 
+import importlib
 import ipaddress
 import os
 import socket
@@ -43,6 +44,15 @@ def require(ok: bool, reason: str) -> None:
         if os.environ.get("CI"):
             pytest.fail(f"{reason} (CI is set: a missing requirement fails)")
         pytest.skip(reason, allow_module_level=True)
+
+
+def need(module: str):
+    """The module imported, or a skip (a failure under CI) naming the extra that has it:
+    ``pytest.importorskip`` would let CI count a missing extra as a pass."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        require(False, f'needs {module} ({e}): pip install "semievol[hf,serve,together,dev]"')
 
 
 @pytest.fixture(scope="session")
@@ -99,7 +109,7 @@ def vllm_url(tmp_path_factory):
 def hf_folder_bf16(tmp_path_factory) -> Path:
     """The embedded model as a plain Hugging Face folder in bfloat16: what a user of their
     own model (Llama-3.1-8B and the like) passes as ``--model``. Written once per session."""
-    pytest.importorskip("transformers")
+    need("transformers")
     from semievol.backends.hf import export_model
 
     return export_model("smollm2-135m", tmp_path_factory.mktemp("hf-folder") / "smollm2-bf16",

@@ -10,6 +10,7 @@ import pytest
 from semievol import ConfigError, RunConfig
 from semievol.cli import main
 from semievol.demo import make_task
+from conftest import need  # noqa: E402
 
 
 def semievol(*args, cwd=None):
@@ -119,7 +120,7 @@ def test_entropy_bins_go_log_spaced_when_entropies_span_decades():
 @pytest.mark.parametrize("flag, dtype", [([], "auto"), (["--dtype", "bfloat16"], "bfloat16"),
                                          (["--dtype", "float32"], "float32")])
 def test_dtype_reaches_the_hf_backend(flag, dtype, tmp_path):
-    torch = pytest.importorskip("torch")
+    torch = need("torch")
     from semievol.cli import _parser, make_backend
 
     if dtype == "auto":

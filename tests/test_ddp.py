@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import pytest
+from conftest import need  # noqa: E402
 
-torch = pytest.importorskip("torch")
+torch = need("torch")
 from semievol.backends import ddp  # noqa: E402
 
 

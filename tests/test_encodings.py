@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import SHARED, require
 
-from semievol import cost
+
 from semievol.encodings import SHIPPED, encoding_for_model, get_encoding
 
 TEXT = "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn, ça va? 日本語 🙂\n\n  x=1;"
@@ -58,7 +58,9 @@ def test_token_counts_are_exact_without_a_cache_or_network():
 
 
 def test_an_estimate_without_a_tokenizer_says_it_is_approximate():
-    step = cost.Step("warm-up", "gpt-4o-mini", trained_tokens=1000, requests=1)
-    assert "APPROXIMATE" in cost.Estimate(((step, 0.003),), 0.003, approximate=True).format()
-    exact = cost.estimate_run([step])
+    from semievol.estimate import Estimate, Step, estimate_run
+
+    step = Step("warm-up", "gpt-4o-mini", trained_tokens=1000)
+    assert "APPROXIMATE" in Estimate(((step, 0.003),), 0.003, approximate=True).format()
+    exact = estimate_run([step])
     assert not exact.approximate and "APPROXIMATE" not in exact.format()

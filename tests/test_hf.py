@@ -20,7 +20,7 @@ require(importlib.util.find_spec("peft") is not None, 'needs the hf extra: pip i
 import torch  # noqa: E402
 
 from semievol.backends import Backend, load_backend  # noqa: E402
-from semievol.backends.hf import AnswerCollator, HFBackend, _slug  # noqa: E402
+from semievol.backends.hf import AnswerCollator, HFBackend, encode_example  # noqa: E402
 from semievol.config import FinetuneConfig  # noqa: E402
 from semievol.errors import BackendError, FinetuneFailed  # noqa: E402
 from semievol.types import Generation  # noqa: E402
@@ -59,11 +59,6 @@ def taught(hf_backend) -> str:
 
 
 # -- without the model -------------------------------------------------------------------
-def test_slug_keeps_safe_keys_and_separates_unsafe_ones():
-    assert _slug("warm-round1") == "warm-round1"
-    assert "/" not in _slug("a/b") and _slug("a/b") != _slug("a b")
-
-
 def test_collator_cuts_to_the_answer_and_keeps_labels_aligned():
     features = [{"input_ids": [5, 6, 7, 8], "attention_mask": [1] * 4,
                  "labels": [-100, -100, 7, 8]},
@@ -80,7 +75,6 @@ def test_padding_does_not_change_the_training_loss(hf_backend):
     """Each example's loss alone equals its share of a padded batch's loss."""
     import torch
 
-    from semievol.backends.hf import _encode_example
 
     def teach(question, answer):
         return ask(question) + [{"role": "assistant", "content": answer}]
@@ -89,7 +83,7 @@ def test_padding_does_not_change_the_training_loss(hf_backend):
     tok, model = hf_backend._tokenizer, hf_backend._model
     examples = [teach("Say a short word.", "Zorblax"),
                 teach("Write the name of the colour of a clear summer sky, please.", "blue sky")]
-    features = [_encode_example(tok, ex, 256) for ex in examples]
+    features = [encode_example(tok, ex, 256) for ex in examples]
     collate = AnswerCollator(tok.pad_token_id)
     with torch.no_grad():
         alone = [model(**collate([f])).loss.item() for f in features]
@@ -154,7 +148,7 @@ def test_greedy_samples_are_identical_and_batching_does_not_change_them(hf_backe
 def test_finetune_teaches_an_answer_the_base_never_gives(hf_backend, taught):
     record = json.loads((Path(taught) / "semievol.json").read_text())
     assert record["base"] == BASE and (Path(taught) / "adapter_config.json").is_file()
-    assert hf_backend.usage.trained_tokens > 0
+    assert taught.usage.trained_tokens > 0
     prompts = [password("castle"), password("island")]  # trained on, and never seen
     assert all("Zorblax" in text for text in greedy(hf_backend, taught, prompts))
     assert not any("Zorblax" in text for text in greedy(hf_backend, BASE, prompts))
@@ -162,13 +156,13 @@ def test_finetune_teaches_an_answer_the_base_never_gives(hf_backend, taught):
 
 @pytest.mark.slow
 def test_finetune_with_a_used_key_returns_at_once(hf_backend, taught):
-    trained = hf_backend.usage.trained_tokens
     start = time.perf_counter()
     again = hf_backend.finetune(BASE, [password("x") + [{"role": "assistant", "content": "y"}]],
                                 FAST, key="zorblax")
     assert again == taught
     assert time.perf_counter() - start < 1.0
-    assert hf_backend.usage.trained_tokens == trained
+    # nothing trained now; what training it took is reported again, for a resumed count
+    assert again.usage.trained_tokens == taught.usage.trained_tokens > 0
 
 
 @pytest.mark.slow

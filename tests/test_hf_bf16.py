@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import need  # noqa: E402
 
-pytest.importorskip("peft")
-torch = pytest.importorskip("torch")
+need("peft")
+torch = need("torch")
 
 from semievol.backends.hf import HFBackend  # noqa: E402
 from semievol.config import FinetuneConfig  # noqa: E402

@@ -24,6 +24,7 @@ from semievol import cost
 from semievol.backends import load_backend
 from semievol.backends.openai import OpenAIBackend, validate_training_data
 from semievol.config import FinetuneConfig
+from semievol.estimate import CountingBackend, Step, estimate_run, estimate_task, print_estimate
 from semievol.errors import (BackendError, BudgetExceeded, ConfigError, DataError,
                              FinetuneFailed)
 
@@ -253,19 +254,21 @@ def examples(count=12):
 def test_cost_arithmetic_is_pinned_on_a_small_input():
     prompts = [[{"role": "user", "content": "hello"}]] * 3   # 8 tokens each
     assert cost.count_chat_tokens(prompts[0], MODEL) == 8
-    step = cost.chat_step("collaborate", MODEL, prompts, n=4, max_tokens=10)
-    assert (step.input_tokens, step.output_tokens) == (24, 120)   # the prompt is billed once
-    train = cost.finetune_step("warm-up", MODEL, [[{"role": "user", "content": "hello"},
-                                                   {"role": "assistant", "content": "hello"}]],
-                               epochs=2)
-    assert train.trained_tokens == 2 * (3 + 2 * (3 + 1 + 1))
-    est = cost.estimate_run([
-        cost.Step("train", MODEL, trained_tokens=1_000_000),                  # $3.00
-        cost.Step("chat", "ft:gpt-4o-mini-2024-07-18:org::x",                # 0.30 + 1.20
-                  input_tokens=1_000_000, output_tokens=1_000_000),
-        cost.Step("batch", MODEL, input_tokens=2_000_000, output_tokens=1_000_000,
-                  batch=True),                                              # (0.30 + 0.60) / 2
-        cost.Step("embed", "text-embedding-3-small", input_tokens=1_000_000),  # 0.02
+    counting = CountingBackend(_task(), MODEL, embed_model="e", style="text")
+    out = counting.generate_with_logprobs(MODEL, prompts, n=4, temperature=1.0, max_tokens=10)
+    assert out.usage.prompt_tokens == 24          # the prompt is billed once, not n times
+    train = counting.finetune(MODEL, [[{"role": "user", "content": "hello"},
+                                       {"role": "assistant", "content": "hello"}]],
+                              FinetuneConfig(epochs=2), key="k")
+    assert train.usage.trained_tokens == 2 * (3 + 2 * (3 + 1 + 1))
+    assert cost.base_of(train) == MODEL           # priced as a fine-tuned MODEL
+    est = estimate_run([
+        Step("train", MODEL, trained_tokens=1_000_000),                       # $3.00
+        Step("chat", "ft:gpt-4o-mini-2024-07-18:org::x",                     # 0.30 + 1.20
+             input_tokens=1_000_000, output_tokens=1_000_000),
+        Step("batch", MODEL, input_tokens=2_000_000, output_tokens=1_000_000,
+             batch=True),                                                   # (0.30 + 0.60) / 2
+        Step("embed", "text-embedding-3-small", input_tokens=1_000_000),    # 0.02
     ])
     assert [round(usd, 6) for _, usd in est.steps] == [3.0, 1.5, 0.45, 0.02]
     assert est.total_usd == pytest.approx(4.97)
@@ -278,10 +281,10 @@ def test_cached_tokens_overrides_and_unknown_models():
         (600 * 0.15 + 400 * 0.075) / 1e6)
     assert cost.price_of("gpt-4o-2024-08-06").input == 2.50         # not gpt-4o-mini's
     assert cost.price_of("smollm2-135m") is None
-    est = cost.estimate_run([cost.Step("x", "smollm2-135m", input_tokens=5)])
+    est = estimate_run([Step("x", "smollm2-135m", input_tokens=5)])
     assert est.total_usd is None and "n/a" in est.format()
-    est = cost.estimate_run([cost.Step("x", "smollm2-135m", input_tokens=10**6)],
-                            prices={"smollm2-135m": {"input": 1.0}})
+    est = estimate_run([Step("x", "smollm2-135m", input_tokens=10**6)],
+                       prices={"smollm2-135m": {"input": 1.0}})
     assert est.total_usd == pytest.approx(1.0)
     with pytest.raises(ConfigError):
         cost.price_table({"m": {"inptu": 1.0}})
@@ -303,27 +306,25 @@ def test_estimate_task_follows_the_pipeline_steps():
 
     task = _task()
     config = RunConfig(data="x", backend="openai", n=4, k=1, theta=0.5, max_tokens=8)
-    est = cost.estimate_task(task, config, model=MODEL)
+    est = estimate_task(task, config, model=MODEL, embed_model="text-embedding-3-small")
     steps = {s.name: s for s, _ in est.steps}
     assert list(steps) == ["warm-up fine-tune", "r1 embed questions", "r1 collaborate",
-                           "r1 self-justify", "r1 evolve fine-tune", "eval vanilla", "eval sft",
-                           "eval semievol"]
+                           "r1 evolve fine-tune", "eval vanilla", "eval sft", "eval semievol"]
     warm = [prompts.training_example(e, "A") for e in task.labeled]
     assert steps["warm-up fine-tune"].trained_tokens == 2 * sum(
         cost.count_chat_tokens(ex, MODEL) for ex in warm)
     collab = steps["r1 collaborate"]
-    assert collab.model == f"ft:{MODEL}" and collab.requests == 4
-    assert collab.output_tokens == 4 * 4 * 8 and collab.input_tokens == sum(
-        cost.count_chat_tokens(prompts.question_prompt(ex, "text", [task.labeled[i % 2]]), MODEL)
-        for i, ex in enumerate(task.unlabeled))
-    evolve = [prompts.training_example(ex, "A") for ex in task.unlabeled[:2]]   # theta = 0.5
-    assert steps["r1 evolve fine-tune"].trained_tokens == 2 * sum(
-        cost.count_chat_tokens(ex, MODEL) for ex in evolve)
-    assert steps["eval semievol"].output_tokens == 3 * 8
+    assert collab.model == f"ft:{MODEL}"
+    asked = sum(cost.count_chat_tokens(prompts.question_prompt(ex, "text", [task.labeled[0]]),
+                                       MODEL) for ex in task.unlabeled)
+    assert collab.input_tokens > asked         # the questions, then every one to self-justify
+    assert 0 < collab.output_tokens <= 4 * 5 * 8
+    assert steps["r1 evolve fine-tune"].trained_tokens > 0
+    assert steps["eval semievol"].output_tokens <= 3 * 8
     assert est.total_usd == pytest.approx(sum(usd for _, usd in est.steps))
     # without IWP there is no warm-up and no SFT evaluation; with batch, half price
-    plain = cost.estimate_task(task, config.replace(iwp=False, icp=False), model=MODEL,
-                               batch=True)
+    plain = estimate_task(task, config.replace(iwp=False, icp=False), model=MODEL,
+                          embed_model="text-embedding-3-small", batch=True)
     names = [s.name for s, _ in plain.steps]
     assert "warm-up fine-tune" not in names and "eval sft" not in names
     assert "r1 embed questions" not in names and all(s.batch for s, _ in plain.steps
@@ -335,10 +336,10 @@ def test_dry_run_estimate_on_the_full_fpb_task(shared, capsys):
     from semievol.data import load_task
 
     task = load_task(shared / "data" / "fpb")
-    est = cost.print_estimate(task, RunConfig(data=str(shared / "data" / "fpb"),
-                                              backend="openai"))
+    est = print_estimate(task, RunConfig(data=str(shared / "data" / "fpb"), backend="openai"),
+                         model=MODEL, embed_model="text-embedding-3-small")
     out = capsys.readouterr().out
-    assert "gpt-4o-mini-2024-07-18" in out and "total" in out
+    assert MODEL in out and "total" in out
     assert 0.1 < est.total_usd < 10
 
 
@@ -406,8 +407,8 @@ def test_finetune_uploads_creates_polls_and_records(api, tmp_path):
     record = json.loads(record_file.read_text())
     assert record["job_id"] == fake.created_jobs()[0]["id"]
     assert record["fine_tuned_model"] == model and record["status"] == "succeeded"
-    assert backend.usage.trained_tokens == 1000
-    assert backend.usage.cost_usd == pytest.approx(1000 * 3.0 / 1e6)
+    assert model.usage.trained_tokens == 1000
+    assert model.usage.cost_usd == pytest.approx(1000 * 3.0 / 1e6)
 
 
 def test_finetune_continues_from_an_ft_model_with_lr_multiplier(api, tmp_path):
@@ -506,8 +507,8 @@ def test_generate_asks_for_n_samples_in_one_request_per_prompt(api, tmp_path):
     first = out[0][0]
     assert first.text == "positive" and first.tokens == ("pos", "itive")
     assert first.logprobs == pytest.approx((-0.1, -0.2)) and out[0][1].text == "negative"
-    assert backend.usage.prompt_tokens == 5 * 12 and backend.usage.completion_tokens == 40
-    assert backend.usage.cost_usd == pytest.approx((60 * 0.15 + 40 * 0.60) / 1e6)
+    assert out.usage.prompt_tokens == 5 * 12 and out.usage.completion_tokens == 40
+    assert out.usage.cost_usd == pytest.approx((60 * 0.15 + 40 * 0.60) / 1e6)
 
 
 def test_generation_budget(api, tmp_path):
@@ -539,9 +540,8 @@ def test_batch_mode_resubmits_only_the_failed_requests(api, tmp_path):
         MODEL, prompts, n=2, max_tokens=4)
     assert [[g.text for g in s] for s in again] == [[g.text for g in s] for s in out]
     assert len(fake.batches) == 2
-    assert backend.usage.cost_usd == pytest.approx(
-        cost.chat_cost(MODEL, backend.usage.prompt_tokens, backend.usage.completion_tokens,
-                       batch=True))
+    assert out.usage.cost_usd == pytest.approx(
+        cost.chat_cost(MODEL, out.usage.prompt_tokens, out.usage.completion_tokens, batch=True))
 
 
 def test_embed_batches_within_limits_and_normalises(api, tmp_path):
@@ -566,10 +566,15 @@ def test_embedding_model_is_openais_or_the_served_one():
 
 
 def test_embedding_batches_respect_the_token_limit():
-    from semievol.backends.openai import _embedding_batches
+    from semievol.backends.hosted import request_batches
+    from semievol.backends.openai import EMBED_MAX_INPUTS, EMBED_MAX_TOKENS
 
-    assert list(_embedding_batches([100_000] * 5)) == [(0, 2), (2, 4), (4, 5)]
-    assert list(_embedding_batches([1] * 4097)) == [(0, 2048), (2048, 4096), (4096, 4097)]
+    def batches(counts):
+        return list(request_batches(counts, max_inputs=EMBED_MAX_INPUTS,
+                                    max_tokens=EMBED_MAX_TOKENS))
+
+    assert batches([100_000] * 5) == [(0, 2), (2, 4), (4, 5)]
+    assert batches([1] * 4097) == [(0, 2048), (2048, 4096), (4096, 4097)]
 
 
 # -- faults ---------------------------------------------------------------------------
@@ -656,12 +661,15 @@ def test_the_key_reaches_no_file_log_or_message(api, tmp_path, caplog, capsys):
     assert SECRET not in out + err + caplog.text          # ... without the key
 
 
-def test_estimate_has_no_self_justify_step_when_disagreements_are_voted():
+def test_estimate_sends_no_self_justify_prompts_when_disagreements_are_voted():
     from semievol.config import RunConfig
 
     config = RunConfig(data="x", backend="openai", n=4, k=1, max_tokens=8, justify="vote")
-    names = [s.name for s, _ in cost.estimate_task(_task(), config, model=MODEL).steps]
-    assert "r1 collaborate" in names and "r1 self-justify" not in names
+    voted = estimate_task(_task(), config, model=MODEL, embed_model="e")
+    asked = estimate_task(_task(), config.replace(justify="model"), model=MODEL, embed_model="e")
+    tokens = [{s.name: s.input_tokens for s, _ in est.steps}["r1 collaborate"]
+              for est in (voted, asked)]
+    assert tokens[0] < tokens[1]               # no self-justify prompts when the vote settles
 
 
 # -- a whole run under a budget -------------------------------------------------------

@@ -159,7 +159,7 @@ def test_batch_requests(backend, seen):
     with pytest.raises(BackendError, match="still validating"):
         backend.generate_with_logprobs(MODEL, [[{"role": "user", "content": "hi"}]], n=2,
                                        max_tokens=4, seed=0)
-    backend._read_file("file-abc123")                 # how results are downloaded
+    backend.batches.read_file("file-abc123")          # how results are downloaded
     assert_all_accepted(seen, ("POST", "/v1/files"), ("POST", "/v1/batches"),
                         ("GET", "/v1/batches/"), ("GET", "/v1/files/file-abc123/content"))
 

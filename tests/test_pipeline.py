@@ -12,7 +12,7 @@ from semievol.collaborate import make_views
 from semievol.demo import PROBLEMS, TEAMS, make_task
 from semievol.errors import ConfigError
 from semievol.pipeline import run
-from semievol.types import Generation, PseudoLabel
+from semievol.types import Generation, PseudoLabel, Usage
 
 
 def team_of(text: str) -> str:
@@ -54,7 +54,9 @@ def go(task_dir, tmp_path, backend=None, name="run", **options):
     return run(config, backend, tmp_path / name, quiet=True), backend
 
 
-def test_end_to_end_results(task_dir, tmp_path):
+def test_stages_and_results_are_wired_together(task_dir, tmp_path):
+    """Wiring, not quality: ticket_rule is scripted to know more the more it was trained on,
+    so a model trained on the labels must score above the untrained one here."""
     results, backend = go(task_dir, tmp_path)
     assert set(results) >= {"backend", "base_model", "models", "eval", "unlabeled", "usage", "timings_s"}
     fts = backend.calls_of("finetune")
@@ -67,7 +69,7 @@ def test_end_to_end_results(task_dir, tmp_path):
     acc = u["pseudo_label_accuracy"]
     assert acc["selected"] > acc["all"]
     ev = results["eval"]
-    assert ev["sft"]["accuracy"] > ev["vanilla"]["accuracy"]
+    assert ev["sft"]["accuracy"] > ev["vanilla"]["accuracy"]   # evaluated the trained model
     assert ev["semievol"]["n"] == 60 and 0 <= ev["semievol"]["macro_f1"] <= 1
     assert results["usage"]["prompt_tokens"] > 0 and results["usage"]["cost_usd"] is None
     assert json.loads((tmp_path / "run" / "results.json").read_text()) == results
@@ -308,8 +310,8 @@ def test_vote_settles_disagreements_without_asking_the_model(task_dir, tmp_path)
 
 def test_usage_survives_a_kill_mid_stage(task_dir, tmp_path):
     """SIGKILL-like death (os._exit: no finally, no handlers) part-way through mining: the
-    manifest already holds the tokens of every persisted batch (warm-up and retrieval use
-    no prompt tokens, so they are mining's), and the resumed run adds to them."""
+    manifest already holds the tokens of every persisted batch, and the resumed run adds
+    exactly what its own calls used (nothing lost, nothing counted twice)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -327,11 +329,37 @@ def test_usage_survives_a_kill_mid_stage(task_dir, tmp_path):
                              str(task_dir), str(tmp_path / "run")], capture_output=True, text=True)
     assert killed.returncode == 9, killed.stderr
     mined = len((tmp_path / "run" / "collaborate_r1.jsonl").read_text().splitlines())
-    usage = json.loads((tmp_path / "run" / "manifest.json").read_text())["usage"]
-    assert 0 < mined < 120 and usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
-    resumed, backend = go(task_dir, tmp_path, generation_batch=8)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    mining = manifest["usage_by_stage"]["collaborate_r1"]
+    assert 0 < mined < 120 and mining["prompt_tokens"] > 0 and mining["completion_tokens"] > 0
+    metered = Metered(load_backend("fake", rule=ticket_rule))
+    resumed, _ = go(task_dir, tmp_path, backend=metered, generation_batch=8)
     for kind in ("prompt_tokens", "completion_tokens", "trained_tokens"):
-        assert resumed["usage"][kind] == usage[kind] + getattr(backend.usage, kind)
+        assert resumed["usage"][kind] == manifest["usage"][kind] + getattr(metered.used, kind)
+    assert resumed["usage_by_stage"]["collaborate_r1"]["prompt_tokens"] > mining["prompt_tokens"]
+
+
+class Metered:
+    """A backend that sums the usage each call reports (what this process used)."""
+
+    def __init__(self, backend):
+        self.backend, self.used = backend, Usage()
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def _count(self, result):
+        self.used += result.usage
+        return result
+
+    def finetune(self, *args, **options):
+        return self._count(self.backend.finetune(*args, **options))
+
+    def generate_with_logprobs(self, *args, **options):
+        return self._count(self.backend.generate_with_logprobs(*args, **options))
+
+    def embed(self, *args, **options):
+        return self._count(self.backend.embed(*args, **options))
 
 
 def test_resume_reads_an_older_config_and_lets_batch_sizes_change(task_dir, tmp_path):

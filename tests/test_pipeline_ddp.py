@@ -18,9 +18,10 @@ import sys
 import pytest
 
 from test_pipeline_hf import check_schema
+from conftest import need  # noqa: E402
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("peft")
+need("peft")
 
 SLICE = ["--limit-labeled", "24", "--limit-unlabeled", "32", "--limit-test", "16",
          "--epochs", "2", "--max-tokens", "12", "--generation-batch", "8", "--quiet"]

@@ -422,7 +422,7 @@ class GatedBackend:
         from semievol.backends import load_backend
 
         self.fake = load_backend("fake")
-        self.default_model, self.usage = self.fake.default_model, self.fake.usage
+        self.default_model = self.fake.default_model
         self.started, self.gate = threading.Event(), threading.Event()
 
     def finetune(self, base, examples, config, *, key):

@@ -79,8 +79,8 @@ def test_finetune_continue_generate_embed(server, tmp_path):
     assert [len(g) for g in out] == [4, 4, 4]
     for gen in out[0]:
         assert len(gen.tokens) == len(gen.logprobs) >= 1 and gen.entropy >= 0
-    assert backend.usage.prompt_tokens > 0 and backend.usage.completion_tokens > 0
-    assert backend.usage.cost_usd is None                        # a local model has no price
+    assert out.usage.prompt_tokens > 0 and out.usage.completion_tokens > 0
+    assert out.usage.cost_usd is None                            # a local model has no price
 
     vectors = backend.embed(["profit rose", "profit fell", "shares flat"])
     assert vectors.shape[0] == 3
@@ -218,8 +218,8 @@ def test_job_request_and_price_from_the_account(tmp_path):
     assert (body["model"], body["n_epochs"], body["learning_rate"], body["batch_size"],
             body["random_seed"], body["suffix"]) == (MODEL, 2, 1e-4, 8, 7, _suffix("k"))
     assert len(body["suffix"]) <= 40
-    assert backend.usage.trained_tokens == 1000
-    assert backend.usage.cost_usd == pytest.approx(0.00048)     # total_price in nanodollars
+    assert model.usage.trained_tokens == 1000
+    assert model.usage.cost_usd == pytest.approx(0.00048)       # total_price in nanodollars
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert "tg-secret-key" not in path.read_text()

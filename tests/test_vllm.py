@@ -22,7 +22,6 @@ import pytest
 from semievol.backends.vllm import VLLMServer, served_name
 from semievol.config import FinetuneConfig
 from semievol.errors import BackendError, ConfigError
-from semievol.types import Usage
 
 from conftest import VLLM_MODEL
 from test_pipeline_hf import check_schema
@@ -142,7 +141,7 @@ def test_an_adapter_is_loaded_once_and_found_again(on_vllm, adapter, vllm_url):
     name = on_vllm.vllm.model_id(adapter)
     listed = [m.id for m in on_vllm.vllm.models()]
     assert listed.count(name) == 1
-    fresh = VLLMServer(vllm_url, usage=Usage())  # e.g. a resumed run: no second load
+    fresh = VLLMServer(vllm_url)  # e.g. a resumed run: no second load
     assert fresh.model_id(adapter) == name
     assert [m.id for m in fresh.models()] == listed
     assert fresh.model_id() == str(VLLM_MODEL)
@@ -165,7 +164,7 @@ def test_a_run_on_fpb_through_vllm(shared, vllm_url, tmp_path):
     check_schema(results)
     assert results["eval"]["semievol"]["n"] == 16 and results["unlabeled"]["total"] == 32
     assert results["usage"]["prompt_tokens"] > 0 and results["usage"]["completion_tokens"] > 0
-    served = {m.id for m in VLLMServer(vllm_url, usage=Usage()).models()}
+    served = {m.id for m in VLLMServer(vllm_url).models()}
     for kind in ("warm", "evolved"):
         assert served_name(results["models"][kind]) in served
 

@@ -11,10 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-import numpy as np
-
 from ..errors import BackendUnavailable, ConfigError
-from ..types import ChatExample, Generation, Message, Usage
+from ..types import ChatExample, Embeddings, Generations, Message, ModelRef
 
 if TYPE_CHECKING:
     from ..config import FinetuneConfig
@@ -32,24 +30,29 @@ class Backend(Protocol):
     """"hf", "openai", "together" or "fake"."""
     default_model: str
     """The model reference used when none is named."""
-    usage: Usage
-    """Tokens (and dollars) used so far by this backend object."""
+    min_finetune_examples: int
+    """The fewest examples ``finetune`` accepts (OpenAI's API refuses fewer than 10); the
+    pipeline skips a fine-tune with fewer rather than fail."""
 
     def finetune(self, base: str, examples: Sequence[ChatExample], config: "FinetuneConfig",
-                 *, key: str) -> str:
+                 *, key: str) -> ModelRef:
         """Fine-tune ``base`` (a base model or an earlier fine-tuned reference) on chat
-        examples; return the new model's reference. ``key`` is an idempotency key: a second
-        call with the same key returns the same model without training or paying again."""
+        examples; return the new model's reference (a ``str``) with the tokens it trained
+        (``.usage``). ``key`` is an idempotency key: a second call with the same key returns
+        the same model without training or paying again."""
         ...
 
     def generate_with_logprobs(self, model: str, prompts: Sequence[list[Message]], *,
                                n: int = 1, temperature: float = 0.0, max_tokens: int = 64,
-                               seed: int | None = None) -> list[list[Generation]]:
-        """n generations per prompt, each with its tokens' raw log-probabilities."""
+                               seed: int | None = None) -> Generations:
+        """n generations per prompt, each with its tokens' raw log-probabilities: a
+        ``list[list[Generation]]`` with the call's tokens in ``.usage`` (each prompt
+        counted once, however large ``n`` is, where the backend shares it)."""
         ...
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """One L2-normalised row per text, shape (len(texts), d)."""
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        """One L2-normalised row per text, shape (len(texts), d): an ndarray with the call's
+        tokens in ``.usage``."""
         ...
 
     def runtime(self) -> dict:

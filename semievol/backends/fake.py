@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..types import ChatExample, Generation, Message, Usage
+from ..types import ChatExample, Embeddings, Generation, Generations, Message, ModelRef, Usage
 from . import library_versions
 
 
@@ -43,6 +43,7 @@ Rule = Callable[[FakeCall], "str | Generation"]
 class FakeBackend:
     name = "fake"
     default_model = "fake-base"
+    min_finetune_examples = 1
 
     def __init__(self, rule: Rule | None = None, *, model: str | None = None,
                  default_answer: str = "I don't know", dim: int = 64,
@@ -52,7 +53,6 @@ class FakeBackend:
         self.default_answer = default_answer
         self.dim = dim
         self.workdir = workdir
-        self.usage = Usage()
         self.calls: list[tuple[str, dict]] = []
         self.trained: dict[str, tuple[str, tuple[ChatExample, ...]]] = {}
         """reference -> (its base, the examples it was fine-tuned on)."""
@@ -63,35 +63,37 @@ class FakeBackend:
         self.calls.append(("finetune", {"base": base, "n_examples": len(examples), "key": key}))
         if ref not in self.trained:
             self.trained[ref] = (base, tuple(tuple(dict(m) for m in ex) for ex in examples))
-            self.usage.add(trained=sum(_count(m["content"]) for ex in examples for m in ex))
-        return ref
+        _, trained = self.trained[ref]
+        words = sum(_count(m["content"]) for ex in trained for m in ex)
+        return ModelRef(ref, Usage(trained_tokens=round(words * config.epochs)))
 
     def generate_with_logprobs(self, model, prompts, *, n=1, temperature=0.0, max_tokens=64,
                                seed=None):
         self.calls.append(("generate", {"model": model, "n_prompts": len(prompts), "n": n,
                                         "temperature": temperature, "seed": seed}))
         trained = self._lineage(model)
-        out = []
+        out = Generations()
         for messages in prompts:
-            self.usage.add(prompt=sum(_count(m["content"]) for m in messages))
+            out.usage.add(prompt=sum(_count(m["content"]) for m in messages))
             samples = []
             for i in range(n):
                 call = FakeCall(model, list(messages), i, temperature, seed, trained)
                 result = self.rule(call) if self.rule else self._remember(call)
                 gen = result if isinstance(result, Generation) else _generation(result)
-                self.usage.add(completion=len(gen.tokens))
+                out.usage.add(completion=len(gen.tokens))
                 samples.append(gen)
             out.append(samples)
         return out
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
+    def embed(self, texts: Sequence[str]) -> Embeddings:
         self.calls.append(("embed", {"n_texts": len(texts)}))
         vectors = np.zeros((len(texts), self.dim), dtype=np.float32)
         for row, text in enumerate(texts):
             for word in _words(text):
                 vectors[row, _hash(word) % self.dim] += 1.0
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        return vectors / np.where(norms == 0, 1.0, norms)
+        return Embeddings(vectors / np.where(norms == 0, 1.0, norms),
+                          Usage(prompt_tokens=sum(map(_count, texts))))
 
     def runtime(self) -> dict:
         return {"world_size": 1, "device": "none", "dtype": "none",

@@ -8,9 +8,10 @@ raise the same exception classes, each from its own module, which is passed in.
 """
 from __future__ import annotations
 
-import hashlib
+import ipaddress
 import json
-import re
+import sys
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,8 +21,10 @@ from urllib.parse import urlparse
 import numpy as np
 from tenacity import Retrying, retry_if_result, stop_after_delay, stop_never, wait_exponential
 
+from .. import cost
 from ..errors import BackendError, ConfigError
-from ..rundir import atomic_write_json
+from ..rundir import atomic_write_json, slug
+from ..types import Embeddings, Usage
 
 
 class Records:
@@ -51,6 +54,53 @@ class Records:
         return [json.loads(p.read_text()) for p in sorted((self.workdir / kind).glob("*.json"))]
 
 
+class Spending:
+    """A hosted backend's running total of what its calls used, and the budget that reads
+    it. Calls run in threads, hence the lock. Each call also hands its own usage back with
+    its result; this total is only for the budget (and for people)."""
+
+    def __init__(self, limit_usd: float | None, spent_usd: float = 0.0):
+        self.total = Usage(cost_usd=spent_usd or None)
+        """Starts at what a resumed run spent before (``spent_usd``), so the budget covers
+        the whole run."""
+        self.budget = cost.Budget(limit_usd, self.total)
+        self._lock = threading.Lock()
+
+    def add(self, usage: Usage) -> Usage:
+        """Count ``usage`` in the total; return it."""
+        with self._lock:
+            self.total += usage
+        return usage
+
+
+def embed_in_batches(texts: Sequence[str], request: Callable, *, model: str, prices,
+                     spending: Spending, max_inputs: int, max_tokens: int) -> Embeddings:
+    """Embed ``texts`` with ``model`` in requests of at most ``max_inputs`` texts and
+    ``max_tokens`` tokens (counted here), once the budget allows the whole call.
+    ``request(texts)`` sends one request and returns the SDK's response; its
+    ``usage.prompt_tokens`` counts where the API reports it, else the count made here."""
+    counts = [cost.count_tokens(t, model) for t in texts]
+    spending.budget.check(f"embedding {len(texts)} texts with {model}",
+                          cost.embedding_cost(model, sum(counts), prices=prices))
+    rows: list[list[float]] = []
+    usage = Usage()
+    for start, stop in request_batches(counts, max_inputs=max_inputs, max_tokens=max_tokens):
+        response = request(list(texts[start:stop]))
+        reported = getattr(response, "usage", None)  # an object, a dict (together) or None
+        if isinstance(reported, dict):
+            reported = reported.get("prompt_tokens")
+        elif reported is not None:
+            reported = reported.prompt_tokens
+        tokens = reported or sum(counts[start:stop])
+        usage.add(prompt=tokens, cost=cost.embedding_cost(model, tokens, prices=prices))
+        if len(response.data) != stop - start:
+            raise BackendError(f"sent {stop - start} texts to embed, {model} returned "
+                               f"{len(response.data)} embeddings")
+        rows.extend(d.embedding for d in sorted(response.data, key=lambda d: d.index))
+    spending.add(usage)
+    return Embeddings(normalised(rows) if rows else np.zeros((0, 0), dtype=np.float32), usage)
+
+
 @dataclass(frozen=True)
 class TrainingStats:
     """What validated training data amounts to."""
@@ -60,30 +110,6 @@ class TrainingStats:
     """Tokens in the training file; providers bill this x epochs."""
     max_tokens: int
     """The longest example."""
-
-
-def example_problem(example, roles: set[str], keys: set[str]) -> str | None:
-    """What is wrong with one chat training example (None: nothing): not a list of message
-    dicts with ``role`` and string ``content``, a role or key outside ``roles`` / ``keys``,
-    a ``weight`` other than 0/1, or no assistant message."""
-    if not isinstance(example, (list, tuple)) or not example:
-        return "not a non-empty list of messages"
-    for j, message in enumerate(example):
-        if not isinstance(message, dict):
-            return f"message {j} is not a dict"
-        if "role" not in message or "content" not in message:
-            return f"message {j} lacks 'role' or 'content'"
-        if unknown := set(message) - keys:
-            return f"message {j} has unknown keys {sorted(unknown)}"
-        if message["role"] not in roles:
-            return f"message {j} has unknown role {message['role']!r}"
-        if not isinstance(message["content"], str):
-            return f"message {j} content is not a string"
-        if message.get("weight", 1) not in (0, 1):
-            return f"message {j} weight must be 0 or 1"
-    if not any(m["role"] == "assistant" for m in example):
-        return "no assistant message"
-    return None
 
 
 def poll(fetch: Callable, done: Callable, *, interval: float, max_wait: float | None):
@@ -127,19 +153,19 @@ def jsonl(rows: Iterable) -> bytes:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
 
 
-def digest(data: str | bytes) -> str:
-    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+def is_loopback(address: str) -> bool:
+    """Whether a URL or a host name points at this machine."""
+    host = (urlparse(address).hostname or "") if "://" in address else address
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
-def slug(key: str) -> str:
-    """A file name for a key: its readable part and a hash (keys may hold any character)."""
-    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", key).strip("-.")[:60]
-    return f"{readable}-{digest(key)[:8]}" if readable else digest(key)[:16]
-
-
-def is_loopback(url: str) -> bool:
-    host = urlparse(url).hostname or ""
-    return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
+def say(message: str, *, quiet: bool) -> None:
+    """A progress line on stderr (jobs take minutes to hours: people want to see them)."""
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
 
 
 def scrub(text: str, secret: str) -> str:

@@ -8,13 +8,15 @@ What it promises beyond the Backend protocol:
   record ``workdir/jobs/<slug>.json`` (written atomically the moment the file id and the job
   id exist), then among the organisation's jobs by ``metadata["semievol_key"]``. A job that
   succeeded is reused, one still running is waited on; only when neither exists is a job
-  created, with an ``Idempotency-Key`` header. Batch-mode generation keeps its batch ids in
-  ``workdir/batches/`` the same way, and resubmits only the requests that failed or expired.
+  created, with an ``Idempotency-Key`` header. Batch-mode generation
+  (:mod:`.openai_batch`) keeps its batch ids in ``workdir/batches/`` the same way, and
+  resubmits only the requests that failed or expired.
 * **Validated before upload**, as OpenAI's file validation and the cookbook's data-prep
   check do (:func:`validate_training_data`): roles, string contents, an assistant message per
   example, at least 10 examples, the per-example token limit of the target model.
 * **Costs are known.** Each spending step is priced first (:mod:`semievol.cost`) and checked
-  against ``max_cost_usd``; tokens and dollars actually used accumulate in ``usage``.
+  against ``max_cost_usd``; each call's result carries the tokens and dollars the API
+  reported for it (``.usage``), and their running total (``spending``) feeds the budget.
 * **Faults.** The SDK retries 408/409/429/5xx and connection errors (honouring Retry-After)
   ``max_retries`` times, each request limited to ``timeout`` seconds; we poll jobs and
   batches with tenacity. What still fails is translated, in :meth:`OpenAIBackend._api`
@@ -40,27 +42,26 @@ Embeddings: ``text-embedding-3-small`` on OpenAI; with a ``base_url`` the served
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import sys
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
-import numpy as np
 import openai
 from openai.types.chat import ChatCompletion
 
 from .. import cost
-from .hosted import (Records, TrainingStats, digest as _digest, example_problem, is_loopback,
-                     jsonl as _jsonl, normalised, poll, request_batches, scrub, sdk_errors,
-                     server_message, slug as _slug, whole_epochs)
+from ..chatfile import MIN_EXAMPLES, example_problem
 from ..errors import BackendError, ConfigError, DataError, FinetuneFailed
-from ..types import ChatExample, Generation, Message, Usage
+from ..rundir import digest, slug
+from ..types import ChatExample, Embeddings, Generation, Generations, Message, ModelRef, Usage
 from . import library_versions
+from .hosted import (Records, Spending, TrainingStats, embed_in_batches, is_loopback, jsonl,
+                     poll, say, scrub, sdk_errors, server_message, whole_epochs)
+from .openai_batch import BatchAPI
 
 __all__ = ["OpenAIBackend", "validate_training_data", "TrainingStats"]
 
@@ -70,9 +71,6 @@ DEFAULT_EMBED_MODEL = "text-embedding-3-small"
 
 LOCAL_API_KEY = "semievol-local"
 """What the SDK is given as key for a loopback server when no key is set."""
-
-MIN_EXAMPLES = 10
-"""OpenAI rejects a fine-tuning file with fewer examples."""
 
 TRAINING_TOKEN_LIMITS = {"gpt-4o-mini": 65_536, "gpt-4o": 65_536, "gpt-4.1": 65_536,
                          "gpt-4.1-mini": 65_536, "gpt-4.1-nano": 65_536,
@@ -85,17 +83,10 @@ EMBED_MAX_TOKENS = 270_000
 """Per embeddings request: the API allows 2048 inputs and 300k tokens; 10% margin because
 offline the tokens may be counted with a neighbouring tokenizer."""
 
-BATCH_MAX_REQUESTS = 50_000
-BATCH_ROUNDS = 3
-"""Batch submissions per chunk: the first, then resubmissions of what failed or expired."""
 
 JOB_LIST_PAGES = 10
 """Pages of 100 jobs searched for one carrying the key (the metadata filter makes it one)."""
 JOB_DONE = {"succeeded", "failed", "cancelled"}
-BATCH_DONE = {"completed", "failed", "expired", "cancelled"}
-ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
-MESSAGE_KEYS = {"role", "content", "name", "weight", "function_call", "tool_calls",
-                "tool_call_id"}
 
 
 class OpenAIBackend:
@@ -108,6 +99,7 @@ class OpenAIBackend:
                  api_key: str | None = None, workdir: str | Path | None = None,
                  max_concurrency: int = 8, batch_mode: bool = False,
                  prices: dict | None = None, max_cost_usd: float | None = None,
+                 spent_usd: float = 0.0,
                  embed_model: str | None = None, timeout: float = 60.0,
                  max_retries: int = 5, poll_interval: float = 5.0,
                  max_wait: float | None = None, quiet: bool = False, http_client=None,
@@ -119,7 +111,8 @@ class OpenAIBackend:
         ``base_url`` the served model itself (``semievol serve`` embeds with its model).
         ``max_concurrency``: chat requests in flight at once. ``batch_mode``: generate
         through the Batch API (half price, results within 24 h). ``prices``: overrides of
-        :data:`semievol.cost.PRICES`. ``timeout``: seconds per HTTP request;
+        :data:`semievol.cost.PRICES`. ``max_cost_usd``: stop before a step that would take
+        spending past it, counting ``spent_usd`` (an earlier part of a resumed run). ``timeout``: seconds per HTTP request;
         ``max_retries``: the SDK's retries per request. ``poll_interval``: first wait between
         job/batch polls (backing off to 12x). ``max_wait``: give up waiting on a job or batch
         after this many seconds (None: wait as long as it takes); the run resumes waiting on
@@ -139,10 +132,8 @@ class OpenAIBackend:
         self.max_wait = max_wait
         self.quiet = quiet
         self.extra_body = extra_body
-        self.usage = Usage()
-        self.budget = cost.Budget(max_cost_usd, self.usage)
-        self._lock = threading.Lock()
-        self._counted_jobs: set[str] = set()
+        self.spending = Spending(max_cost_usd, spent_usd)
+        self.budget = self.spending.budget
         key = api_key or os.environ.get("OPENAI_API_KEY")
         if not key:
             if not (base_url and is_loopback(base_url)):
@@ -151,6 +142,9 @@ class OpenAIBackend:
         self._secret = key
         self.client = openai.OpenAI(api_key=key, base_url=base_url, timeout=timeout,
                                     max_retries=max_retries, http_client=http_client)
+        self.batches = BatchAPI(self.client, self.records, errors=self._api, say=self._say,
+                                poll=self._poll, parse=partial(self._generations, batch=True))
+        """Batch-mode generation (:mod:`.openai_batch`)."""
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(model={self.default_model!r}, base_url={self.base_url!r})"
@@ -160,7 +154,8 @@ class OpenAIBackend:
         return str(self.client.base_url)
 
     # -- fine-tuning --------------------------------------------------------------------
-    def finetune(self, base: str, examples: Sequence[ChatExample], config, *, key: str) -> str:
+    def finetune(self, base: str, examples: Sequence[ChatExample], config, *,
+                 key: str) -> ModelRef:
         """Supervised fine-tuning job on ``base`` (a model or an ``ft:`` model, to continue
         training); returns the ``fine_tuned_model``. Reuses or resumes the job of ``key``."""
         epochs = whole_epochs(config.epochs, "OpenAI")
@@ -175,11 +170,11 @@ class OpenAIBackend:
                       f" tokens x {epochs} epochs = {trained:,} trained tokens"
                       + (f", about {cost.format_usd(estimate)}" if estimate is not None else ""))
             self.budget.check(f"fine-tuning {base} on {stats.n_examples} examples", estimate)
-            data = _jsonl({"messages": list(ex)} for ex in examples)
+            data = jsonl({"messages": list(ex)} for ex in examples)
             if not record.get("file_id"):
                 with self._api("uploading the training file"):
                     upload = self.client.files.create(
-                        file=(f"{_slug(key)}.jsonl", data, "application/jsonl"),
+                        file=(f"{slug(key)}.jsonl", data, "application/jsonl"),
                         purpose="fine-tune")
                 record["file_id"] = upload.id
                 self.records.write("jobs", key, record)
@@ -193,15 +188,17 @@ class OpenAIBackend:
                     method={"type": "supervised",
                             "supervised": {"hyperparameters": hyperparameters}},
                     seed=config.seed, suffix=_suffix(key),
-                    metadata={"semievol_key": tag, "semievol_data": _digest(data)[:16]},
-                    extra_headers={"Idempotency-Key": f"semievol-{_digest(key)[:32]}-{attempt}"})
+                    metadata={"semievol_key": tag, "semievol_data": digest(data)[:16]},
+                    extra_headers={"Idempotency-Key": f"semievol-{digest(key)[:32]}-{attempt}"})
             record.update(job_id=job.id, status=job.status, base=base,
                           examples=stats.n_examples, training_tokens=stats.total_tokens)
             self.records.write("jobs", key, record)
             self._say(f"fine-tuning job {job.id} created ({job.status})")
         job = self._wait_for_job(job, record)
-        self._count_job(job, base)
-        return job.fine_tuned_model
+        trained = job.trained_tokens or 0
+        return ModelRef(job.fine_tuned_model, self.spending.add(Usage(
+            trained_tokens=trained, cost_usd=cost.training_cost(base, trained,
+                                                                prices=self.prices))))
 
     def _find_job(self, record: dict, tag: str):
         """The job already made for this key, if it succeeded or is still going: the one in
@@ -265,23 +262,15 @@ class OpenAIBackend:
         if job.status != "succeeded":
             reason = (f"{job.error.code}: {job.error.message}" if job.error and job.error.message
                       else "no reason given")
-            raise FinetuneFailed(f"fine-tuning job {job.id} {job.status}: {self._scrub(reason)}")
+            raise FinetuneFailed(f"fine-tuning job {job.id} {job.status}: "
+                                 f"{scrub(reason, self._secret)}")
         self._say(f"fine-tuning job {job.id} succeeded: {job.fine_tuned_model}")
         return job
-
-    def _count_job(self, job, base: str) -> None:
-        """Add a finished job's trained tokens (and their price) to ``usage`` once."""
-        if job.id in self._counted_jobs:
-            return
-        self._counted_jobs.add(job.id)
-        trained = job.trained_tokens or 0
-        self._account(trained=trained,
-                      cost=cost.training_cost(base, trained, prices=self.prices))
 
     # -- generation ---------------------------------------------------------------------
     def generate_with_logprobs(self, model: str, prompts: Sequence[list[Message]], *,
                                n: int = 1, temperature: float = 0.0, max_tokens: int = 64,
-                               seed: int | None = None) -> list[list[Generation]]:
+                               seed: int | None = None) -> Generations:
         """One chat completion per prompt with ``n`` choices and token logprobs (the prompt
         is billed once, not n times); ``max_concurrency`` requests at a time, or one Batch
         API job per 50,000 prompts in batch mode."""
@@ -294,30 +283,34 @@ class OpenAIBackend:
         bodies = [_chat_body(model, p, n=n, temperature=temperature, max_tokens=max_tokens,
                              seed=seed) for p in prompts]
         if self.batch_mode:
-            out: list[list[Generation]] = []
-            for start in range(0, len(bodies), BATCH_MAX_REQUESTS):
-                out.extend(self._generate_batch(bodies[start:start + BATCH_MAX_REQUESTS]))
-            return out
-        with ThreadPoolExecutor(self.max_concurrency) as pool:
-            return list(pool.map(self._chat, bodies))
+            answers = self.batches.generate(bodies)
+        else:
+            with ThreadPoolExecutor(self.max_concurrency) as pool:
+                answers = list(pool.map(self._chat, bodies))
+        out = Generations(gens for gens, _ in answers)
+        for _, usage in answers:
+            out.usage += usage
+        return out
 
-    def _chat(self, body: dict) -> list[Generation]:
+    def _chat(self, body: dict) -> tuple[list[Generation], Usage]:
         with self._api(f"chat completion with {body['model']}"):
             completion = self.client.chat.completions.create(**body, extra_body=self.extra_body)
         return self._generations(completion, body)
 
     def _generations(self, completion: ChatCompletion, body: dict, *,
-                     batch: bool = False) -> list[Generation]:
+                     batch: bool = False) -> tuple[list[Generation], Usage]:
         """The n choices of a completion as Generations (tokens and logprobs from
-        ``choices[i].logprobs.content``), with its usage accounted."""
-        usage = completion.usage
-        if usage is not None:
+        ``choices[i].logprobs.content``), and what the completion used (counted in the
+        budget's total)."""
+        used = Usage()
+        if (usage := completion.usage) is not None:
             details = usage.prompt_tokens_details
             cached = (details.cached_tokens or 0) if details else 0
-            self._account(prompt=usage.prompt_tokens, completion=usage.completion_tokens,
-                          cost=cost.chat_cost(body["model"], usage.prompt_tokens,
-                                              usage.completion_tokens, cached_tokens=cached,
-                                              batch=batch, prices=self.prices))
+            used.add(prompt=usage.prompt_tokens, completion=usage.completion_tokens,
+                     cost=cost.chat_cost(body["model"], usage.prompt_tokens,
+                                         usage.completion_tokens, cached_tokens=cached,
+                                         batch=batch, prices=self.prices))
+        self.spending.add(used)
         choices = sorted(completion.choices, key=lambda c: c.index)
         if len(choices) != body["n"]:
             raise BackendError(f"asked {completion.model or body['model']} for {body['n']} "
@@ -333,107 +326,21 @@ class OpenAIBackend:
                 text=text, tokens=tuple(t.token for t in content),
                 logprobs=tuple(t.logprob for t in content),
                 finish_reason=choice.finish_reason or "stop"))
-        return generations
-
-    def _generate_batch(self, bodies: list[dict]) -> list[list[Generation]]:
-        """Chat requests through the Batch API: submit, wait, read the output file, and
-        resubmit only what failed or expired (up to BATCH_ROUNDS submissions). The batch
-        ids are recorded first thing, so a rerun waits on the same batches."""
-        ids = [f"r{i}" for i in range(len(bodies))]
-        by_id = dict(zip(ids, bodies))
-        key = "batch-" + _digest(json.dumps(bodies, sort_keys=True))[:24]
-        record = self.records.read("batches", key) or {"key": key, "batch_ids": []}
-        results: dict[str, list[Generation]] = {}
-        errors: list[str] = []
-        for batch_id in record["batch_ids"]:
-            self._say(f"resuming batch {batch_id}")
-            self._collect_batch(self._wait_for_batch(batch_id), by_id, results, errors)
-        while missing := [i for i in ids if i not in results]:
-            if len(record["batch_ids"]) >= BATCH_ROUNDS:
-                raise BackendError(
-                    f"{len(missing)} of {len(ids)} batch requests still failed after "
-                    f"{BATCH_ROUNDS} submissions ({errors[-1] if errors else 'no reason given'})"
-                    "; run again to retry them")
-            lines = _jsonl({"custom_id": i, "method": "POST", "url": "/v1/chat/completions",
-                            "body": by_id[i]} for i in missing)
-            with self._api("submitting a batch"):
-                upload = self.client.files.create(file=(f"{key}.jsonl", lines,
-                                                        "application/jsonl"), purpose="batch")
-                batch = self.client.batches.create(
-                    input_file_id=upload.id, endpoint="/v1/chat/completions",
-                    completion_window="24h", metadata={"semievol_key": key})
-            record["batch_ids"].append(batch.id)
-            self.records.write("batches", key, record)
-            self._say(f"batch {batch.id} submitted: {len(missing)} requests")
-            self._collect_batch(self._wait_for_batch(batch.id), by_id, results, errors)
-        return [results[i] for i in ids]
-
-    def _wait_for_batch(self, batch_id: str):
-        def fetch():
-            with self._api(f"checking batch {batch_id}"):
-                batch = self.client.batches.retrieve(batch_id)
-            counts = batch.request_counts
-            self._say(f"  batch {batch_id}: {batch.status}" + (
-                f" ({counts.completed}/{counts.total} done, {counts.failed} failed)"
-                if counts else ""))
-            return batch
-
-        batch = self._poll(fetch, lambda b: b.status in BATCH_DONE)
-        if batch.status not in BATCH_DONE:
-            raise BackendError(f"batch {batch_id} is still {batch.status} after "
-                               f"{self.max_wait:g} s; run again to resume waiting on it")
-        return batch
-
-    def _collect_batch(self, batch, by_id: dict, results: dict, errors: list) -> None:
-        """Read a finished batch's output (and error) file into ``results``; what failed
-        goes to ``errors`` and stays missing, to be resubmitted."""
-        for data in (batch.errors.data or []) if batch.errors else []:
-            errors.append(f"batch {batch.id} {batch.status}: {data.message}")
-        for file_id in (batch.output_file_id, batch.error_file_id):
-            if not file_id:
-                continue
-            for line in self._read_file(file_id).splitlines():
-                if not line.strip():
-                    continue
-                item = json.loads(line)
-                response, custom_id = item.get("response") or {}, item.get("custom_id")
-                if response.get("status_code") == 200 and custom_id in by_id:
-                    completion = ChatCompletion.model_validate(response["body"])
-                    results[custom_id] = self._generations(completion, by_id[custom_id],
-                                                           batch=True)
-                else:
-                    error = item.get("error") or (response.get("body") or {}).get("error") or {}
-                    errors.append(f"{custom_id}: {error.get('message', 'failed')}")
-
-    def _read_file(self, file_id: str) -> str:
-        with self._api(f"downloading file {file_id}"):
-            # the spec types this body as JSON, the SDK asks for application/binary: ask for
-            # anything, which every server answers
-            return self.client.files.content(file_id, extra_headers={"Accept": "*/*"}).text
+        return generations, used
 
     # -- embeddings ---------------------------------------------------------------------
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
+    def embed(self, texts: Sequence[str]) -> Embeddings:
         """L2-normalised embeddings with ``embed_model``, in requests of at most 2048 inputs
         and the API's token limit."""
-        if not texts:
-            return np.zeros((0, 0), dtype=np.float32)
-        counts = [cost.count_tokens(t, self.embed_model) for t in texts]
-        self.budget.check(f"embedding {len(texts)} texts with {self.embed_model}",
-                          cost.embedding_cost(self.embed_model, sum(counts), prices=self.prices))
-        rows: list[list[float]] = []
-        for start, stop in _embedding_batches(counts):
+
+        def request(batch: list[str]):
             with self._api(f"embedding with {self.embed_model}"):
-                response = self.client.embeddings.create(
-                    model=self.embed_model, input=list(texts[start:stop]),
-                    encoding_format="float")
-            tokens = response.usage.prompt_tokens if response.usage else sum(counts[start:stop])
-            self._account(prompt=tokens, cost=cost.embedding_cost(self.embed_model, tokens,
-                                                                  prices=self.prices))
-            if len(response.data) != stop - start:
-                raise BackendError(f"sent {stop - start} texts to embed, {self.embed_model} "
-                                   f"returned {len(response.data)} embeddings")
-            rows.extend(d.embedding for d in sorted(response.data, key=lambda d: d.index))
-        return normalised(rows)
+                return self.client.embeddings.create(model=self.embed_model, input=batch,
+                                                     encoding_format="float")
+
+        return embed_in_batches(texts, request, model=self.embed_model, prices=self.prices,
+                                spending=self.spending, max_inputs=EMBED_MAX_INPUTS,
+                                max_tokens=EMBED_MAX_TOKENS)
 
     def runtime(self) -> dict:
         """A hosted API: the provider's devices and number types are not known here."""
@@ -465,17 +372,8 @@ class OpenAIBackend:
         """Poll every poll_interval, backing off, for at most max_wait seconds."""
         return poll(fetch, done, interval=self.poll_interval, max_wait=self.max_wait)
 
-    def _account(self, prompt: int = 0, completion: int = 0, trained: int = 0,
-                 cost: float | None = None) -> None:
-        with self._lock:
-            self.usage.add(prompt=prompt, completion=completion, trained=trained, cost=cost)
-
-    def _scrub(self, text: str) -> str:
-        return scrub(text, self._secret)
-
     def _say(self, message: str) -> None:
-        if not self.quiet:
-            print(message, file=sys.stderr, flush=True)
+        say(message, quiet=self.quiet)
 
 
 
@@ -523,7 +421,7 @@ def validate_training_data(examples: Sequence[ChatExample], model: str) -> Train
     problems: list[str] = []
     lengths: list[int] = []
     for i, example in enumerate(examples):
-        bad = example_problem(example, ROLES, MESSAGE_KEYS)
+        bad = example_problem(example)
         if bad is None:
             tokens = cost.count_chat_tokens(example, model)
             lengths.append(tokens)
@@ -553,12 +451,6 @@ def _chat_body(model: str, messages: list[Message], *, n: int, temperature: floa
     return body
 
 
-def _embedding_batches(token_counts: Sequence[int]):
-    """(start, stop) ranges of at most EMBED_MAX_INPUTS inputs and EMBED_MAX_TOKENS tokens."""
-    return request_batches(token_counts, max_inputs=EMBED_MAX_INPUTS,
-                           max_tokens=EMBED_MAX_TOKENS)
-
-
 def _suffix(key: str) -> str:
     """The job's model-name suffix (OpenAI allows up to 64 characters)."""
     return ("semievol-" + re.sub(r"[^a-z0-9]+", "-", key.lower()).strip("-"))[:40].strip("-")
@@ -566,4 +458,4 @@ def _suffix(key: str) -> str:
 
 def _tag(key: str) -> str:
     """The key as a metadata value (at most 512 characters)."""
-    return key if len(key) <= 512 else "sha256:" + _digest(key)
+    return key if len(key) <= 512 else "sha256:" + digest(key)

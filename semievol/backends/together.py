@@ -21,7 +21,8 @@ What it promises beyond the Backend protocol:
 * **Costs are known.** Each spending step is priced from :data:`semievol.cost.TOGETHER_PRICES`
   (a dated table, overridable with ``prices``) and, for fine-tuning, by Together's own
   ``/v1/fine-tunes/estimate-price`` once the file is uploaded; either is checked against
-  ``max_cost_usd``, and what the API reports used accumulates in ``usage``.
+  ``max_cost_usd``; each call's result carries what the API reported it used (``.usage``),
+  and their running total (``spending``) feeds the budget.
 * **Faults.** The SDK retries connection errors, 408/409/429/5xx ``max_retries`` times; jobs
   are polled with tenacity, their events shown on a progress bar. What still fails is
   translated, in :meth:`TogetherBackend._api` only::
@@ -52,24 +53,24 @@ import os
 import re
 import sys
 import tempfile
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import together
 from together.lib.utils.files import check_file
 from together.types import FileResponse
 from tqdm.auto import tqdm
 
 from .. import cost
+from ..chatfile import example_problem
 from ..errors import BackendError, ConfigError, DataError, FinetuneFailed
-from ..types import ChatExample, Generation, Message, Usage
+from ..rundir import digest, slug
+from ..types import ChatExample, Embeddings, Generation, Generations, Message, ModelRef, Usage
 from . import library_versions
-from .hosted import (Records, TrainingStats, digest, example_problem, is_loopback, jsonl,
-                     normalised, poll, request_batches, scrub, sdk_errors, slug, whole_epochs)
+from .hosted import (Records, Spending, TrainingStats, embed_in_batches, is_loopback,
+                     jsonl, poll, say, scrub, sdk_errors, whole_epochs)
 
 __all__ = ["TogetherBackend", "validate_training_data", "DEFAULT_MODEL",
            "DEFAULT_EMBED_MODEL"]
@@ -87,8 +88,8 @@ inside what its serverless embedding models take."""
 JOB_DONE = {"completed", "error", "cancelled", "user_error"}
 JOB_FAILED = JOB_DONE - {"completed"}
 SUFFIX_PREFIX = "semievol-"
-ROLES = {"system", "user", "assistant"}
-MESSAGE_KEYS = {"role", "content", "weight"}
+ROLES = frozenset({"system", "user", "assistant"})
+MESSAGE_KEYS = frozenset({"role", "content", "weight"})
 """Together's conversational training format (docs: fine-tuning data preparation)."""
 
 
@@ -102,7 +103,8 @@ class TogetherBackend:
     def __init__(self, model: str | None = None, *, base_url: str | None = None,
                  api_key: str | None = None, workdir: str | Path | None = None,
                  max_concurrency: int = 8, prices: dict | None = None,
-                 max_cost_usd: float | None = None, embed_model: str | None = None,
+                 max_cost_usd: float | None = None, spent_usd: float = 0.0,
+                 embed_model: str | None = None,
                  timeout: float = 60.0, max_retries: int = 5, poll_interval: float = 5.0,
                  max_wait: float | None = None, quiet: bool = False, http_client=None):
         """
@@ -123,10 +125,8 @@ class TogetherBackend:
         self.poll_interval = poll_interval
         self.max_wait = max_wait
         self.quiet = quiet
-        self.usage = Usage()
-        self.budget = cost.Budget(max_cost_usd, self.usage)
-        self._lock = threading.Lock()
-        self._counted_jobs: set[str] = set()
+        self.spending = Spending(max_cost_usd, spent_usd)
+        self.budget = self.spending.budget
         self._limits: dict[str, object] = {}
         key = api_key or os.environ.get("TOGETHER_API_KEY")
         if not key:
@@ -148,7 +148,8 @@ class TogetherBackend:
         return str(self.client.base_url)
 
     # -- fine-tuning --------------------------------------------------------------------
-    def finetune(self, base: str, examples: Sequence[ChatExample], config, *, key: str) -> str:
+    def finetune(self, base: str, examples: Sequence[ChatExample], config, *,
+                 key: str) -> ModelRef:
         """A LoRA job on ``base`` (a model, or a model this backend fine-tuned: then
         ``from_checkpoint``); returns the job's output model name. Reuses or resumes the job
         of ``key``."""
@@ -186,8 +187,7 @@ class TogetherBackend:
             self.records.write("jobs", key, record)
             self._say(f"fine-tuning job {job.id} created ({job.status})")
         job = self._wait_for_job(job, record)
-        self._count_job(job, record)
-        return record["output"]
+        return ModelRef(record["output"], self.spending.add(self._job_usage(job, record)))
 
     def _find_job(self, record: dict):
         """The job already made for this key, if it completed or is still going: the one in
@@ -316,29 +316,26 @@ class TogetherBackend:
         self.records.write("jobs", record["key"], record)
         if job.status != "completed":
             reason = last_error[-1] if last_error else "no reason given"
-            raise FinetuneFailed(f"fine-tuning job {job.id} {job.status}: {self._scrub(reason)}")
+            raise FinetuneFailed(f"fine-tuning job {job.id} {job.status}: {scrub(reason, self._secret)}")
         if not record["output"]:
             raise BackendError(f"fine-tuning job {job.id} completed without an output model")
         self._say(f"fine-tuning job {job.id} completed: {record['output']}")
         return job
 
-    def _count_job(self, job, record: dict) -> None:
-        """Add a finished job's trained tokens and its price once: Together's own
-        ``total_price`` (nanodollars) when it reports one, else the table's."""
-        if job.id in self._counted_jobs:
-            return
-        self._counted_jobs.add(job.id)
+    def _job_usage(self, job, record: dict) -> Usage:
+        """A finished job's trained tokens and their price: Together's own ``total_price``
+        (nanodollars) when it reports one, else the table's."""
         trained = job.token_count or 0
         billed = f"ft:{record['root']}" if record.get("base") != record.get("root") \
             else record["root"]
         usd = job.total_price / 1e9 if job.total_price \
             else cost.training_cost(billed, trained, prices=self.prices)
-        self._account(trained=trained, cost=usd)
+        return Usage(trained_tokens=trained, cost_usd=usd)
 
     # -- generation ---------------------------------------------------------------------
     def generate_with_logprobs(self, model: str, prompts: Sequence[list[Message]], *,
                                n: int = 1, temperature: float = 0.0, max_tokens: int = 64,
-                               seed: int | None = None) -> list[list[Generation]]:
+                               seed: int | None = None) -> Generations:
         """One chat completion per prompt with ``n`` choices and the sampled tokens'
         logprobs (``logprobs=1``; an integer on Together), ``max_concurrency`` at a time."""
         priced = self._priced(model)
@@ -351,16 +348,21 @@ class TogetherBackend:
                        max_tokens=max_tokens, logprobs=1,
                        **({"seed": seed} if seed is not None else {})) for p in prompts]
         with ThreadPoolExecutor(self.max_concurrency) as pool:
-            return list(pool.map(lambda body: self._chat(body, priced), bodies))
+            answers = list(pool.map(lambda body: self._chat(body, priced), bodies))
+        out = Generations(gens for gens, _ in answers)
+        for _, usage in answers:
+            out.usage += usage
+        return out
 
-    def _chat(self, body: dict, priced: str) -> list[Generation]:
+    def _chat(self, body: dict, priced: str) -> tuple[list[Generation], Usage]:
         with self._api(f"chat completion with {body['model']}"):
             completion = self.client.chat.completions.create(**body)
-        usage = completion.usage
-        if usage is not None:
-            self._account(prompt=usage.prompt_tokens, completion=usage.completion_tokens,
-                          cost=cost.chat_cost(priced, usage.prompt_tokens,
-                                              usage.completion_tokens, prices=self.prices))
+        used = Usage()
+        if (usage := completion.usage) is not None:
+            used.add(prompt=usage.prompt_tokens, completion=usage.completion_tokens,
+                     cost=cost.chat_cost(priced, usage.prompt_tokens, usage.completion_tokens,
+                                         prices=self.prices))
+        self.spending.add(used)
         choices = sorted(completion.choices, key=lambda c: c.index or 0)
         if len(choices) != body["n"]:
             raise BackendError(f"asked {body['model']} for {body['n']} samples, the server "
@@ -376,7 +378,7 @@ class TogetherBackend:
             generations.append(Generation(
                 text=text, tokens=tuple(tokens), logprobs=tuple(logprobs),
                 finish_reason="length" if choice.finish_reason == "length" else "stop"))
-        return generations
+        return generations, used
 
     def _priced(self, model: str) -> str:
         """The name ``model`` is priced under: ``ft:ROOT`` for a model fine-tuned here."""
@@ -384,28 +386,17 @@ class TogetherBackend:
         return f"ft:{root}" if checkpoint else model
 
     # -- embeddings ---------------------------------------------------------------------
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
+    def embed(self, texts: Sequence[str]) -> Embeddings:
         """L2-normalised embeddings with ``embed_model``, in requests of at most
         EMBED_MAX_INPUTS texts and EMBED_MAX_TOKENS tokens."""
-        if not texts:
-            return np.zeros((0, 0), dtype=np.float32)
-        counts = [cost.count_tokens(t, self.embed_model) for t in texts]
-        self.budget.check(f"embedding {len(texts)} texts with {self.embed_model}",
-                          cost.embedding_cost(self.embed_model, sum(counts), prices=self.prices))
-        rows: list[list[float]] = []
-        for start, stop in request_batches(counts, max_inputs=EMBED_MAX_INPUTS,
-                                           max_tokens=EMBED_MAX_TOKENS):
+
+        def request(batch: list[str]):
             with self._api(f"embedding with {self.embed_model}"):
-                response = self.client.embeddings.create(model=self.embed_model,
-                                                         input=list(texts[start:stop]))
-            tokens = sum(counts[start:stop])
-            self._account(prompt=tokens, cost=cost.embedding_cost(self.embed_model, tokens,
-                                                                  prices=self.prices))
-            if len(response.data) != stop - start:
-                raise BackendError(f"sent {stop - start} texts to embed, {self.embed_model} "
-                                   f"returned {len(response.data)} embeddings")
-            rows.extend(d.embedding for d in sorted(response.data, key=lambda d: d.index))
-        return normalised(rows)
+                return self.client.embeddings.create(model=self.embed_model, input=batch)
+
+        return embed_in_batches(texts, request, model=self.embed_model, prices=self.prices,
+                                spending=self.spending, max_inputs=EMBED_MAX_INPUTS,
+                                max_tokens=EMBED_MAX_TOKENS)
 
     def runtime(self) -> dict:
         """A hosted API: the provider's devices and number types are not known here."""
@@ -422,22 +413,13 @@ class TogetherBackend:
                             base=together.TogetherError):
                 yield
         except ValueError as e:  # the SDK's own checks of a job request
-            raise ConfigError(f"{what}: {self._scrub(str(e))}") from None
+            raise ConfigError(f"{what}: {scrub(str(e), self._secret)}") from None
 
     def _poll(self, fetch: Callable, done: Callable):
         return poll(fetch, done, interval=self.poll_interval, max_wait=self.max_wait)
 
-    def _account(self, prompt: int = 0, completion: int = 0, trained: int = 0,
-                 cost: float | None = None) -> None:
-        with self._lock:
-            self.usage.add(prompt=prompt, completion=completion, trained=trained, cost=cost)
-
-    def _scrub(self, text: str) -> str:
-        return scrub(text, self._secret)
-
     def _say(self, message: str) -> None:
-        if not self.quiet:
-            print(message, file=sys.stderr, flush=True)
+        say(message, quiet=self.quiet)
 
 
 def ask_price(task, config, *, base_url: str | None, api_key: str | None,

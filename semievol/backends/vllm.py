@@ -51,7 +51,7 @@ from pathlib import Path
 import openai
 
 from ..errors import BackendError
-from ..types import Generation, Message, Usage
+from ..types import Generation, Generations, Message
 from .openai import OpenAIBackend
 
 __all__ = ["VLLMServer", "served_name", "start_server"]
@@ -66,11 +66,11 @@ class VLLMServer:
     """A running vLLM server that the hf backend generates on.
 
     ``url``: the server's address (``http://host:8000``, with or without ``/v1``).
-    ``usage``: where tokens are counted (the hf backend's own). ``api_key``: the server's
+    ``api_key``: the server's
     ``--api-key``, else ``$VLLM_API_KEY`` (never ``$OPENAI_API_KEY``). ``timeout``: seconds
     per request; ``max_concurrency``: requests in flight at once."""
 
-    def __init__(self, url: str, *, usage: Usage, api_key: str | None = None,
+    def __init__(self, url: str, *, api_key: str | None = None,
                  timeout: float = 600.0, max_concurrency: int = 64):
         base = url.rstrip("/")
         self.url = base if base.endswith("/v1") else base + "/v1"
@@ -78,7 +78,6 @@ class VLLMServer:
                                  api_key=api_key or os.environ.get("VLLM_API_KEY") or "EMPTY",
                                  max_concurrency=max_concurrency, extra_body=NEUTRAL_SAMPLING,
                                  quiet=True)
-        self.api.usage = usage
         self._base: str | None = None
         self._names: dict[str, str] = {}
         """adapter directory -> its name on the server, once known to be loaded there."""
@@ -88,16 +87,17 @@ class VLLMServer:
 
     def generate(self, adapter: str | None, prompts: Sequence[list[Message]], *, n: int,
                  temperature: float, max_tokens: int,
-                 seed: int | None) -> list[list[Generation]]:
+                 seed: int | None) -> Generations:
         """n generations per prompt from the base model, or through ``adapter`` (a LoRA
         adapter directory), with raw token log-probabilities."""
         if not prompts:
-            return []
+            return Generations()
         samples = 1 if temperature == 0 else n
         out = self.api.generate_with_logprobs(
             self.model_id(adapter), prompts, n=samples, temperature=temperature,
             max_tokens=max_tokens, seed=seed)
-        return [[_without_stop_token(g) for g in gens] * (n // samples) for gens in out]
+        return Generations(([_without_stop_token(g) for g in gens] * (n // samples)
+                            for gens in out), out.usage)
 
     def model_id(self, adapter: str | None = None) -> str:
         """The server's name for the base model, or for ``adapter`` (loaded if needed)."""

@@ -25,10 +25,11 @@ are imported only when a server is built, so ``import semievol.server`` needs ne
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 from pathlib import Path
+
+from ..backends.hosted import is_loopback
 
 __all__ = ["create_app", "serve", "default_state_dir"]
 
@@ -36,10 +37,12 @@ log = logging.getLogger("semievol.server")
 
 
 def create_app(backend, state_dir: str | Path, api_key: str | None = None, **options):
-    """The ASGI app over a built backend (see :func:`semievol.server.app.create_app`)."""
+    """The ASGI app over a built backend, in OpenAI's and Together's dialects (see
+    :func:`semievol.server.app.create_app` for the options)."""
     from .app import create_app as build
+    from .together import router as together
 
-    return build(backend, state_dir, api_key, **options)
+    return build(backend, state_dir, api_key, dialects=(together,), **options)
 
 
 def default_state_dir() -> Path:
@@ -79,16 +82,10 @@ def serve(backend: str, model: str | None = None, host: str = "127.0.0.1", port:
     if dtype is not None:
         options["dtype"] = dtype
     backend_obj = load_backend(backend, **options)
-    if api_key is None and not _is_loopback(host):
+    if api_key is None and not is_loopback(host):
         log.warning("serving on %s without an API key: anyone who can reach it can use it "
                     "(set --api-key or SEMIEVOL_API_KEY)", host)
     app = create_app(backend_obj, state, api_key, max_upload_mb=max_upload_mb)
     # A request waiting behind a training job must not hold up a shutdown for long.
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
 
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

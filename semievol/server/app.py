@@ -1,5 +1,6 @@
 """The HTTP routes: the part of the OpenAI API that fine-tuning workflows use, over one
-Backend (Together's dialect is added by ``together.py``, on the helpers here).
+Backend (Together's dialect is added by ``together.py``, on the helpers here; the app with
+both is :func:`semievol.server.create_app`).
 
     POST /v1/files   GET /v1/files   GET|DELETE /v1/files/{id}   GET /v1/files/{id}/content
     POST /v1/fine_tuning/jobs   GET /v1/fine_tuning/jobs   GET /v1/fine_tuning/jobs/{id}
@@ -49,7 +50,7 @@ from .chat import choice, cut_at_stop, embedding_rows, together_dialect
 from .jobs import Trainer
 from .schemas import ChatRequest, EmbeddingRequest, Hyperparameters, JobCreate
 from .store import DamagedRecord, IdempotencyConflict, Store, new_id, now, public
-from .validate import MIN_EXAMPLES
+from ..chatfile import MIN_EXAMPLES
 
 log = logging.getLogger("semievol.server")
 
@@ -107,8 +108,10 @@ class Server:
 
 
 def create_app(backend, state_dir: str | Path, api_key: str | None = None, *,
-               max_upload_mb: int = 512, min_examples: int = MIN_EXAMPLES) -> FastAPI:
-    """The ASGI app serving ``backend`` with its state in ``state_dir``.
+               max_upload_mb: int = 512, min_examples: int = MIN_EXAMPLES,
+               dialects: tuple[APIRouter, ...] = ()) -> FastAPI:
+    """The ASGI app serving ``backend`` with its state in ``state_dir``: OpenAI's dialect,
+    and the routes of other ``dialects`` built on the helpers here (Together's).
 
     ``api_key``: when set, every request needs ``Authorization: Bearer <api_key>``.
     ``max_upload_mb``: the largest file ``POST /v1/files`` takes. ``min_examples``: the
@@ -128,10 +131,8 @@ def create_app(backend, state_dir: str | Path, api_key: str | None = None, *,
     app = FastAPI(title="semievol OpenAI-compatible API", lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
-    app.include_router(router)
-    from .together import router as together_router  # it builds on this module
-
-    app.include_router(together_router)
+    for routes in (router, *dialects):
+        app.include_router(routes)
     app.add_exception_handler(ApiError, lambda request, e: e.response())
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(HTTPException, _http_error)
@@ -147,7 +148,7 @@ def _server(request: Request) -> Server:
     return request.app.state.server
 
 
-def _authorize(request: Request) -> None:
+def authorize(request: Request) -> None:
     problem = _auth_problem(request.headers.get("authorization", ""), _server(request).api_key)
     if problem is not None:
         raise problem
@@ -186,7 +187,7 @@ class Authorize:
 
 
 ServerDep = Annotated[Server, Depends(_server)]
-router = APIRouter(prefix="/v1", dependencies=[Depends(_authorize)])
+router = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 
 
 def _error(status: int, message: str, *, param=None, code=None,
@@ -472,7 +473,7 @@ def list_jobs(server: ServerDep, request: Request, after: str | None = None,
     return _page(jobs, after, limit)
 
 
-def _job(server: Server, job_id: str) -> dict:
+def job_or_404(server: Server, job_id: str) -> dict:
     record = server.store.job(job_id)
     if record is None:
         raise ApiError(404, f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id",
@@ -482,12 +483,12 @@ def _job(server: Server, job_id: str) -> dict:
 
 @router.get("/fine_tuning/jobs/{job_id}")
 def get_job(server: ServerDep, job_id: str):
-    return public(_job(server, job_id))
+    return public(job_or_404(server, job_id))
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel")
 def cancel_job(server: ServerDep, job_id: str):
-    record = _job(server, job_id)
+    record = job_or_404(server, job_id)
     cancelled = server.trainer.cancel(job_id)
     if cancelled is None:
         raise ApiError(400, f"Job {job_id} has already {record['status']}; it cannot be "
@@ -498,7 +499,7 @@ def cancel_job(server: ServerDep, job_id: str):
 @router.get("/fine_tuning/jobs/{job_id}/events")
 def job_events(server: ServerDep, job_id: str, after: str | None = None,
                limit: Annotated[int, Query(ge=1, le=1000)] = 20):
-    _job(server, job_id)
+    job_or_404(server, job_id)
     return _page(server.store.events(job_id), after, limit)
 
 
@@ -507,7 +508,7 @@ def job_events(server: ServerDep, job_id: str, after: str | None = None,
 def chat_completions(server: ServerDep, body: ChatRequest):
     """Generate with the backend, then shape it as OpenAI does (see ``chat.py`` for stop
     sequences and logprobs). ``usage.prompt_tokens`` is the backend's own count (its
-    tokenizer's, read from its usage counter), counted once however large ``n`` is."""
+    tokenizer's, as the call reports it), counted once however large ``n`` is."""
     if body.stream:
         raise ApiError(400, "Streaming is not supported by this server.", param="stream")
     if body.top_logprobs is not None and body.logprobs is not True:
@@ -519,15 +520,13 @@ def chat_completions(server: ServerDep, body: ChatRequest):
     stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     n = body.n or 1
     with server.backend_lock:
-        before = server.backend.usage.prompt_tokens
-        generations = server.backend.generate_with_logprobs(
+        result = server.backend.generate_with_logprobs(
             ref, [messages], n=n,
             temperature=1.0 if body.temperature is None else body.temperature,
             max_tokens=body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS,
-            seed=body.seed)[0]
-        prompt_tokens = server.backend.usage.prompt_tokens - before
-    generations = [cut_at_stop(g, stops) for g in generations]
-    prompt_tokens = prompt_tokens or _words(m["content"] for m in messages)
+            seed=body.seed)
+    generations = [cut_at_stop(g, stops) for g in result[0]]
+    prompt_tokens = result.usage.prompt_tokens or _words(m["content"] for m in messages)
     completion_tokens = sum(len(g.tokens) for g in generations)
     return {"id": "chatcmpl-" + secrets.token_hex(12), "object": "chat.completion",
             "created": int(time.time()), "model": body.model,
@@ -540,8 +539,8 @@ def chat_completions(server: ServerDep, body: ChatRequest):
 
 @router.post("/embeddings")
 def embeddings(server: ServerDep, body: EmbeddingRequest):
-    """The backend's embeddings of the input strings. ``usage`` counts words (the
-    Backend protocol has no token count for embeddings); token-id input is refused."""
+    """The backend's embeddings of the input strings, with the tokens the backend reports
+    (words where it reports none); token-id input is refused."""
     server.resolve(body.model)
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not all(isinstance(t, str) for t in texts):
@@ -554,7 +553,7 @@ def embeddings(server: ServerDep, body: EmbeddingRequest):
     if body.dimensions is not None and body.dimensions > vectors.shape[1]:
         raise ApiError(400, f"'dimensions' must be at most {vectors.shape[1]} for this "
                        "model.", param="dimensions")
-    tokens = _words(texts)
+    tokens = vectors.usage.prompt_tokens or _words(texts)
     return {"object": "list", "model": body.model,
             "data": embedding_rows(vectors, encoding_format=body.encoding_format,
                                    dimensions=body.dimensions),

