@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
         run.add_argument(f"--no-{stage}", action="store_true", help=f"ablation: without {what}")
     for split in ("labeled", "unlabeled", "test"):
         run.add_argument(f"--limit-{split}", type=int, metavar="N", help=f"use the first N {split} items")
+    run.add_argument("--validation", type=int, metavar="N", help="labeled examples held out to "
+                     "choose the final model (SFT or SemiEvol) and stop rounds; 0: none "
+                     "(default: 20%% of the labeled set, 8 to 200, none under 16 labels)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--max-cost-usd", type=float, help="stop before a step that would pass this cost")
     run.add_argument("--dry-run", action="store_true", help="print the estimated cost and stop")
@@ -209,7 +212,8 @@ def _run_config(args) -> RunConfig:
         limit_unlabeled=args.limit_unlabeled, limit_test=args.limit_test, seed=args.seed,
         temperature=args.temperature, max_tokens=args.max_tokens, prompt_style=args.prompt_style,
         justify=args.justify, per_class=args.selection == "per-class",
-        views=args.views, replay_labeled=args.replay_labeled, finetune=ft,
+        views=args.views, replay_labeled=args.replay_labeled, validation=args.validation,
+        finetune=ft,
         evolve_finetune=ft.replace(learning_rate=args.evolve_lr or ft.learning_rate,
                                    epochs=args.evolve_epochs or ft.epochs)
         if args.evolve_lr or args.evolve_epochs else None,

@@ -98,6 +98,11 @@ class RunConfig:
     prompts per question) or "diverse" (each its own prompt, seed and temperature)."""
     replay_labeled: bool = False
     """Evolve on the labeled examples as well as the selected pseudo-labels."""
+    validation: int | None = None
+    """Labeled examples held out as the validation slice, which picks the final model (SFT
+    or SemiEvol) and stops rounds (see guard.py). None: 20% of the labeled set, at least 8
+    and at most 200, none under 16 labels; 0: no validation slice (the evolved model is
+    final, as in the paper)."""
     limit_labeled: int | None = None
     limit_unlabeled: int | None = None
     limit_test: int | None = None
@@ -132,6 +137,7 @@ class RunConfig:
             value = getattr(self, name)
             _check(value is None or value >= 1, f"{name} must be >= 1")
         _check(self.max_cost_usd is None or self.max_cost_usd >= 0, "max_cost_usd must be >= 0")
+        _check(self.validation is None or self.validation >= 0, "validation must be >= 0")
 
     @classmethod
     def recipe(cls, name: str, **fields) -> "RunConfig":

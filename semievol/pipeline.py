@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from . import collaborate, evaluate, evolve, propagate, selection
+from . import collaborate, evaluate, evolve, guard, propagate, selection
 from .backends import Backend
 from .config import RESUMABLE, RunConfig
 from .data import load_task
@@ -37,9 +37,14 @@ def run(config: RunConfig, backend: Backend, run_dir: str | Path, *, task: Task 
     stages = _Run(config, backend, rd, quiet)
     base = config.model or backend.default_model
 
-    warm = stages.warm_up(base, task.labeled) if config.iwp else base
-    pool, remaining, miner, evolved = list(task.labeled), list(task.unlabeled), warm, warm
-    rounds, mined, selected = [], [], set()
+    train, held = stages.hold_out(task.labeled)  # the validation slice: decisions only
+    warm = stages.warm_up(base, train) if config.iwp else base
+    fallback = "sft" if config.iwp else "vanilla"  # what the run returns if evolving does not help
+    checked = {"vanilla": stages.validate("vanilla", base, held)} if held else {}
+    if held and config.iwp:
+        checked["sft"] = stages.validate("sft", warm, held)
+    pool, remaining, miner, evolved = list(train), list(task.unlabeled), warm, warm
+    rounds, mined, selected, made = [], [], set(), {fallback: warm}
     for r in range(1, config.rounds + 1):
         if not remaining:
             break
@@ -50,8 +55,8 @@ def run(config: RunConfig, backend: Backend, run_dir: str | Path, *, task: Task 
         pairs = [(by_id[rec.id], rec.pseudo_label) for rec in chosen]
         # w/o IWP there is one fine-tune, of the base on D_L + D_selected
         replay = config.replay_labeled or (not config.iwp and r == 1)
-        labeled = [(ex, ex.answer) for ex in task.labeled] if replay else []
-        evolved = stages.evolve(r, miner, labeled + pairs)
+        labeled = [(ex, ex.answer) for ex in train] if replay else []
+        evolved = made[f"r{r}"] = stages.evolve(r, miner, labeled + pairs)
         rounds.append({"round": r, "mined": len(records), "selected": len(chosen),
                        "consistent": sum(rec.consistent for rec in records),
                        "justified": sum(rec.justified for rec in records),
@@ -63,12 +68,26 @@ def run(config: RunConfig, backend: Backend, run_dir: str | Path, *, task: Task 
                  if ex.id in chosen_ids]
         remaining = [ex for ex in remaining if ex.id not in chosen_ids]
         miner = evolved
+        if held:
+            before = checked[guard.best(checked, among=made)]["accuracy"]
+            checked[f"r{r}"] = stages.validate(f"r{r}", evolved, held)
+            rounds[-1]["validation"] = checked[f"r{r}"]["accuracy"]
+            if checked[f"r{r}"]["accuracy"] <= before:
+                break  # rounds stop when the validation score stops improving
 
-    models = {"base": base, "warm": warm if config.iwp else None, "evolved": evolved}
+    winner = guard.best(checked, among=made) if held else f"r{len(rounds)}"
+    final = "semievol" if winner.startswith("r") else fallback
+    models = {"base": base, "warm": warm if config.iwp else None, "evolved": evolved,
+              "final": made.get(winner, evolved)}
     scores = {"vanilla": stages.evaluate("vanilla", base, task.test)}
     scores["sft"] = stages.evaluate("sft", warm, task.test) if config.iwp else None
     scores["semievol"] = stages.evaluate("semievol", evolved, task.test)
+    same = {base: "vanilla", warm: fallback, evolved: "semievol"}.get(models["final"])
+    scores["final"] = dict(scores[same]) if same else stages.evaluate("final", models["final"], task.test)
+    validation = {"n": len(held), "ids": [ex.id for ex in held], "scores": checked,
+                  "chosen": winner if held else None}
     results = _results(config, backend, rd, task, models, scores, rounds, mined, selected)
+    results.update(validation=validation, final=final)
     rd.write_json("results.json", results)
     return results
 
@@ -105,6 +124,23 @@ class _Run:
         """Append a finished batch's records, and count what it cost."""
         self.rd.append(name, records)
         self.count_usage()
+
+    def hold_out(self, labeled: list[Example]) -> tuple[list[Example], list[Example]]:
+        """(train, validation): the validation slice (see guard.py), chosen once and kept
+        in validation.json. A run directory made before the guard existed (stages done,
+        no slice recorded) resumes without one: its warm-up saw every label."""
+        if not self.rd.done("validation"):
+            older = bool(self.rd.manifest["stages"]) or any(self.rd.path.glob("*.jsonl"))
+            n = 0 if older else guard.size(self.config.validation, len(labeled))
+            _, held = guard.split(labeled, n, self.config.seed)
+            self.rd.write_json("validation.json", [ex.id for ex in held])
+            self.rd.finish("validation", examples=len(held))
+        ids = set(self.rd.read_json("validation.json"))
+        return [ex for ex in labeled if ex.id not in ids], [ex for ex in labeled if ex.id in ids]
+
+    def validate(self, label: str, model: str, held: list[Example]) -> dict:
+        """A model's score on the validation slice (persisted as ``eval_validation_<label>``)."""
+        return self.evaluate(f"validation_{label}", model, held)
 
     def warm_up(self, base: str, labeled: list[Example]) -> str:
         if not self.rd.done("warmup"):
