@@ -20,7 +20,8 @@ import random
 from collections import defaultdict
 from collections.abc import Sequence
 
-from .types import Example
+from . import answers, evaluate, selection
+from .types import Example, PseudoLabel
 
 DEFAULT_SHARE = 0.2
 FLOOR = 8
@@ -69,3 +70,49 @@ def best(scores: dict[str, dict], among=None) -> str:
     scores = {k: v for k, v in scores.items() if among is None or k in among}
     top = max(s["accuracy"] for s in scores.values())
     return next(label for label, s in scores.items() if s["accuracy"] == top)
+
+
+# --- recipe 'auto': settings chosen on the validation slice ---------------------------
+
+MINING = [{"icp": False, "justify": "vote"}, {"icp": False, "justify": "model"},
+          {"icp": True, "justify": "vote"}, {"icp": True, "justify": "model"}]
+"""How the unlabeled questions are mined, in the order that wins ties: the 'small'
+recipe's first (no retrieved examples, votes: the cheapest), the paper's last."""
+
+
+def judge(records: Sequence[PseudoLabel], held: Sequence[Example], theta: float) -> dict:
+    """What one mining setting's pseudo-labels of the validation questions are worth:
+    their accuracy (an unlabeled question counts as wrong), and for each selection (global,
+    per class) the accuracy and macro-F1 of what it keeps. Macro-F1 because a selection
+    that keeps one class (fpb's global threshold kept only 'neutral') can be accurate and
+    still teach the model to answer nothing else."""
+    by_id = {ex.id: ex for ex in held}
+    right = {r.id: answers.is_correct(r.pseudo_label, by_id[r.id]) for r in records}
+    out = {"accuracy": sum(right.values()) / len(held) if held else 0.0}
+    for name, per_class in (("per_class", True), ("global", False)):
+        kept, _ = selection.select(records, theta, per_class=per_class)
+        f1 = evaluate.macro_f1([by_id[r.id].answer for r in kept], [r.pseudo_label for r in kept])
+        out[name] = {"kept": len(kept), "macro_f1": f1,
+                     "accuracy": sum(right[r.id] for r in kept) / len(kept) if kept else 0.0}
+    return out
+
+
+def choose(tried: Sequence[dict]) -> dict:
+    """The settings to mine and select with: the mining whose pseudo-labels of the
+    validation questions are most often right, then the selection whose kept pseudo-labels
+    have the higher macro-F1 (per class on a tie); the first listed wins ties."""
+    top = max(t["accuracy"] for t in tried)
+    best = next(t for t in tried if t["accuracy"] == top)
+    per_class = best["per_class"]["macro_f1"] >= best["global"]["macro_f1"]
+    return {**best["settings"], "per_class": per_class}
+
+
+def recipe_report(saved: dict, timings: dict[str, float]) -> dict:
+    """results.json's ``recipe``: what 'auto' chose, what each candidate scored, and what
+    choosing cost over a fixed recipe: the probing of the validation questions, the evolve
+    that was not kept and the validation scores of both evolves (seconds)."""
+    unkept = "evolve_r1_alone" if saved["chosen"].get("replay_labeled", True) else "evolve_r1_replay"
+    extra = [name for name in timings if name.startswith("choose_") or name == unkept
+             or name in ("eval_validation_r1_replay", "eval_validation_r1_alone")]
+    return {"name": "auto", **saved, "cost_s": round(sum(timings[n] for n in extra), 3),
+            "cost_stages": extra}

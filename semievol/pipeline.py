@@ -43,6 +43,8 @@ def run(config: RunConfig, backend: Backend, run_dir: str | Path, *, task: Task 
     checked = {"vanilla": stages.validate("vanilla", base, held)} if held else {}
     if held and config.iwp:
         checked["sft"] = stages.validate("sft", warm, held)
+    if config.auto_recipe and held:  # recipe 'auto': settings chosen on the validation slice
+        config = stages.choose_recipe(warm, train, held)
     pool, remaining, miner, evolved = list(train), list(task.unlabeled), warm, warm
     rounds, mined, selected, made = [], [], set(), {fallback: warm}
     for r in range(1, config.rounds + 1):
@@ -56,7 +58,12 @@ def run(config: RunConfig, backend: Backend, run_dir: str | Path, *, task: Task 
         # w/o IWP there is one fine-tune, of the base on D_L + D_selected
         replay = config.replay_labeled or (not config.iwp and r == 1)
         labeled = [(ex, ex.answer) for ex in train] if replay else []
-        evolved = made[f"r{r}"] = stages.evolve(r, miner, labeled + pairs)
+        if config.auto_recipe and held and r == 1:
+            evolved = stages.evolve_replay_or_not(r, miner, train, pairs, held)
+            config = stages.config
+        else:
+            evolved = stages.evolve(r, miner, labeled + pairs)
+        made[f"r{r}"] = evolved
         rounds.append({"round": r, "mined": len(records), "selected": len(chosen),
                        "consistent": sum(rec.consistent for rec in records),
                        "justified": sum(rec.justified for rec in records),
@@ -88,6 +95,8 @@ def run(config: RunConfig, backend: Backend, run_dir: str | Path, *, task: Task 
                   "chosen": winner if held else None}
     results = _results(config, backend, rd, task, models, scores, rounds, mined, selected)
     results.update(validation=validation, final=final)
+    if config.auto_recipe and held:
+        results["recipe"] = guard.recipe_report(rd.read_json("recipe.json"), rd.manifest["timings_s"])
     rd.write_json("results.json", results)
     return results
 
@@ -141,6 +150,54 @@ class _Run:
     def validate(self, label: str, model: str, held: list[Example]) -> dict:
         """A model's score on the validation slice (persisted as ``eval_validation_<label>``)."""
         return self.evaluate(f"validation_{label}", model, held)
+
+    def choose_recipe(self, warm: str, train: list[Example], held: list[Example]) -> RunConfig:
+        """Recipe 'auto': mine the validation questions (answers hidden) with the warm model
+        under each of guard.MINING's settings, judge the pseudo-labels by their answers,
+        and take the best settings (guard.choose) for the rest of the run."""
+        c = self.config
+        if not self.rd.done("choose_recipe"):
+            tried, questions = [], [dataclasses.replace(ex, answer=None) for ex in held]
+            by_id = {ex.id: ex for ex in train}
+            for settings in guard.MINING if c.cl else [{"icp": False}, {"icp": True}]:
+                if settings["icp"] and c.k == 0:
+                    continue
+                name = "choose_" + "_".join(f"{k}-{v}" for k, v in settings.items())
+                records: list[dict] = []
+                with self.stage(name):
+                    near = propagate.retrieve(self.backend, train, questions, c.k) \
+                        if settings["icp"] else {}
+                    shots = {uid: [by_id[i] for i in ids] for uid, ids in near.items()}
+                    collaborate.mine(self.backend, warm, questions, shots,
+                                     collaborate.make_views(c.n if c.cl else 1, c.temperature,
+                                                            icp=settings["icp"], kind=c.views),
+                                     style=self.style, max_tokens=c.max_tokens, seed=c.seed + 999,
+                                     batch_size=c.generation_batch,
+                                     justify=settings.get("justify"), on_records=records.extend,
+                                     quiet=True)
+                labels = [PseudoLabel.of(rec) for rec in records]
+                tried.append({"settings": settings, **guard.judge(labels, held, c.theta)})
+            chosen = guard.choose(tried)
+            self.rd.write_json("recipe.json", {"chosen": chosen, "candidates": tried})
+            self.rd.finish("choose_recipe", **chosen)
+        self.config = c.replace(**self.rd.read_json("recipe.json")["chosen"])
+        return self.config
+
+    def evolve_replay_or_not(self, r: int, start: str, train: list[Example],
+                             pairs: list[tuple[Example, str]], held: list[Example]) -> str:
+        """Recipe 'auto', first round: evolve with the labeled examples replayed and
+        without; the one better on the validation slice (replay on a tie) is the round's
+        model, and its choice holds for later rounds."""
+        replayed = self.evolve(f"{r}_replay", start, [(ex, ex.answer) for ex in train] + pairs)
+        alone = self.evolve(f"{r}_alone", start, pairs)
+        replay = (self.validate(f"r{r}_replay", replayed, held)["accuracy"]
+                  >= self.validate(f"r{r}_alone", alone, held)["accuracy"])
+        saved = self.rd.read_json("recipe.json")
+        if saved["chosen"].get("replay_labeled") != replay:
+            saved["chosen"]["replay_labeled"] = replay
+            self.rd.write_json("recipe.json", saved)
+        self.config = self.config.replace(replay_labeled=replay)
+        return replayed if replay else alone
 
     def warm_up(self, base: str, labeled: list[Example]) -> str:
         if not self.rd.done("warmup"):
@@ -199,7 +256,7 @@ class _Run:
         name = f"evolve_r{r}"
         if not self.rd.done(name):
             if len(pairs) < getattr(self.backend, "min_finetune_examples", 1):
-                log.warning("round %d selected %d examples, too few to fine-tune: "
+                log.warning("round %s selected %d examples, too few to fine-tune: "
                             "the evolved model stays %s", r, len(pairs), start)
                 model = start
             else:

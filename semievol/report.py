@@ -30,6 +30,13 @@ def summary(results: dict) -> str:
               f"{u['justified']}, selected {u['selected']}",
               f"pseudo-label accuracy: all {_pct(acc['all'])}, selected {_pct(acc['selected'])}"]
     lines += ["", guard_decision(results)]
+    if results.get("recipe"):
+        c = results["recipe"]["chosen"]
+        lines.append(f"recipe auto chose: retrieved examples {'on' if c['icp'] else 'off'}, "
+                     f"disagreements settled by {'the model' if c.get('justify') == 'model' else 'vote'}"
+                     f", {'per-class' if c['per_class'] else 'global'} selection, labeled replay "
+                     f"{'on' if c.get('replay_labeled', True) else 'off'} (choosing took "
+                     f"{results['recipe']['cost_s']:.0f}s)")
     usage = results["usage"]
     cost = f", ${usage['cost_usd']:.4f}" if usage.get("cost_usd") is not None else ""
     lines.append(f"tokens: prompt {usage['prompt_tokens']}, completion {usage['completion_tokens']},"

@@ -12,9 +12,10 @@ from semievol.data import load_task
 from semievol.demo import make_task
 from semievol.guard import size, split
 from semievol.pipeline import run
-from semievol.types import Example
+from semievol.demo import TEAMS
+from semievol.types import Example, Generation
 
-from test_pipeline import ticket_rule
+from test_pipeline import _unit, team_of, ticket_rule
 
 
 @pytest.fixture()
@@ -140,3 +141,96 @@ def test_a_run_made_before_validation_resumes_without_one(task_dir, tmp_path):
     resumed = run(RunConfig(data=str(task_dir), backend="fake"), backend, path, quiet=True)
     assert resumed["validation"]["n"] == 0 and not backend.calls_of("finetune")
     assert resumed["eval"] == first["eval"]
+
+
+# --- recipe 'auto' -------------------------------------------------------------------
+
+def _say(team, h):
+    return Generation(team, (team,), (-h,))
+
+
+def _other(truth, k=0):
+    return [t for t in TEAMS if t != truth][k]
+
+
+def retrieval_helps(call):
+    """Shown solved examples, every sample is right; without, the samples disagree and the
+    wrong ones are surer, so only self-justify (which always finds the truth) gets them."""
+    if "Candidate answers" in call.user:
+        return _say(team_of(call.user), 0.1 + _unit(call.user) / 10)
+    truth = team_of(call.user)
+    if len(call.messages) > 2 or call.temperature == 0 and call.trained:
+        return _say(truth, 0.05)
+    return _say(truth, 0.9) if call.sample % 2 else _say(_other(truth), 0.1)
+
+
+def auto(task_dir, tmp_path, rule, **options):
+    return world(task_dir, tmp_path, rule, **{**options, "auto_recipe": True})
+
+
+def test_auto_takes_retrieval_where_it_makes_the_pseudo_labels_right(task_dir, tmp_path):
+    results, backend = auto(task_dir, tmp_path, retrieval_helps)
+    recipe = results["recipe"]
+    by = {(c["settings"]["icp"], c["settings"]["justify"]): c["accuracy"] for c in recipe["candidates"]}
+    assert by[(True, "vote")] == by[(True, "model")] == 1.0
+    assert by[(False, "model")] == 1.0 > by[(False, "vote")]
+    assert recipe["chosen"]["justify"] == "model" and recipe["chosen"]["icp"] is False  # first of the ties
+    assert results["config"]["justify"] == "model" and results["config"]["auto_recipe"]
+    assert recipe["cost_s"] >= 0 and "choose_icp-True_justify-vote" in recipe["cost_stages"]
+    assert "recipe auto chose: retrieved examples off, disagreements settled by the model" \
+        in report.summary(results)
+    assert_validation_never_trained_or_shown(results, backend, task_dir)
+
+
+def test_auto_settles_disagreements_by_vote_when_the_model_cannot(task_dir, tmp_path):
+    def vote_wins(call):  # self-justify names a wrong team; 3 samples of 4 are right
+        if "Candidate answers" in call.user:
+            return _say(_other(team_of(call.user)), 0.1)
+        truth = team_of(call.user)
+        if call.temperature == 0:
+            return _say(truth, 0.05)
+        return _say(_other(truth), 0.5) if call.sample == 0 else _say(truth, 0.2)
+
+    results, _ = auto(task_dir, tmp_path, vote_wins)
+    assert results["recipe"]["chosen"]["justify"] == "vote"
+    assert results["recipe"]["chosen"]["icp"] is False
+
+
+def test_auto_keeps_labeled_replay_only_where_it_helps(task_dir, tmp_path):
+    labeled = {ex.question for ex in load_task(task_dir).labeled}
+
+    def forgets_without_replay(call):
+        """A model evolved on pseudo-labels alone forgets what it learned of the labels."""
+        replays = sum(_question(ex[-2]["content"]) in labeled for ex in call.trained)
+        if call.trained and replays == 32 and len(call.trained) > 32:
+            return "billing"
+        return ticket_rule(call)
+
+    results, backend = auto(task_dir, tmp_path, forgets_without_replay)
+    assert results["recipe"]["chosen"]["replay_labeled"] is True
+    assert results["config"]["replay_labeled"] is True
+    evolves = [c for c in backend.calls_of("finetune") if "evolve" in c["key"]]
+    assert {c["key"].split("-evolve-")[1] for c in evolves} == {"r1_replay", "r1_alone"}
+    assert results["models"]["evolved"].endswith("r1_replay")
+
+    def overfits_with_replay(call):  # a third pass over the labels overfits them
+        replays = sum(_question(ex[-2]["content"]) in labeled for ex in call.trained)
+        return "billing" if replays > 32 else ticket_rule(call)
+
+    results, _ = auto(task_dir, tmp_path / "2", overfits_with_replay)
+    assert results["recipe"]["chosen"]["replay_labeled"] is False
+    assert results["models"]["evolved"].endswith("r1_alone") and results["final"] == "semievol"
+
+
+def test_auto_without_a_validation_slice_is_the_small_recipe(task_dir, tmp_path):
+    results, backend = auto(task_dir, tmp_path, ticket_rule, validation=0)
+    assert "recipe" not in results and len(backend.calls_of("finetune")) == 2
+
+
+def test_recipe_auto_from_python_and_the_command_line():
+    from semievol.cli import _parser, _run_config
+
+    config = RunConfig.recipe("auto", data="d", validation=12)
+    assert config.auto_recipe and config.validation == 12 and config.per_class
+    cli = _run_config(_parser().parse_args(["run", "--data", "d", "--recipe", "auto"]))
+    assert cli == RunConfig.recipe("auto", data="d")
