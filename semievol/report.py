@@ -69,7 +69,7 @@ def guard_decision(results: dict) -> str:
     stopped = (f"; rounds stopped after round {len(rounds)}, which did not improve"
                if rounds and len(rounds) < results["config"]["rounds"] else "")
     return (f"guard: the final model is {final}: {why}{stopped}.\n"
-            f"  validation accuracy (n={v['n']}): {said}")
+            f"  validation accuracy (n={v['n']}; one question is {100 / v['n']:.1f} points): {said}")
 
 
 def write_report(run_dir: Path) -> Path:
@@ -95,11 +95,14 @@ def write_report(run_dir: Path) -> Path:
 def compare(run_dirs: list[Path], figure: Path) -> str:
     """A table of several runs side by side, and a grouped bar chart of their accuracy."""
     runs = [(d, json.loads((d / "results.json").read_text())) for d in run_dirs]
-    head = f"{'run':<28}{'backend':<10}" + "".join(f"{label:>16}" for _, label in ROWS) + f"{'selected':>10}"
+    head = (f"{'run':<28}{'backend':<10}" + "".join(f"{label:>16}" for _, label in ROWS)
+            + f"{'final (guard)':>18}{'selected':>10}")
     lines = [head]
     for d, r in runs:
         cells = "".join(f"{_pct((r['eval'].get(k) or {}).get('accuracy')):>16}" for k, _ in ROWS)
-        lines.append(f"{d.name[:27]:<28}{r['backend']:<10}{cells}{r['unlabeled']['selected']:>10}")
+        final = f"{r.get('final', '-')} {_pct((r['eval'].get('final') or {}).get('accuracy'))}"
+        lines.append(f"{d.name[:27]:<28}{r['backend']:<10}{cells}{final:>18}"
+                     f"{r['unlabeled']['selected']:>10}")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(1.5 + 2.2 * len(runs), 3.6))
     width = 0.8 / len(ROWS)
@@ -147,7 +150,8 @@ def _accuracy_figure(plt, results: dict, path: Path) -> Path:
     v = results.get("validation") or {"n": 0}
     rounds = [k for k in (v.get("scores") or {}) if k.startswith("r")]
     checked = {**(v.get("scores") or {}), **({"semievol": v["scores"][rounds[-1]]} if rounds else {})}
-    bars = [("accuracy", lambda k, r: r["accuracy"]), ("macro-F1", lambda k, r: r["macro_f1"] or 0)]
+    bars = [("test accuracy", lambda k, r: r["accuracy"]),
+            ("test macro-F1", lambda k, r: r["macro_f1"] or 0)]
     if v["n"]:
         bars.append((f"validation accuracy (n={v['n']})",
                      lambda k, r: checked[k]["accuracy"] if k in checked else 0))
@@ -159,7 +163,8 @@ def _accuracy_figure(plt, results: dict, path: Path) -> Path:
     final = results.get("final")
     ax.set_xticks(list(x), [label + (" *" if k == final else "") for k, label, _ in rows])
     ax.set_ylim(0, 1)
-    ax.set_title(f"{results['task']} ({results['backend']}: {results['base_model']})", fontsize=9)
+    ax.set_title(f"{results['task']} ({results['backend']}: {results['base_model']})"
+                 + ("; * the final model" if final else ""), fontsize=9)
     ax.legend(fontsize=8)
     return _save(plt, fig, path)
 
