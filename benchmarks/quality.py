@@ -8,7 +8,8 @@ Takes a seeded, class-stratified sample of the labeled split, keeps the full unl
 test splits, runs SemiEvol (each run resumable in --out), and adds the reference "SFT on all
 labeled examples", so we can say what share of the gap between SFT on the sample and SFT on
 everything SemiEvol closes. Each run holds out the guard's validation slice of its sample
-(``--validation``; 0 for none) and reports the model the guard returns ("final"). With
+(``--validation``; 0 for none) and reports the model the guard returns ("final"); SFT is
+then the warm-up on the sample less that slice, the gap is measured from it. With
 ``--seeds`` each seed draws its own labeled sample, and the table ends with the mean and
 spread of the gap closed over the samples. Prints a table; the last line is one JSON object.
 """
@@ -90,6 +91,8 @@ def main(argv=None) -> dict:
     p.add_argument("--limit-unlabeled", type=int)
     p.add_argument("--limit-test", type=int)
     p.add_argument("--no-reference", action="store_true", help="skip SFT on all labeled")
+    p.add_argument("--reference-accuracy", type=float, help="test accuracy of SFT on all labeled "
+                   "from an earlier run of the same settings (RESULTS.md): skips that run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", help="comma-separated seeds, one labeled sample each (overrides --seed)")
     p.add_argument("--validation", type=int, help="the guard's validation slice (default: "
@@ -133,7 +136,9 @@ def main(argv=None) -> dict:
             _done(rows[-1])  # as it comes: a run killed later still shows this one
             first_run = first_run or run_dir
     reference = None
-    if not args.no_reference and args.eval_on == "test":
+    if args.reference_accuracy is not None:
+        reference = {"accuracy": args.reference_accuracy, "macro_f1": None, "given": True}
+    elif not args.no_reference and args.eval_on == "test":
         run_dir = out / f"{full.name}-{args.backend}-L{len(full.labeled)}-sft"
         config = base.replace(n=1, k=0, icp=False, cl=False, limit_labeled=None, validation=0,
                               auto_recipe=False)
@@ -226,7 +231,8 @@ def _print(rows, reference, task, args) -> dict:
         stages = ", ".join(f"{name} {seconds:.0f}s" for name, seconds in first["timings_s"].items())
         print(f"\nstage wall times of the first row ({first['total_s']:.0f}s in all): {stages}")
     if reference:
-        print(f"\nreference: SFT on all labeled: accuracy {f(reference['accuracy'])}, "
+        given = " (given with --reference-accuracy)" if reference.get("given") else ""
+        print(f"\nreference: SFT on all labeled{given}: accuracy {f(reference['accuracy'])}, "
               f"macro-F1 {f(reference['macro_f1'])}")
     return out
 
