@@ -234,3 +234,20 @@ def test_recipe_auto_from_python_and_the_command_line():
     assert config.auto_recipe and config.validation == 12 and config.per_class
     cli = _run_config(_parser().parse_args(["run", "--data", "d", "--recipe", "auto"]))
     assert cli == RunConfig.recipe("auto", data="d")
+
+
+def test_a_killed_run_resumes_with_the_same_slice(task_dir, tmp_path):
+    calls = {"n": 0}
+
+    def crashing(call):
+        calls["n"] += 1
+        if calls["n"] > 40:  # after the validation scores, part-way through mining
+            raise KeyboardInterrupt("killed")
+        return ticket_rule(call)
+
+    with pytest.raises(KeyboardInterrupt):
+        world(task_dir, tmp_path, crashing, generation_batch=4)
+    held = json.loads((tmp_path / "run" / "validation.json").read_text())
+    results, backend = world(task_dir, tmp_path, ticket_rule, generation_batch=4)
+    assert results["validation"]["ids"] == held and len(held) == 8
+    assert [c["key"].rsplit("-", 1)[1] for c in backend.calls_of("finetune")] == ["r1"]
