@@ -1,12 +1,17 @@
 """The paper's table on a real task with few labels: vanilla, SFT and SemiEvol.
 
     python benchmarks/quality.py --data ../shared/data/fpb --labeled 64 [--budgets 32,64,128]
-                                 [--ablations] [--rounds 2] [--backend hf|openai ...]
+                                 [--ablations] [--rounds 2] [--seeds 0,1,2] [--auto]
+                                 [--validation N] [--backend hf|openai ...]
 
 Takes a seeded, class-stratified sample of the labeled split, keeps the full unlabeled and
 test splits, runs SemiEvol (each run resumable in --out), and adds the reference "SFT on all
 labeled examples", so we can say what share of the gap between SFT on the sample and SFT on
-everything SemiEvol closes. Prints a table; the last line is one JSON object.
+everything SemiEvol closes. Each run holds out the guard's validation slice of its sample
+(``--validation``; 0 for none) and reports the model the guard returns ("final"); SFT is
+then the warm-up on the sample less that slice, the gap is measured from it. With
+``--seeds`` each seed draws its own labeled sample, and the table ends with the mean and
+spread of the gap closed over the samples. Prints a table; the last line is one JSON object.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import os
 import platform
 import random
 import shutil
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -85,7 +91,14 @@ def main(argv=None) -> dict:
     p.add_argument("--limit-unlabeled", type=int)
     p.add_argument("--limit-test", type=int)
     p.add_argument("--no-reference", action="store_true", help="skip SFT on all labeled")
+    p.add_argument("--reference-accuracy", type=float, help="test accuracy of SFT on all labeled "
+                   "from an earlier run of the same settings (RESULTS.md): skips that run")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", help="comma-separated seeds, one labeled sample each (overrides --seed)")
+    p.add_argument("--validation", type=int, help="the guard's validation slice (default: "
+                   "semievol's, 20%% of the sample; 0: none)")
+    p.add_argument("--auto", action="store_true", help="recipe 'auto': the validation slice "
+                   "chooses retrieval, vote or self-justify, selection and labeled replay")
     p.add_argument("--out", default="runs/quality")
     p.add_argument("--figures", help="copy the first run's report figures into this folder and "
                    "print Markdown links to them (record.py puts them in RESULTS.md)")
@@ -100,27 +113,35 @@ def main(argv=None) -> dict:
                      generation_batch=args.generation_batch,
                      evolve_finetune=ft.replace(learning_rate=args.evolve_lr or args.lr,
                                                 epochs=args.evolve_epochs),
-                     limit_unlabeled=args.limit_unlabeled, limit_test=args.limit_test)
+                     limit_unlabeled=args.limit_unlabeled, limit_test=args.limit_test,
+                     validation=args.validation, auto_recipe=args.auto)
     out = Path(args.out)
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
     budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else [args.labeled]
     rows, started, first_run = [], time.perf_counter(), None
-    for budget in budgets:
-        sample = stratified(full.labeled, budget, args.seed)
+    for budget, seed in [(b, s) for b in budgets for s in seeds]:
+        sample = stratified(full.labeled, budget, seed)
         task = dataclasses.replace(full, labeled=sample)
         if args.eval_on == "validation":
             task = dataclasses.replace(task, test=_left_out(full.labeled, sample)[args.validation_skip:][:args.limit_test])
         variants = {"SemiEvol": {}, **(_ablations(args.icp) if args.ablations else {})}
         for name, switches in variants.items():
-            config = base.replace(limit_labeled=budget, **switches)
-            run_dir = out / f"{full.name}-{args.backend}-L{budget}-{_slug(name)}"
+            config = base.replace(limit_labeled=budget, seed=seed,
+                                  finetune=ft.replace(seed=seed), **switches)
+            suffix = f"-s{seed}" if args.seeds else ""
+            run_dir = out / f"{full.name}-{args.backend}-L{budget}-{_slug(name)}{suffix}"
             backend = _backend(args, run_dir)
             results = run(config, backend, run_dir, task=task)
-            rows.append(_row(name, budget, results))
+            rows.append({**_row(name, budget, results), "seed": seed})
+            _done(rows[-1])  # as it comes: a run killed later still shows this one
             first_run = first_run or run_dir
     reference = None
-    if not args.no_reference and args.eval_on == "test":
+    if args.reference_accuracy is not None:
+        reference = {"accuracy": args.reference_accuracy, "macro_f1": None, "given": True}
+    elif not args.no_reference and args.eval_on == "test":
         run_dir = out / f"{full.name}-{args.backend}-L{len(full.labeled)}-sft"
-        config = base.replace(n=1, k=0, icp=False, cl=False, limit_labeled=None)
+        config = base.replace(n=1, k=0, icp=False, cl=False, limit_labeled=None, validation=0,
+                              auto_recipe=False)
         results = run(config, _backend(args, run_dir), run_dir,
                       task=dataclasses.replace(full, unlabeled=[]))
         reference = results["eval"]["sft"]
@@ -158,6 +179,9 @@ def _row(name: str, budget: int, r: dict) -> dict:
     ev, u = r["eval"], r["unlabeled"]
     return {"variant": name, "labeled": budget,
             "vanilla": ev["vanilla"], "sft": ev["sft"], "semievol": ev["semievol"],
+            "final": r.get("final"), "final_eval": ev.get("final"),
+            "validation": r.get("validation", {}).get("scores"),
+            "recipe": (r.get("recipe") or {}).get("chosen"),
             "selected": u["selected"], "pseudo_acc_all": u["pseudo_label_accuracy"]["all"],
             "pseudo_acc_selected": u["pseudo_label_accuracy"]["selected"],
             "timings_s": r["timings_s"], "total_s": round(sum(r["timings_s"].values()), 1)}
@@ -167,30 +191,70 @@ def _print(rows, reference, task, args) -> dict:
     f = lambda v: "-" if v is None else f"{100 * v:.1f}"
     print(f"\n{task}, {args.backend}, machine: {platform.machine()} {platform.node()}, "
           f"{time.strftime('%Y-%m-%d')}\n")
-    print(f"{'variant':<12}{'L':>5}{'vanilla acc/F1':>16}{'SFT acc/F1':>14}{'SemiEvol acc/F1':>17}"
-          f"{'err.red.':>10}{'sel.':>6}{'PL all':>8}{'PL sel':>8}{'gap closed':>12}{'time':>8}")
+    print(f"{'variant':<12}{'L':>5}{'seed':>5}{'vanilla acc/F1':>16}{'SFT acc/F1':>14}"
+          f"{'SemiEvol acc/F1':>17}{'err.red.':>10}{'sel.':>6}{'PL all':>8}{'PL sel':>8}"
+          f"{'gap closed':>12}{'final (guard)':>16}{'its gap':>9}{'time':>8}")
     out = {"task": task, "backend": args.backend, "rows": [], "reference_sft_all": reference}
     for r in rows:
-        gap = None
-        if reference and r["sft"] and reference["accuracy"] > r["sft"]["accuracy"]:
-            gap = (r["semievol"]["accuracy"] - r["sft"]["accuracy"]) / (reference["accuracy"] - r["sft"]["accuracy"])
         sft = r["sft"] or {"accuracy": None, "macro_f1": None}
-        print(f"{r['variant']:<12}{r['labeled']:>5}"
+        gap, final_gap = _gap(r["semievol"], sft, reference), _gap(r["final_eval"], sft, reference)
+        final = f"{r['final'] or '-'} {f((r['final_eval'] or {}).get('accuracy'))}"
+        print(f"{r['variant']:<12}{r['labeled']:>5}{r['seed']:>5}"
               f"{f(r['vanilla']['accuracy']) + '/' + f(r['vanilla']['macro_f1']):>16}"
               f"{f(sft['accuracy']) + '/' + f(sft['macro_f1']):>14}"
               f"{f(r['semievol']['accuracy']) + '/' + f(r['semievol']['macro_f1']):>17}"
               f"{f(r['semievol'].get('error_reduction')):>10}{r['selected']:>6}"
               f"{f(r['pseudo_acc_all']):>8}{f(r['pseudo_acc_selected']):>8}{f(gap):>12}"
-              f"{r['total_s']:>7.0f}s")
-        out["rows"].append({**r, "gap_closed": gap})
+              f"{final:>16}{f(final_gap):>9}{r['total_s']:>7.0f}s")
+        out["rows"].append({**r, "gap_closed": gap, "final_gap_closed": final_gap})
+    groups = defaultdict(list)
+    for r in out["rows"]:
+        groups[(r["variant"], r["labeled"])].append(r)
+    out["over_seeds"] = []
+    for (variant, labeled), group in groups.items():
+        if len(group) < 2:
+            continue
+        row = {"variant": variant, "labeled": labeled, "seeds": [r["seed"] for r in group]}
+        for key in ("gap_closed", "final_gap_closed"):
+            values = [r[key] for r in group if r[key] is not None]
+            row[key] = {"mean": statistics.mean(values) if values else None,
+                        "sd": statistics.stdev(values) if len(values) > 1 else None,
+                        "min": min(values, default=None), "max": max(values, default=None)}
+        out["over_seeds"].append(row)
+        g, fg = row["gap_closed"], row["final_gap_closed"]
+        print(f"\n{variant}, {labeled} labels, {len(group)} samples: gap closed by SemiEvol "
+              f"mean {f(g['mean'])} (sd {f(g['sd'])}, {f(g['min'])} to {f(g['max'])}); by the "
+              f"guard's final model mean {f(fg['mean'])} (sd {f(fg['sd'])}, {f(fg['min'])} to "
+              f"{f(fg['max'])})")
     if rows:
         first = rows[0]
         stages = ", ".join(f"{name} {seconds:.0f}s" for name, seconds in first["timings_s"].items())
         print(f"\nstage wall times of the first row ({first['total_s']:.0f}s in all): {stages}")
     if reference:
-        print(f"\nreference: SFT on all labeled: accuracy {f(reference['accuracy'])}, "
+        given = " (given with --reference-accuracy)" if reference.get("given") else ""
+        print(f"\nreference: SFT on all labeled{given}: accuracy {f(reference['accuracy'])}, "
               f"macro-F1 {f(reference['macro_f1'])}")
     return out
+
+
+def _done(r: dict) -> None:
+    f = lambda v: "-" if v is None else f"{100 * v:.1f}"
+    sft = (r["sft"] or {}).get("accuracy")
+    print(f"done: {r['variant']}, {r['labeled']} labels, seed {r['seed']}: SFT {f(sft)}, SemiEvol "
+          f"{f(r['semievol']['accuracy'])}, final {r['final']} "
+          f"{f((r['final_eval'] or {}).get('accuracy'))}, pseudo-labels all "
+          f"{f(r['pseudo_acc_all'])} selected {f(r['pseudo_acc_selected'])}, validation "
+          + ", ".join(f"{k} {f(v['accuracy'])}" for k, v in (r["validation"] or {}).items())
+          + f" ({r['total_s']:.0f}s)", flush=True)
+
+
+def _gap(model, sft, reference):
+    """The share of the gap between SFT on the sample and SFT on every label that ``model``
+    closes (None without a reference, or where SFT on the sample is already as good)."""
+    if not (model and reference and sft["accuracy"] is not None
+            and reference["accuracy"] > sft["accuracy"]):
+        return None
+    return (model["accuracy"] - sft["accuracy"]) / (reference["accuracy"] - sft["accuracy"])
 
 
 def _slug(name: str) -> str:

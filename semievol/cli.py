@@ -47,8 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--rounds", type=int, default=1, help="rounds of mining and evolving (1)")
     run.add_argument("--recipe", choices=sorted(RECIPES), help="fine-tuning and prompt defaults: "
                      "'small' (4 epochs, lr 4e-4, answers in the option's words; the default on "
-                     "hf) or 'paper' (2 epochs, lr 1e-4, 'Answer: X'; the default on openai "
-                     "and together)")
+                     "hf), 'paper' (2 epochs, lr 1e-4, 'Answer: X'; the default on openai "
+                     "and together) or 'auto' (small's fine-tuning; retrieval, vote or "
+                     "self-justify, selection and labeled replay chosen on the validation slice)")
     run.add_argument("--epochs", type=float, help="fine-tuning epochs (from --recipe)")
     run.add_argument("--lr", type=float, help="LoRA learning rate (from --recipe)")
     run.add_argument("--evolve-lr", type=float, help="learning rate of the evolve step (as --lr)")
@@ -81,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
         run.add_argument(f"--no-{stage}", action="store_true", help=f"ablation: without {what}")
     for split in ("labeled", "unlabeled", "test"):
         run.add_argument(f"--limit-{split}", type=int, metavar="N", help=f"use the first N {split} items")
+    run.add_argument("--validation", type=int, metavar="N", help="labeled examples held out to "
+                     "choose the final model (SFT or SemiEvol) and stop rounds; 0: none "
+                     "(default: 20%% of the labeled set, 8 to 200, none under 16 labels)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--max-cost-usd", type=float, help="stop before a step that would pass this cost")
     run.add_argument("--dry-run", action="store_true", help="print the estimated cost and stop")
@@ -213,7 +217,9 @@ def _run_config(args) -> RunConfig:
         limit_unlabeled=args.limit_unlabeled, limit_test=args.limit_test, seed=args.seed,
         temperature=args.temperature, max_tokens=args.max_tokens, prompt_style=args.prompt_style,
         justify=args.justify, per_class=args.selection == "per-class",
-        views=args.views, replay_labeled=args.replay_labeled, finetune=ft,
+        views=args.views, replay_labeled=args.replay_labeled, validation=args.validation,
+        auto_recipe=recipe.get("auto_recipe", False),
+        finetune=ft,
         evolve_finetune=ft.replace(learning_rate=args.evolve_lr or ft.learning_rate,
                                    epochs=args.evolve_epochs or ft.epochs)
         if args.evolve_lr or args.evolve_epochs else None,

@@ -27,12 +27,15 @@ RECIPES = {
     "paper": {"epochs": 2, "learning_rate": 1e-4, "prompt_style": "letter", "justify": "model",
               "per_class": False, "icp": True, "views": "shared", "replay_labeled": False},
 }
+RECIPES["auto"] = {**RECIPES["small"], "auto_recipe": True}
 """Settings that go together (``RunConfig.recipe``; ``semievol run --recipe``). 'small' is
 what worked for the embedded 135M model on fpb: the paper's settings made it answer
 'neutral' to everything, its self-justify said 'neutral' to 206 of 209 disagreements, and a
 global entropy threshold kept only 'neutral' pseudo-labels; benchmarks/choose_recipe.py
 chose the rest on left-out labeled examples. 'paper' is the paper's (the bare ``RunConfig``
-defaults). ``evolve_epochs``, where given, are the evolve step's."""
+defaults). 'auto' starts from 'small' and lets the validation slice choose retrieval,
+how disagreements are settled, the selection and labeled replay (see guard.py and
+``RunConfig.auto_recipe``). ``evolve_epochs``, where given, are the evolve step's."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,14 @@ class RunConfig:
     prompts per question) or "diverse" (each its own prompt, seed and temperature)."""
     replay_labeled: bool = False
     """Evolve on the labeled examples as well as the selected pseudo-labels."""
+    auto_recipe: bool = False
+    """Choose icp, justify, per_class and replay_labeled on the validation slice (recipe
+    'auto'): the fields' own values are kept only where there is no slice."""
+    validation: int | None = None
+    """Labeled examples held out as the validation slice, which picks the final model (SFT
+    or SemiEvol) and stops rounds (see guard.py). None: 20% of the labeled set, at least 8
+    and at most 200, none under 16 labels; 0: no validation slice (the evolved model is
+    final, as in the paper)."""
     limit_labeled: int | None = None
     limit_unlabeled: int | None = None
     limit_test: int | None = None
@@ -132,6 +143,7 @@ class RunConfig:
             value = getattr(self, name)
             _check(value is None or value >= 1, f"{name} must be >= 1")
         _check(self.max_cost_usd is None or self.max_cost_usd >= 0, "max_cost_usd must be >= 0")
+        _check(self.validation is None or self.validation >= 0, "validation must be >= 0")
 
     @classmethod
     def recipe(cls, name: str, **fields) -> "RunConfig":

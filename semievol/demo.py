@@ -2,9 +2,18 @@
 
 The task is synthetic and its labels are computable: route a customer-support ticket to
 the team that handles it (billing, shipping or technical). Each ticket is a template
-around a problem phrase of one team, so the true label is known for every item, including
-the unlabeled ones (hidden from the algorithm, used only to score the pseudo-labels).
-Sized to finish in a few minutes on a 2-core CPU.
+around a problem phrase of one team (and a ticket number, so no two tickets read alike),
+so the true label is known for every item, including the unlabeled ones (hidden from the
+algorithm, used only to score the pseudo-labels). The teams take turns, so every split is
+balanced: with random teams the 24 training labels once held 5 'billing' tickets, and
+neither the warm-up nor its pseudo-labels ever said 'billing'.
+
+The story it tells (measured with ``SIZES`` on 2 CPU cores: 3 min 20 s, 6 CPU-minutes):
+the base model mostly talks around the question (vanilla near 30%); 24 labels teach it the
+task (SFT near 60%); 24 tickets of 30 problem phrases leave many phrases unseen, which the
+64 unlabeled tickets cover, and the pseudo-labels the warm model is surest of are right far
+more often than the rest (near 88% against 63%), so evolving on them helps (SemiEvol near
+70%). 8 of the 32 labels are the guard's validation slice; the summary says what it decided.
 """
 from __future__ import annotations
 
@@ -34,8 +43,8 @@ PROBLEMS = {
 TEMPLATES = ["Hello, {p}. Please help.", "Urgent: {p}!", "Hi team, {p} since yesterday.",
              "I am writing because {p}.", "{P}. What should I do?", "Good morning. {P}, can you check?",
              "Not happy: {p}.", "Quick question - {p}."]
-QUESTION = "Which team should handle this support ticket?\nTicket: {ticket}"
-SIZES = {"labeled": 24, "unlabeled": 120, "test": 60}
+QUESTION = "Which team should handle this support ticket?\nTicket: #{number} {ticket}"
+SIZES = {"labeled": 32, "unlabeled": 64, "test": 48}
 
 
 def make_task(directory: Path, seed: int = 0, sizes: dict[str, int] | None = None) -> Path:
@@ -53,10 +62,10 @@ def make_task(directory: Path, seed: int = 0, sizes: dict[str, int] | None = Non
 
 
 def _ticket(rng: random.Random, i: int) -> dict:
-    team = rng.choice(TEAMS)
+    team = TEAMS[i % len(TEAMS)]  # the teams in turn: every split is balanced
     problem = rng.choice(PROBLEMS[team])
     text = rng.choice(TEMPLATES).format(p=problem, P=problem[0].upper() + problem[1:])
-    return {"id": f"ticket-{i}", "question": QUESTION.format(ticket=text),
+    return {"id": f"ticket-{i}", "question": QUESTION.format(number=1000 + i, ticket=text),
             "options": list(TEAMS), "answer": "ABC"[TEAMS.index(team)]}
 
 
@@ -67,6 +76,11 @@ def main(out: Path, quiet: bool = False) -> dict:
 
     data = make_task(out / "tickets")
     config = RunConfig.recipe("small", data=str(data))  # what `semievol run --data DIR` runs
+    # 24 training labels in batches of 8 are 12 optimizer steps: too few, the warm-up
+    # answered one team to everything. Batches of 4 take as long and step twice as often.
+    # An answer is one word: 12 tokens are enough to find it in the base model's sentences.
+    config = config.replace(finetune=config.finetune.replace(batch_size=4),
+                            evolve_finetune=config.evolve_ft.replace(batch_size=4), max_tokens=12)
     backend = load_backend("hf", workdir=out / "backend")
     results = pipeline.run(config, backend, out, quiet=quiet)
     print(report.summary(results))

@@ -18,6 +18,7 @@ Where the run decides as it goes, the estimate assumes:
 from __future__ import annotations
 
 import hashlib
+import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -221,27 +222,34 @@ def print_estimate(task: Task, config, **options) -> Estimate:
 
 
 def _step(stage: str, usage: dict, results: dict, embed_model: str, batch: bool) -> Step:
-    """A pipeline stage's tokens as a Step, with the model it bills and a readable name."""
+    """A pipeline stage's tokens as a Step, with the model it bills and a readable name.
+    Stages are named ``<kind>_<what>``: ``warmup``, ``retrieve_r1``, ``collaborate_r1``,
+    ``evolve_r1`` (``evolve_r1_replay``...), ``eval_sft``, ``eval_validation_r1``,
+    ``choose_<settings>`` (recipe 'auto')."""
     models = results["models"]
-    evolved = {f"r{row['round']}": row["model"] for row in results["rounds"]}
-    kind, _, round_ = stage.partition("_")
-    miner = evolved.get(f"r{int(round_[1:]) - 1}") if round_.startswith("r") else None
-    miner = miner or models["warm"] or models["base"]
-    name, model = {
-        "warmup": ("warm-up fine-tune", models["base"]),
-        "retrieve": (f"{round_} embed questions", embed_model),
-        "collaborate": (f"{round_} collaborate", miner),
-        "evolve": (f"{round_} evolve fine-tune", miner),
-        "eval": (f"eval {round_}", models.get({"vanilla": "base", "sft": "warm",
-                                               "semievol": "evolved"}.get(round_, round_))),
-    }.get(kind, (stage, None))
-    model = model or models["base"]
+    evolved = {row["round"]: row["model"] for row in results["rounds"]}
+    kind, _, what = stage.partition("_")
+    number = re.match(r"(?:validation_)?r(\d+)", what)
+    r = int(number.group(1)) if number else None
+    miner = (evolved.get(r - 1) if r else None) or models["warm"] or models["base"]
+    if kind == "eval":
+        label = what.removeprefix("validation_")
+        named = {"vanilla": "base", "sft": "warm", "semievol": "evolved", "final": "final"}
+        model = models.get(named.get(label, ""), None) or evolved.get(r) or miner
+        name = f"eval {what.replace('_', ' ')}"
+    else:
+        model, name = {
+            "warmup": (models["base"], "warm-up fine-tune"),
+            "retrieve": (embed_model, f"{what} embed questions"),
+            "collaborate": (miner, f"{what} collaborate"),
+            "evolve": (miner, f"{what.replace('_', ' ')} evolve fine-tune"),
+        }.get(kind, (models["warm"] or models["base"], stage.replace("_", " ")))
     if model.startswith("ft:"):  # the counting backend's references: priced as ft:BASE
         model = f"ft:{cost.base_of(model)}"
     return Step(name, model, input_tokens=usage.get("prompt_tokens", 0),
                 output_tokens=usage.get("completion_tokens", 0),
                 trained_tokens=usage.get("trained_tokens", 0),
-                batch=batch and kind in ("collaborate", "eval"))
+                batch=batch and kind in ("collaborate", "eval", "choose"))
 
 
 def _unit(text: str) -> np.ndarray:

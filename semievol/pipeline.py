@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from . import collaborate, evaluate, evolve, propagate, selection
+from . import collaborate, evaluate, evolve, guard, propagate, selection
 from .backends import Backend
 from .config import RESUMABLE, RunConfig
 from .data import load_task
@@ -37,9 +37,16 @@ def run(config: RunConfig, backend: Backend, run_dir: str | Path, *, task: Task 
     stages = _Run(config, backend, rd, quiet)
     base = config.model or backend.default_model
 
-    warm = stages.warm_up(base, task.labeled) if config.iwp else base
-    pool, remaining, miner, evolved = list(task.labeled), list(task.unlabeled), warm, warm
-    rounds, mined, selected = [], [], set()
+    train, held = stages.hold_out(task.labeled)  # the validation slice: decisions only
+    warm = stages.warm_up(base, train) if config.iwp else base
+    fallback = "sft" if config.iwp else "vanilla"  # what the run returns if evolving does not help
+    checked = {"vanilla": stages.validate("vanilla", base, held)} if held else {}
+    if held and config.iwp:
+        checked["sft"] = stages.validate("sft", warm, held)
+    if config.auto_recipe and held:  # recipe 'auto': settings chosen on the validation slice
+        config = stages.choose_recipe(warm, train, held)
+    pool, remaining, miner, evolved = list(train), list(task.unlabeled), warm, warm
+    rounds, mined, selected, made = [], [], set(), {fallback: warm}
     for r in range(1, config.rounds + 1):
         if not remaining:
             break
@@ -50,8 +57,13 @@ def run(config: RunConfig, backend: Backend, run_dir: str | Path, *, task: Task 
         pairs = [(by_id[rec.id], rec.pseudo_label) for rec in chosen]
         # w/o IWP there is one fine-tune, of the base on D_L + D_selected
         replay = config.replay_labeled or (not config.iwp and r == 1)
-        labeled = [(ex, ex.answer) for ex in task.labeled] if replay else []
-        evolved = stages.evolve(r, miner, labeled + pairs)
+        labeled = [(ex, ex.answer) for ex in train] if replay else []
+        if config.auto_recipe and held and r == 1:
+            evolved = stages.evolve_replay_or_not(r, miner, train, pairs, held)
+            config = stages.config
+        else:
+            evolved = stages.evolve(r, miner, labeled + pairs)
+        made[f"r{r}"] = evolved
         rounds.append({"round": r, "mined": len(records), "selected": len(chosen),
                        "consistent": sum(rec.consistent for rec in records),
                        "justified": sum(rec.justified for rec in records),
@@ -63,12 +75,28 @@ def run(config: RunConfig, backend: Backend, run_dir: str | Path, *, task: Task 
                  if ex.id in chosen_ids]
         remaining = [ex for ex in remaining if ex.id not in chosen_ids]
         miner = evolved
+        if held:
+            before = checked[guard.best(checked, among=made)]["accuracy"]
+            checked[f"r{r}"] = stages.validate(f"r{r}", evolved, held)
+            rounds[-1]["validation"] = checked[f"r{r}"]["accuracy"]
+            if checked[f"r{r}"]["accuracy"] <= before:
+                break  # rounds stop when the validation score stops improving
 
-    models = {"base": base, "warm": warm if config.iwp else None, "evolved": evolved}
+    winner = guard.best(checked, among=made) if held else f"r{len(rounds)}"
+    final = "semievol" if winner.startswith("r") else fallback
+    models = {"base": base, "warm": warm if config.iwp else None, "evolved": evolved,
+              "final": made.get(winner, evolved)}
     scores = {"vanilla": stages.evaluate("vanilla", base, task.test)}
     scores["sft"] = stages.evaluate("sft", warm, task.test) if config.iwp else None
     scores["semievol"] = stages.evaluate("semievol", evolved, task.test)
+    same = {base: "vanilla", warm: fallback, evolved: "semievol"}.get(models["final"])
+    scores["final"] = dict(scores[same]) if same else stages.evaluate("final", models["final"], task.test)
+    validation = {"n": len(held), "ids": [ex.id for ex in held], "scores": checked,
+                  "chosen": winner if held else None}
     results = _results(config, backend, rd, task, models, scores, rounds, mined, selected)
+    results.update(validation=validation, final=final)
+    if config.auto_recipe and held:
+        results["recipe"] = guard.recipe_report(rd.read_json("recipe.json"), rd.manifest["timings_s"])
     rd.write_json("results.json", results)
     return results
 
@@ -95,6 +123,77 @@ class _Run:
         so a kill loses no record of spending (and a resumed ``--max-cost-usd`` sees it)."""
         self.rd.append(name, [rec.to_json() for rec in records])
         self.rd.add_usage(name, usage)
+
+    def hold_out(self, labeled: list[Example]) -> tuple[list[Example], list[Example]]:
+        """(train, validation): the validation slice (see guard.py), chosen once and kept
+        in validation.json. A run directory made before the guard existed (stages done,
+        no slice recorded) resumes without one: its warm-up saw every label."""
+        if not self.rd.done("validation"):
+            older = bool(self.rd.manifest["stages"]) or any(self.rd.path.glob("*.jsonl"))
+            n = 0 if older else guard.size(self.config.validation, len(labeled))
+            _, held = guard.split(labeled, n, self.config.seed)
+            self.rd.write_json("validation.json", [ex.id for ex in held])
+            self.rd.finish("validation", examples=len(held))
+        ids = set(self.rd.read_json("validation.json"))
+        return [ex for ex in labeled if ex.id not in ids], [ex for ex in labeled if ex.id in ids]
+
+    def validate(self, label: str, model: str, held: list[Example]) -> dict:
+        """A model's score on the validation slice (persisted as ``eval_validation_<label>``)."""
+        return self.evaluate(f"validation_{label}", model, held)
+
+    def choose_recipe(self, warm: str, train: list[Example], held: list[Example]) -> RunConfig:
+        """Recipe 'auto': mine the validation questions (answers hidden) with the warm model
+        under each of guard.MINING's settings, judge the pseudo-labels by their answers,
+        and take the best settings (guard.choose) for the rest of the run."""
+        c = self.config
+        if not self.rd.done("choose_recipe"):
+            tried, questions = [], [dataclasses.replace(ex, answer=None) for ex in held]
+            by_id = {ex.id: ex for ex in train}
+            for settings in guard.MINING if c.cl else [{"icp": False}, {"icp": True}]:
+                if settings["icp"] and c.k == 0:
+                    continue
+                name = "choose_" + "_".join(f"{k}-{v}" for k, v in settings.items())
+                records: list[Mined] = []
+                with self.stage(name):
+                    near, used = propagate.retrieve(self.backend, train, questions, c.k) \
+                        if settings["icp"] else ({}, Usage())
+                    shots = {uid: [by_id[i] for i in ids] for uid, ids in near.items()}
+
+                    def keep(batch: list[Mined], usage: Usage) -> None:
+                        nonlocal used
+                        records.extend(batch)
+                        used += usage
+
+                    collaborate.mine(self.backend, warm, questions, shots,
+                                     collaborate.make_views(c.n if c.cl else 1, c.temperature,
+                                                            icp=settings["icp"], kind=c.views),
+                                     style=self.style, max_tokens=c.max_tokens, seed=c.seed + 999,
+                                     batch_size=c.generation_batch,
+                                     justify=settings.get("justify"), on_records=keep, quiet=True)
+                self.rd.add_usage(name, used)
+                labels = [PseudoLabel.of(rec.to_json()) for rec in records]
+                tried.append({"settings": settings, **guard.judge(labels, held, c.theta)})
+            chosen = guard.choose(tried)
+            self.rd.write_json("recipe.json", {"chosen": chosen, "candidates": tried})
+            self.rd.finish("choose_recipe", **chosen)
+        self.config = c.replace(**self.rd.read_json("recipe.json")["chosen"])
+        return self.config
+
+    def evolve_replay_or_not(self, r: int, start: str, train: list[Example],
+                             pairs: list[tuple[Example, str]], held: list[Example]) -> str:
+        """Recipe 'auto', first round: evolve with the labeled examples replayed and
+        without; the one better on the validation slice (replay on a tie) is the round's
+        model, and its choice holds for later rounds."""
+        replayed = self.evolve(f"{r}_replay", start, [(ex, ex.answer) for ex in train] + pairs)
+        alone = self.evolve(f"{r}_alone", start, pairs)
+        replay = (self.validate(f"r{r}_replay", replayed, held)["accuracy"]
+                  >= self.validate(f"r{r}_alone", alone, held)["accuracy"])
+        saved = self.rd.read_json("recipe.json")
+        if saved["chosen"].get("replay_labeled") != replay:
+            saved["chosen"]["replay_labeled"] = replay
+            self.rd.write_json("recipe.json", saved)
+        self.config = self.config.replace(replay_labeled=replay)
+        return replayed if replay else alone
 
     def warm_up(self, base: str, labeled: list[Example]) -> str:
         if not self.rd.done("warmup"):
@@ -154,7 +253,7 @@ class _Run:
         name = f"evolve_r{r}"
         if not self.rd.done(name):
             if len(pairs) < self.backend.min_finetune_examples:
-                log.warning("round %d selected %d examples, too few to fine-tune: "
+                log.warning("round %s selected %d examples, too few to fine-tune: "
                             "the evolved model stays %s", r, len(pairs), start)
                 model, usage = start, None
             else:

@@ -16,16 +16,27 @@ def summary(results: dict) -> str:
     """The vanilla / SFT / SemiEvol table and the pseudo-labelling figures, as text."""
     lines = [f"{results['task']} on {results['backend']}:{results['base_model']}", "",
              f"{'model':<16}{'accuracy':>10}{'macro-F1':>10}{'err.red.':>10}{'n':>6}"]
-    for key, label in ROWS:
+    final = {"sft": "SFT", "semievol": "SemiEvol"}.get(results.get("final"), results.get("final"))
+    for key, label in ROWS + ([("final", f"Final ({final})")] if "final" in results else []):
         row = results["eval"].get(key)
         if row:
             lines.append(f"{label:<16}{_pct(row['accuracy']):>10}{_pct(row['macro_f1']):>10}"
                          f"{_pct(row.get('error_reduction')):>10}{row['n']:>6}")
     u = results["unlabeled"]
     acc = u["pseudo_label_accuracy"]
-    lines += ["", f"unlabeled {u['total']}: consistent {u['consistent']}, self-justified "
+    settled = "settled by vote" if results.get("config", {}).get("justify") == "vote" \
+        else "self-justified"
+    lines += ["", f"unlabeled {u['total']}: consistent {u['consistent']}, {settled} "
               f"{u['justified']}, selected {u['selected']}",
               f"pseudo-label accuracy: all {_pct(acc['all'])}, selected {_pct(acc['selected'])}"]
+    lines += ["", guard_decision(results)]
+    if results.get("recipe"):
+        c = results["recipe"]["chosen"]
+        lines.append(f"recipe auto chose: retrieved examples {'on' if c['icp'] else 'off'}, "
+                     f"disagreements settled by {'the model' if c.get('justify') == 'model' else 'vote'}"
+                     f", {'per-class' if c['per_class'] else 'global'} selection, labeled replay "
+                     f"{'on' if c.get('replay_labeled', True) else 'off'} (choosing took "
+                     f"{results['recipe']['cost_s']:.0f}s)")
     usage = results["usage"]
     cost = f", ${usage['cost_usd']:.4f}" if usage.get("cost_usd") is not None else ""
     lines.append(f"tokens: prompt {usage['prompt_tokens']}, completion {usage['completion_tokens']},"
@@ -34,6 +45,31 @@ def summary(results: dict) -> str:
     lines.append("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in results["timings_s"].items())
                  + f" (total {total:.0f}s)")
     return "\n".join(lines)
+
+
+def guard_decision(results: dict) -> str:
+    """One paragraph: which model the run returns, and what the validation slice said."""
+    v = results.get("validation") or {"n": 0}
+    if not v["n"]:
+        return ("guard: off (no validation slice): the evolved model is returned without a "
+                "check that it beats the warm-up")
+    scores, names = v["scores"], {"vanilla": "vanilla", "sft": "SFT"}
+    said = ", ".join(f"{names.get(k, 'SemiEvol round ' + k[1:])} {_pct(s['accuracy'])}"
+                     for k, s in scores.items())
+    final = "SemiEvol" if results["final"] == "semievol" else names.get(results["final"])
+    rounds = [k for k in scores if k.startswith("r")]
+    if results["final"] == "semievol":
+        why = (f"round {v['chosen'][1:]} scored best on the {v['n']} held-out labeled "
+               f"questions")
+    elif rounds:
+        why = ("evolving did not beat it on the held-out questions (a tie keeps the "
+               "warm-up): the pseudo-labels did not help this task")
+    else:
+        why = "no round ran"
+    stopped = (f"; rounds stopped after round {len(rounds)}, which did not improve"
+               if rounds and len(rounds) < results["config"]["rounds"] else "")
+    return (f"guard: the final model is {final}: {why}{stopped}.\n"
+            f"  validation accuracy (n={v['n']}; one question is {100 / v['n']:.1f} points): {said}")
 
 
 def write_report(run_dir: Path) -> Path:
@@ -49,6 +85,7 @@ def write_report(run_dir: Path) -> Path:
         figures.append(_bucket_figure(plt, json.loads(pseudo.read_text()),
                                       run_dir / "pseudo_accuracy.png"))
     text = ["# SemiEvol run report", "", "```", summary(results), "```", ""]
+    text += _validation_table(results)
     text += [f"![{p.stem}]({p.name})" for p in figures if p]
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(text) + "\n")
@@ -58,11 +95,14 @@ def write_report(run_dir: Path) -> Path:
 def compare(run_dirs: list[Path], figure: Path) -> str:
     """A table of several runs side by side, and a grouped bar chart of their accuracy."""
     runs = [(d, json.loads((d / "results.json").read_text())) for d in run_dirs]
-    head = f"{'run':<28}{'backend':<10}" + "".join(f"{label:>16}" for _, label in ROWS) + f"{'selected':>10}"
+    head = (f"{'run':<28}{'backend':<10}" + "".join(f"{label:>16}" for _, label in ROWS)
+            + f"{'final (guard)':>18}{'selected':>10}")
     lines = [head]
     for d, r in runs:
         cells = "".join(f"{_pct((r['eval'].get(k) or {}).get('accuracy')):>16}" for k, _ in ROWS)
-        lines.append(f"{d.name[:27]:<28}{r['backend']:<10}{cells}{r['unlabeled']['selected']:>10}")
+        final = f"{r.get('final', '-')} {_pct((r['eval'].get('final') or {}).get('accuracy'))}"
+        lines.append(f"{d.name[:27]:<28}{r['backend']:<10}{cells}{final:>18}"
+                     f"{r['unlabeled']['selected']:>10}")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(1.5 + 2.2 * len(runs), 3.6))
     width = 0.8 / len(ROWS)
@@ -79,6 +119,21 @@ def compare(run_dirs: list[Path], figure: Path) -> str:
     return "\n".join(lines) + f"\n\nfigure: {figure}"
 
 
+def _validation_table(results: dict) -> list[str]:
+    """The validation slice's scores, one row per model (and round), in Markdown."""
+    v = results.get("validation") or {"n": 0}
+    if not v["n"]:
+        return []
+    rows = ["## Validation (the guard)", "",
+            f"{v['n']} labeled questions held out of every fine-tune and retrieval pool.", "",
+            "| model | accuracy | macro-F1 | |", "|---|---|---|---|"]
+    for key, s in v["scores"].items():
+        name = {"vanilla": "Vanilla", "sft": "SFT (warm-up)"}.get(key, f"SemiEvol round {key[1:]}")
+        mark = "final" if key == v["chosen"] else ""
+        rows.append(f"| {name} | {_pct(s['accuracy'])} | {_pct(s['macro_f1'])} | {mark} |")
+    return rows + [""]
+
+
 def _mined(run_dir: Path, results: dict) -> tuple[list[PseudoLabel], set[str]]:
     rd = RunDir(run_dir)
     records, selected = [], set()
@@ -89,14 +144,27 @@ def _mined(run_dir: Path, results: dict) -> tuple[list[PseudoLabel], set[str]]:
 
 
 def _accuracy_figure(plt, results: dict, path: Path) -> Path:
-    rows = [(label, results["eval"][k]) for k, label in ROWS if results["eval"].get(k)]
+    """Test accuracy and macro-F1 of each model, and its validation accuracy where the
+    guard scored it (SemiEvol: the last round's model); the final model is starred."""
+    rows = [(k, label, results["eval"][k]) for k, label in ROWS if results["eval"].get(k)]
+    v = results.get("validation") or {"n": 0}
+    rounds = [k for k in (v.get("scores") or {}) if k.startswith("r")]
+    checked = {**(v.get("scores") or {}), **({"semievol": v["scores"][rounds[-1]]} if rounds else {})}
+    bars = [("test accuracy", lambda k, r: r["accuracy"]),
+            ("test macro-F1", lambda k, r: r["macro_f1"] or 0)]
+    if v["n"]:
+        bars.append((f"validation accuracy (n={v['n']})",
+                     lambda k, r: checked[k]["accuracy"] if k in checked else 0))
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    x = range(len(rows))
-    ax.bar([i - 0.2 for i in x], [r["accuracy"] for _, r in rows], 0.4, label="accuracy")
-    ax.bar([i + 0.2 for i in x], [r["macro_f1"] or 0 for _, r in rows], 0.4, label="macro-F1")
-    ax.set_xticks(list(x), [label for label, _ in rows])
+    x, width = range(len(rows)), 0.8 / len(bars)
+    for j, (name, value) in enumerate(bars):
+        ax.bar([i + (j - (len(bars) - 1) / 2) * width for i in x], [value(k, r) for k, _, r in rows],
+               width, label=name)
+    final = results.get("final")
+    ax.set_xticks(list(x), [label + (" *" if k == final else "") for k, label, _ in rows])
     ax.set_ylim(0, 1)
-    ax.set_title(f"{results['task']} ({results['backend']}: {results['base_model']})", fontsize=9)
+    ax.set_title(f"{results['task']} ({results['backend']}: {results['base_model']})"
+                 + ("; * the final model" if final else ""), fontsize=9)
     ax.legend(fontsize=8)
     return _save(plt, fig, path)
 

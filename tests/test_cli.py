@@ -33,6 +33,7 @@ def test_run_report_compare(tmp_path, capsys):
                      "--limit-unlabeled", "20", "--limit-test", "10", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "SemiEvol" in out and "Vanilla" in out and "pseudo-label accuracy" in out
+    assert "guard: the final model is" in out
     assert main(["report", str(tmp_path / "a")]) == 0
     report = (tmp_path / "a" / "report.md").read_text()
     assert "accuracy.png" in report and "entropy.png" in report
@@ -86,6 +87,8 @@ def test_import_needs_neither_torch_nor_a_model():
     (["--icp", "--views", "mixed", "--no-replay-labeled"],
      {"icp": True, "views": "mixed", "replay_labeled": False}),
     (["--recipe", "paper", "--no-icp", "--evolve-epochs", "1"], {"icp": False, "evolve_epochs": 1}),
+    ([], {"validation": None}),
+    (["--validation", "0"], {"validation": 0}),
 ])
 def test_recipes_set_defaults_that_flags_override(argv, expected):
     from semievol.cli import _parser, _run_config
@@ -104,6 +107,7 @@ def test_the_python_recipe_is_the_one_semievol_run_uses(backend, recipe):
     cli = _run_config(_parser().parse_args(["run", "--data", "d", "--backend", backend]))
     assert cli == RunConfig.recipe(recipe, data="d", backend=backend)
     assert RunConfig.recipe("small", data="d", icp=True).icp is True  # fields go over it
+    assert RunConfig.recipe("small", data="d", validation=20).validation == 20
     with pytest.raises(ConfigError, match="recipe"):
         RunConfig.recipe("huge", data="d")
 

@@ -45,11 +45,13 @@ def ticket_rule(call):
 
 @pytest.fixture()
 def task_dir(tmp_path):
-    return make_task(tmp_path / "data")
+    return make_task(tmp_path / "data", sizes={"labeled": 24, "unlabeled": 120, "test": 60})
 
 
 def go(task_dir, tmp_path, backend=None, name="run", **options):
+    """A run as the paper has it: no validation slice, unless asked (see test_guard.py)."""
     backend = backend or load_backend("fake", rule=ticket_rule)
+    options.setdefault("validation", 0)
     config = RunConfig(data=str(task_dir), backend="fake", **options)
     return run(config, backend, tmp_path / name, quiet=True), backend
 
@@ -323,7 +325,7 @@ def test_usage_survives_a_kill_mid_stage(task_dir, tmp_path):
               "    calls[0] += 1\n"
               "    if calls[0] > 24 * 4 + 16 * 4: os._exit(9)\n"
               "    return t.ticket_rule(call)\n"
-              "run(RunConfig(data=sys.argv[2], backend='fake', generation_batch=8), "
+              "run(RunConfig(data=sys.argv[2], backend='fake', generation_batch=8, validation=0), "
               "load_backend('fake', rule=dying), sys.argv[3], quiet=True)")
     killed = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent),
                              str(task_dir), str(tmp_path / "run")], capture_output=True, text=True)

@@ -49,6 +49,8 @@ def check_schema(results: dict) -> None:
         assert isinstance(usage[key], int)
     assert usage["cost_usd"] is None or isinstance(usage["cost_usd"], float)
     assert all(isinstance(v, float) for v in results["timings_s"].values())
+    assert results["final"] in ("sft", "semievol") and isinstance(models["final"], str)
+    assert isinstance(results["validation"]["n"], int)
     runtime = results["runtime"]
     assert isinstance(runtime["world_size"], int) and runtime["world_size"] >= 1
     assert isinstance(runtime["device"], str) and isinstance(runtime["dtype"], str)

@@ -1,0 +1,253 @@
+"""The guard on the fake backend, through the public API: a validation slice held out of
+every fine-tune and retrieval pool picks the final model, and stops rounds."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from semievol import RunConfig, load_backend, report
+from semievol.data import load_task
+from semievol.demo import make_task
+from semievol.guard import size, split
+from semievol.pipeline import run
+from semievol.demo import TEAMS
+from semievol.types import Example, Generation
+
+from test_pipeline import _unit, team_of, ticket_rule
+
+
+@pytest.fixture()
+def task_dir(tmp_path):
+    return make_task(tmp_path / "data", sizes={"labeled": 40, "unlabeled": 120, "test": 60})
+
+
+class Recorder:
+    """Wraps a rule; keeps every prompt's earlier messages (the retrieved shots)."""
+
+    def __init__(self, rule):
+        self.rule, self.shown = rule, []
+
+    def __call__(self, call):
+        self.shown += [m["content"] for m in call.messages[:-1]]
+        return self.rule(call)
+
+
+def trained_on_pseudo_labels(call, unlabeled: set[str]) -> bool:
+    return any(_question(ex[-2]["content"]) in unlabeled for ex in call.trained)
+
+
+def _question(user: str) -> str:
+    return user.split("\nOptions:")[0]
+
+
+def world(task_dir, tmp_path, rule, **options):
+    backend = load_backend("fake", rule=Recorder(rule))
+    config = RunConfig(data=str(task_dir), backend="fake", **options)
+    return run(config, backend, tmp_path / "run", quiet=True), backend
+
+
+def assert_validation_never_trained_or_shown(results, backend, task_dir):
+    task = load_task(task_dir)
+    held = {ex.question for ex in task.labeled if ex.id in set(results["validation"]["ids"])}
+    assert len(held) == results["validation"]["n"] == 8  # 20% of 40
+    trained = {_question(m["content"]) for _, examples in backend.trained.values()
+               for ex in examples for m in ex if m["role"] == "user"}
+    assert trained and not held & trained
+    shown = {_question(text) for text in backend.rule.shown}
+    assert shown and not held & shown  # no retrieval pool holds them either
+
+
+def test_when_pseudo_labels_hurt_the_warm_up_is_final(task_dir, tmp_path):
+    unlabeled = {ex.question for ex in load_task(task_dir).unlabeled}
+
+    def collapses(call):  # evolving on pseudo-labels teaches it one answer
+        return "billing" if trained_on_pseudo_labels(call, unlabeled) else ticket_rule(call)
+
+    results, backend = world(task_dir, tmp_path, collapses, rounds=2)
+    scores = results["validation"]["scores"]
+    assert scores["r1"]["accuracy"] < scores["sft"]["accuracy"]
+    assert results["final"] == "sft" and results["models"]["final"] == results["models"]["warm"]
+    assert results["eval"]["final"]["accuracy"] == results["eval"]["sft"]["accuracy"]
+    assert results["eval"]["semievol"]["accuracy"] < results["eval"]["sft"]["accuracy"]
+    assert len(results["rounds"]) == 1  # no second round after a round that did not help
+    assert_validation_never_trained_or_shown(results, backend, task_dir)
+    assert "SFT" in report.summary(results).split("guard:")[1]
+
+
+def test_when_more_data_helps_semievol_is_final(task_dir, tmp_path):
+    results, backend = world(task_dir, tmp_path, ticket_rule)
+    scores = results["validation"]["scores"]
+    assert scores["r1"]["accuracy"] > scores["sft"]["accuracy"]
+    assert results["final"] == "semievol"
+    assert results["models"]["final"] == results["models"]["evolved"] == results["rounds"][0]["model"]
+    assert results["eval"]["final"] == results["eval"]["semievol"]
+    assert_validation_never_trained_or_shown(results, backend, task_dir)
+    fts = backend.calls_of("finetune")
+    assert fts[0]["n_examples"] == 32  # the warm-up: 40 labels less the 8 held out
+    assert json.loads((tmp_path / "run" / "results.json").read_text()) == results
+    text = report.write_report(tmp_path / "run").read_text()
+    assert "## Validation (the guard)" in text and "| SemiEvol round 1 |" in text
+    assert "self-justified" in text and (tmp_path / "run" / "accuracy.png").exists()
+
+
+def test_tie_goes_to_the_warm_up(task_dir, tmp_path):
+    results, _ = world(task_dir, tmp_path, lambda call: "billing", justify="vote")
+    assert results["validation"]["scores"]["r1"] == results["validation"]["scores"]["sft"]
+    assert results["final"] == "sft"
+    text = report.summary(results)
+    assert "settled by vote" in text and "self-justified" not in text
+
+
+def test_no_validation_returns_the_evolved_model(task_dir, tmp_path):
+    results, backend = world(task_dir, tmp_path, ticket_rule, validation=0)
+    assert results["validation"] == {"n": 0, "ids": [], "scores": {}, "chosen": None}
+    assert results["final"] == "semievol" and backend.calls_of("finetune")[0]["n_examples"] == 40
+
+
+def test_validation_rounds_continue_while_they_improve(task_dir, tmp_path):
+    results, _ = world(task_dir, tmp_path, ticket_rule, rounds=3, validation=20)
+    accuracies = [r["validation"] for r in results["rounds"]]
+    assert all(b > a for a, b in zip(accuracies, accuracies[1:-1]))
+    assert results["validation"]["chosen"] == f"r{accuracies.index(max(accuracies)) + 1}"
+
+
+def test_size_and_split():
+    assert [size(None, n) for n in (10, 16, 40, 64, 500, 5000)] == [0, 8, 8, 13, 100, 200]
+    assert size(0, 64) == 0 and size(30, 64) == 30 and size(100, 5) == 4
+    labeled = [Example(f"q{i}", f"question {i}", ("a", "b", "c"), "ABC"[i % 3 // 2])
+               for i in range(60)]  # A twice as often as B
+    train, held = split(labeled, 12, seed=1)
+    assert Counter(ex.answer for ex in held) == {"A": 8, "B": 4}
+    assert len(train) == 48 and not {ex.id for ex in train} & {ex.id for ex in held}
+    assert split(labeled, 12, seed=1) == (train, held)
+    assert split(labeled, 12, seed=2)[1] != held
+
+
+def test_a_run_made_before_validation_resumes_without_one(task_dir, tmp_path):
+    first, _ = world(task_dir, tmp_path, ticket_rule, validation=0)
+    path = tmp_path / "run"
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["stages"]["validation"]  # as an older semievol wrote it
+    for stage in [s for s in manifest["stages"] if s.startswith("eval")]:
+        del manifest["stages"][stage]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    (path / "validation.json").unlink()
+    config = json.loads((path / "config.json").read_text())
+    del config["validation"]
+    (path / "config.json").write_text(json.dumps(config))
+    backend = load_backend("fake", rule=ticket_rule)
+    resumed = run(RunConfig(data=str(task_dir), backend="fake"), backend, path, quiet=True)
+    assert resumed["validation"]["n"] == 0 and not backend.calls_of("finetune")
+    assert resumed["eval"] == first["eval"]
+
+
+# --- recipe 'auto' -------------------------------------------------------------------
+
+def _say(team, h):
+    return Generation(team, (team,), (-h,))
+
+
+def _other(truth, k=0):
+    return [t for t in TEAMS if t != truth][k]
+
+
+def retrieval_helps(call):
+    """Shown solved examples, every sample is right; without, the samples disagree and the
+    wrong ones are surer, so only self-justify (which always finds the truth) gets them."""
+    if "Candidate answers" in call.user:
+        return _say(team_of(call.user), 0.1 + _unit(call.user) / 10)
+    truth = team_of(call.user)
+    if len(call.messages) > 2 or call.temperature == 0 and call.trained:
+        return _say(truth, 0.05)
+    return _say(truth, 0.9) if call.sample % 2 else _say(_other(truth), 0.1)
+
+
+def auto(task_dir, tmp_path, rule, **options):
+    return world(task_dir, tmp_path, rule, **{**options, "auto_recipe": True})
+
+
+def test_auto_takes_retrieval_where_it_makes_the_pseudo_labels_right(task_dir, tmp_path):
+    results, backend = auto(task_dir, tmp_path, retrieval_helps)
+    recipe = results["recipe"]
+    by = {(c["settings"]["icp"], c["settings"]["justify"]): c["accuracy"] for c in recipe["candidates"]}
+    assert by[(True, "vote")] == by[(True, "model")] == 1.0
+    assert by[(False, "model")] == 1.0 > by[(False, "vote")]
+    assert recipe["chosen"]["justify"] == "model" and recipe["chosen"]["icp"] is False  # first of the ties
+    assert results["config"]["justify"] == "model" and results["config"]["auto_recipe"]
+    assert recipe["cost_s"] >= 0 and "choose_icp-True_justify-vote" in recipe["cost_stages"]
+    assert "recipe auto chose: retrieved examples off, disagreements settled by the model" \
+        in report.summary(results)
+    assert_validation_never_trained_or_shown(results, backend, task_dir)
+
+
+def test_auto_settles_disagreements_by_vote_when_the_model_cannot(task_dir, tmp_path):
+    def vote_wins(call):  # self-justify names a wrong team; 3 samples of 4 are right
+        if "Candidate answers" in call.user:
+            return _say(_other(team_of(call.user)), 0.1)
+        truth = team_of(call.user)
+        if call.temperature == 0:
+            return _say(truth, 0.05)
+        return _say(_other(truth), 0.5) if call.sample == 0 else _say(truth, 0.2)
+
+    results, _ = auto(task_dir, tmp_path, vote_wins)
+    assert results["recipe"]["chosen"]["justify"] == "vote"
+    assert results["recipe"]["chosen"]["icp"] is False
+
+
+def test_auto_keeps_labeled_replay_only_where_it_helps(task_dir, tmp_path):
+    labeled = {ex.question for ex in load_task(task_dir).labeled}
+
+    def forgets_without_replay(call):
+        """A model evolved on pseudo-labels alone forgets what it learned of the labels."""
+        replays = sum(_question(ex[-2]["content"]) in labeled for ex in call.trained)
+        if call.trained and replays == 32 and len(call.trained) > 32:
+            return "billing"
+        return ticket_rule(call)
+
+    results, backend = auto(task_dir, tmp_path, forgets_without_replay)
+    assert results["recipe"]["chosen"]["replay_labeled"] is True
+    assert results["config"]["replay_labeled"] is True
+    evolves = [c for c in backend.calls_of("finetune") if "evolve" in c["key"]]
+    assert {c["key"].split("-evolve-")[1] for c in evolves} == {"r1_replay", "r1_alone"}
+    assert results["models"]["evolved"].endswith("r1_replay")
+
+    def overfits_with_replay(call):  # a third pass over the labels overfits them
+        replays = sum(_question(ex[-2]["content"]) in labeled for ex in call.trained)
+        return "billing" if replays > 32 else ticket_rule(call)
+
+    results, _ = auto(task_dir, tmp_path / "2", overfits_with_replay)
+    assert results["recipe"]["chosen"]["replay_labeled"] is False
+    assert results["models"]["evolved"].endswith("r1_alone") and results["final"] == "semievol"
+
+
+def test_auto_without_a_validation_slice_is_the_small_recipe(task_dir, tmp_path):
+    results, backend = auto(task_dir, tmp_path, ticket_rule, validation=0)
+    assert "recipe" not in results and len(backend.calls_of("finetune")) == 2
+
+
+def test_recipe_auto_from_python_and_the_command_line():
+    from semievol.cli import _parser, _run_config
+
+    config = RunConfig.recipe("auto", data="d", validation=12)
+    assert config.auto_recipe and config.validation == 12 and config.per_class
+    cli = _run_config(_parser().parse_args(["run", "--data", "d", "--recipe", "auto"]))
+    assert cli == RunConfig.recipe("auto", data="d")
+
+
+def test_a_killed_run_resumes_with_the_same_slice(task_dir, tmp_path):
+    calls = {"n": 0}
+
+    def crashing(call):
+        calls["n"] += 1
+        if calls["n"] > 40:  # after the validation scores, part-way through mining
+            raise KeyboardInterrupt("killed")
+        return ticket_rule(call)
+
+    with pytest.raises(KeyboardInterrupt):
+        world(task_dir, tmp_path, crashing, generation_batch=4)
+    held = json.loads((tmp_path / "run" / "validation.json").read_text())
+    results, backend = world(task_dir, tmp_path, ticket_rule, generation_batch=4)
+    assert results["validation"]["ids"] == held and len(held) == 8
+    assert [c["key"].rsplit("-", 1)[1] for c in backend.calls_of("finetune")] == ["r1"]
