@@ -62,8 +62,12 @@ def guard_decision(results: dict) -> str:
         why = (f"round {v['chosen'][1:]} scored best on the {v['n']} held-out labeled "
                f"questions")
     elif rounds:
-        why = ("evolving did not beat it on the held-out questions (a tie keeps the "
-               "warm-up): the pseudo-labels did not help this task")
+        best = max(scores[k]["accuracy"] for k in rounds)
+        tie = best == max(s["accuracy"] for k, s in scores.items() if k not in rounds)
+        why = ("evolving tied with it on the held-out questions, and a tie keeps the warm-up "
+               "(too few questions to tell them apart)" if tie else
+               "evolving scored lower on the held-out questions: on this task the "
+               "pseudo-labels did not help")
     else:
         why = "no round ran"
     stopped = (f"; rounds stopped after round {len(rounds)}, which did not improve"
