@@ -107,6 +107,7 @@ class _Run:
     def __init__(self, config: RunConfig, backend: Backend, rd: RunDir, quiet: bool):
         self.config, self.backend, self.rd, self.quiet = config, backend, rd, quiet
         self.style = config.prompt_style
+        self.scored: dict[str, dict] = {}  # model -> its validation score, each scored once
 
     @contextlib.contextmanager
     def stage(self, name: str):
@@ -138,8 +139,11 @@ class _Run:
         return [ex for ex in labeled if ex.id not in ids], [ex for ex in labeled if ex.id in ids]
 
     def validate(self, label: str, model: str, held: list[Example]) -> dict:
-        """A model's score on the validation slice (persisted as ``eval_validation_<label>``)."""
-        return self.evaluate(f"validation_{label}", model, held)
+        """A model's score on the validation slice (persisted as ``eval_validation_<label>``
+        the first time that model is scored)."""
+        if model not in self.scored:
+            self.scored[model] = self.evaluate(f"validation_{label}", model, held)
+        return self.scored[model]
 
     def choose_recipe(self, warm: str, train: list[Example], held: list[Example]) -> RunConfig:
         """Recipe 'auto': mine the validation questions (answers hidden) with the warm model

@@ -129,6 +129,15 @@ class Generations(list):
         super().__init__(outputs)
         self.usage = usage or Usage()
 
+    @classmethod
+    def of(cls, answers) -> "Generations":
+        """One call's result from its requests' ``(generations, usage)`` pairs, in order."""
+        out = cls()
+        for generations, usage in answers:
+            out.append(generations)
+            out.usage += usage
+        return out
+
 
 class Embeddings(np.ndarray):
     """What ``embed`` returns: one L2-normalised row per text (an ndarray in every other

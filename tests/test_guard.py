@@ -212,6 +212,9 @@ def test_auto_keeps_labeled_replay_only_where_it_helps(task_dir, tmp_path):
     evolves = [c for c in backend.calls_of("finetune") if "evolve" in c["key"]]
     assert {c["key"].split("-evolve-")[1] for c in evolves} == {"r1_replay", "r1_alone"}
     assert results["models"]["evolved"].endswith("r1_replay")
+    scored = [p.name for p in (tmp_path / "run").glob("eval_validation_*.jsonl")]
+    assert sorted(scored) == ["eval_validation_r1_alone.jsonl", "eval_validation_r1_replay.jsonl",
+                              "eval_validation_sft.jsonl", "eval_validation_vanilla.jsonl"]
 
     def overfits_with_replay(call):  # a third pass over the labels overfits them
         replays = sum(_question(ex[-2]["content"]) in labeled for ex in call.trained)

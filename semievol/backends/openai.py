@@ -287,10 +287,7 @@ class OpenAIBackend:
         else:
             with ThreadPoolExecutor(self.max_concurrency) as pool:
                 answers = list(pool.map(self._chat, bodies))
-        out = Generations(gens for gens, _ in answers)
-        for _, usage in answers:
-            out.usage += usage
-        return out
+        return Generations.of(answers)
 
     def _chat(self, body: dict) -> tuple[list[Generation], Usage]:
         with self._api(f"chat completion with {body['model']}"):

@@ -349,10 +349,7 @@ class TogetherBackend:
                        **({"seed": seed} if seed is not None else {})) for p in prompts]
         with ThreadPoolExecutor(self.max_concurrency) as pool:
             answers = list(pool.map(lambda body: self._chat(body, priced), bodies))
-        out = Generations(gens for gens, _ in answers)
-        for _, usage in answers:
-            out.usage += usage
-        return out
+        return Generations.of(answers)
 
     def _chat(self, body: dict, priced: str) -> tuple[list[Generation], Usage]:
         with self._api(f"chat completion with {body['model']}"):
