@@ -114,3 +114,19 @@ def hf_folder_bf16(tmp_path_factory) -> Path:
 
     return export_model("smollm2-135m", tmp_path_factory.mktemp("hf-folder") / "smollm2-bf16",
                         dtype="bfloat16")
+
+
+@pytest.fixture(scope="session")
+def hf_folder_bf16_two_layers(hf_folder_bf16, tmp_path_factory) -> Path:
+    """The bf16 folder cut to its first two of 30 decoder layers: the same architecture,
+    files and tokenizer at a fifteenth of the compute. For a run that checks the bf16 path
+    end to end on this CPU, which has no bf16 instructions (a bf16 forward pass costs about
+    6 float32 ones, and the whole model's 8-question run took 20 minutes)."""
+    transformers = need("transformers")
+    out = tmp_path_factory.mktemp("hf-folder-cut") / "smollm2-bf16-2-layers"
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_folder_bf16, dtype="bfloat16")
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    model.save_pretrained(out)
+    transformers.AutoTokenizer.from_pretrained(hf_folder_bf16).save_pretrained(out)
+    return out
