@@ -124,7 +124,8 @@ def main(argv=None) -> dict:
         task = dataclasses.replace(full, labeled=sample)
         if args.eval_on == "validation":
             task = dataclasses.replace(task, test=_left_out(full.labeled, sample)[args.validation_skip:][:args.limit_test])
-        variants = {"SemiEvol": {}, **(_ablations(args.icp) if args.ablations else {})}
+        variants = {"SemiEvol auto" if args.auto else "SemiEvol": {},
+                    **(_ablations(args.icp) if args.ablations else {})}
         for name, switches in variants.items():
             config = base.replace(limit_labeled=budget, seed=seed,
                                   finetune=ft.replace(seed=seed), **switches)
@@ -191,7 +192,7 @@ def _print(rows, reference, task, args) -> dict:
     f = lambda v: "-" if v is None else f"{100 * v:.1f}"
     print(f"\n{task}, {args.backend}, machine: {platform.machine()} {platform.node()}, "
           f"{time.strftime('%Y-%m-%d')}\n")
-    print(f"{'variant':<12}{'L':>5}{'seed':>5}{'vanilla acc/F1':>16}{'SFT acc/F1':>14}"
+    print(f"{'variant':<15}{'L':>5}{'seed':>5}{'vanilla acc/F1':>16}{'SFT acc/F1':>14}"
           f"{'SemiEvol acc/F1':>17}{'err.red.':>10}{'sel.':>6}{'PL all':>8}{'PL sel':>8}"
           f"{'gap closed':>12}{'final (guard)':>16}{'its gap':>9}{'time':>8}")
     out = {"task": task, "backend": args.backend, "rows": [], "reference_sft_all": reference}
@@ -199,7 +200,7 @@ def _print(rows, reference, task, args) -> dict:
         sft = r["sft"] or {"accuracy": None, "macro_f1": None}
         gap, final_gap = _gap(r["semievol"], sft, reference), _gap(r["final_eval"], sft, reference)
         final = f"{r['final'] or '-'} {f((r['final_eval'] or {}).get('accuracy'))}"
-        print(f"{r['variant']:<12}{r['labeled']:>5}{r['seed']:>5}"
+        print(f"{r['variant']:<15}{r['labeled']:>5}{r['seed']:>5}"
               f"{f(r['vanilla']['accuracy']) + '/' + f(r['vanilla']['macro_f1']):>16}"
               f"{f(sft['accuracy']) + '/' + f(sft['macro_f1']):>14}"
               f"{f(r['semievol']['accuracy']) + '/' + f(r['semievol']['macro_f1']):>17}"
@@ -245,6 +246,7 @@ def _done(r: dict) -> None:
           f"{f((r['final_eval'] or {}).get('accuracy'))}, pseudo-labels all "
           f"{f(r['pseudo_acc_all'])} selected {f(r['pseudo_acc_selected'])}, validation "
           + ", ".join(f"{k} {f(v['accuracy'])}" for k, v in (r["validation"] or {}).items())
+          + (f", recipe chosen {r['recipe']}" if r["recipe"] else "")
           + f" ({r['total_s']:.0f}s)", flush=True)
 
 
