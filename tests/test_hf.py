@@ -5,6 +5,7 @@ Every test that touches the model is ``slow``; they share one loaded backend (th
 small so the file runs in a few minutes on two CPU cores."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import math
@@ -163,6 +164,19 @@ def test_finetune_with_a_used_key_returns_at_once(hf_backend, taught):
     assert time.perf_counter() - start < 1.0
     # nothing trained now; what training it took is reported again, for a resumed count
     assert again.usage.trained_tokens == taught.usage.trained_tokens > 0
+
+
+@pytest.mark.slow
+def test_the_same_finetune_gives_the_same_adapter_whatever_ran_before(hf_backend):
+    """A fine-tune is seeded by its config, a fresh LoRA's random start included, so a rerun
+    (or a run next to another) trains the same adapter, not one of many."""
+    examples = [colour(p) + [{"role": "assistant", "content": "teal"}] for p in PLACES[:4]]
+    config = FAST.replace(epochs=1)
+    weights = lambda ref: hashlib.sha256((Path(ref) / "adapter_model.safetensors").read_bytes()
+                                         ).hexdigest()
+    first = weights(hf_backend.finetune(BASE, examples, config, key="teal-1"))
+    assert weights(hf_backend.finetune(BASE, examples, config, key="teal-2")) == first
+    assert weights(hf_backend.finetune(BASE, examples, config.replace(seed=1), key="teal-3")) != first
 
 
 @pytest.mark.slow

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (AutoModel, AutoModelForCausalLM, AutoTokenizer, PrinterCallback,
-                          Trainer, TrainingArguments)
+                          Trainer, TrainingArguments, set_seed)
 
 from ...errors import BackendError, FinetuneFailed
 from ...rundir import slug
@@ -197,6 +197,7 @@ class HFBackend:
         name = f"a{next(self._names)}"
         try:
             self._unmerge()
+            set_seed(config.seed)  # a fresh LoRA starts from the same weights every time
             self._attach_trainable(name, parent, config)
             self._train(features, config, scratch / "trainer")
             self._model.save_pretrained(str(scratch), selected_adapters=[name],
