@@ -172,11 +172,14 @@ def test_the_same_finetune_gives_the_same_adapter_whatever_ran_before(hf_backend
     (or a run next to another) trains the same adapter, not one of many."""
     examples = [colour(p) + [{"role": "assistant", "content": "teal"}] for p in PLACES[:4]]
     config = FAST.replace(epochs=1)
-    weights = lambda ref: hashlib.sha256((Path(ref) / "adapter_model.safetensors").read_bytes()
-                                         ).hexdigest()
-    first = weights(hf_backend.finetune(BASE, examples, config, key="teal-1"))
-    assert weights(hf_backend.finetune(BASE, examples, config, key="teal-2")) == first
-    assert weights(hf_backend.finetune(BASE, examples, config.replace(seed=1), key="teal-3")) != first
+
+    def weights(key: str, config) -> str:  # a digest: a failed == then reports at once
+        ref = hf_backend.finetune(BASE, examples, config, key=key)
+        return hashlib.sha256((Path(ref) / "adapter_model.safetensors").read_bytes()).hexdigest()
+
+    first = weights("teal-1", config)
+    assert weights("teal-2", config) == first
+    assert weights("teal-3", config.replace(seed=1)) != first
 
 
 @pytest.mark.slow

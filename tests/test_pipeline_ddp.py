@@ -42,7 +42,7 @@ def torchrun(shared, out, tmp, procs=2):
             "-m", "semievol", "run", "--data", str(shared / "data" / "fpb"), "--backend", "hf",
             "--out", str(out), *SLICE]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
-    return subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(args, capture_output=True, text=True, timeout=1500, env=env)
 
 
 def test_two_process_run_then_resume(shared, tmp_path):
