@@ -2,7 +2,11 @@
 `semievol serve --backend hf` (the embedded model) on a slice of fpb. The run is killed
 (SIGKILL) while its warm-up fine-tuning job runs and started again: it finishes, and the
 server saw exactly two fine-tuning jobs (warm-up and evolve), none paid twice. The same run
-with `--backend hf` gives the same accuracies within one test item (backend parity)."""
+with `--backend hf` gives the same vanilla and SFT accuracies within one test item (backend
+parity: greedy answers, the same seeded fine-tune). Mining samples, and a server draws each
+request's samples apart while the local backend draws a batch's together, so the evolved
+models differ (on 16 test items by up to 5 of them); in both runs the guard returns the model
+that scored best on validation."""
 from __future__ import annotations
 
 import json
@@ -61,7 +65,13 @@ def test_openai_backend_through_semievol_serve(shared, tmp_path):
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert local.returncode == 0, local.stdout + local.stderr
         hf = json.loads((tmp_path / "hf" / "results.json").read_text())
-        for stage in ("vanilla", "sft", "semievol"):
-            assert abs(hf["eval"][stage]["accuracy"] - results["eval"][stage]["accuracy"]) <= 1 / 16
+        accuracies = {stage: (hf["eval"][stage]["accuracy"], results["eval"][stage]["accuracy"])
+                      for stage in ("vanilla", "sft")}  # greedy answers of the same seeded fine-tune
+        for local_accuracy, hosted_accuracy in accuracies.values():
+            assert abs(local_accuracy - hosted_accuracy) <= 1 / 16, accuracies
+        for r in (hf, results):  # mining samples: the paths draw different pseudo-labels
+            scores = r["validation"]["scores"]
+            assert scores[r["validation"]["chosen"]]["accuracy"] >= scores["sft"]["accuracy"]
+            assert r["eval"]["final"] == r["eval"][r["final"]]
         assert hf["eval"]["sft"]["accuracy"] > hf["eval"]["vanilla"]["accuracy"]
         assert results["eval"]["sft"]["accuracy"] > results["eval"]["vanilla"]["accuracy"]
