@@ -22,6 +22,9 @@ class Prediction:
     prediction: str | None
     """The answer extracted from the response (None: none found)."""
     correct: bool
+    entropy: float | None = None
+    """The response's mean negative token log-probability (None: an empty response, or a
+    file written before it was recorded): how sure the model was of this answer."""
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -42,7 +45,8 @@ def predict(backend: Backend, model: str, items: Sequence[Example], *, style: st
             records = []
             for ex, (gen,) in zip(batch, out):
                 pred = answers.extract(gen.text, ex)
-                records.append(Prediction(ex.id, gen.text, pred, answers.is_correct(pred, ex)))
+                records.append(Prediction(ex.id, gen.text, pred, answers.is_correct(pred, ex),
+                                          gen.entropy if gen.logprobs else None))
             on_records(records, out.usage)
             bar.update(len(batch))
 

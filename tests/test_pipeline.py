@@ -377,3 +377,10 @@ def test_resume_reads_an_older_config_and_lets_batch_sizes_change(task_dir, tmp_
     path.write_text(json.dumps({k: v for k, v in saved.items() if k != "per_class"}))
     with pytest.raises(ConfigError, match="per_class"):
         go(task_dir, tmp_path, limit_test=8, per_class=True)
+
+
+def test_each_eval_answer_records_how_sure_the_model_was(task_dir, tmp_path):
+    go(task_dir, tmp_path, limit_test=8)
+    lines = [json.loads(l) for l in (tmp_path / "run" / "eval_sft.jsonl").read_text().splitlines()]
+    assert len(lines) == 8
+    assert all(isinstance(r["entropy"], float) and r["entropy"] >= 0 for r in lines)
