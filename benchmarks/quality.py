@@ -1,7 +1,8 @@
 """The paper's table on a real task with few labels: vanilla, SFT and SemiEvol.
 
     python benchmarks/quality.py --data ../shared/data/fpb --labeled 64 [--budgets 32,64,128]
-                                 [--ablations] [--rounds 2] [--seeds 0,1,2] [--auto]
+                                 [--ablations [--only 'w/o CL,w/o AS']] [--rounds 2]
+                                 [--seeds 0,1,2] [--auto]
                                  [--validation N] [--backend hf|openai ...]
 
 Takes a seeded, class-stratified sample of the labeled split, keeps the full unlabeled and
@@ -65,6 +66,9 @@ def main(argv=None) -> dict:
     p.add_argument("--labeled", type=int, default=64)
     p.add_argument("--budgets", help="comma-separated label budgets (overrides --labeled)")
     p.add_argument("--ablations", action="store_true")
+    p.add_argument("--only", help="comma-separated variants to run (e.g. 'w/o CL,w/o AS'), so "
+                   "two processes can share the ablations; a later run of all of them reuses "
+                   "the finished run directories")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--backend", default="hf", choices=["hf", "openai"])
     p.add_argument("--model")
@@ -126,6 +130,11 @@ def main(argv=None) -> dict:
             task = dataclasses.replace(task, test=_left_out(full.labeled, sample)[args.validation_skip:][:args.limit_test])
         variants = {"SemiEvol auto" if args.auto else "SemiEvol": {},
                     **(_ablations(args.icp) if args.ablations else {})}
+        if args.only:
+            if unknown := set(args.only.split(",")) - set(variants):
+                p.error(f"--only: no variant {', '.join(sorted(unknown))} (there are "
+                        f"{', '.join(variants)})")
+            variants = {name: variants[name] for name in args.only.split(",")}
         for name, switches in variants.items():
             config = base.replace(limit_labeled=budget, seed=seed,
                                   finetune=ft.replace(seed=seed), **switches)
