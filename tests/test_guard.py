@@ -3,7 +3,10 @@ every fine-tune and retrieval pool picks the final model, and stops rounds."""
 from __future__ import annotations
 
 import json
+import math
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -254,3 +257,17 @@ def test_a_killed_run_resumes_with_the_same_slice(task_dir, tmp_path):
     results, backend = world(task_dir, tmp_path, ticket_rule, generation_batch=4)
     assert results["validation"]["ids"] == held and len(held) == 8
     assert [c["key"].rsplit("-", 1)[1] for c in backend.calls_of("finetune")] == ["r1"]
+
+
+def test_guard_ties_reads_a_run_directory(task_dir, tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import guard_ties
+
+    tied, _ = world(task_dir, tmp_path / "tied", lambda call: "billing", justify="vote")
+    helped, _ = world(task_dir, tmp_path / "helped", ticket_rule)
+    unguarded, _ = world(task_dir, tmp_path / "unguarded", ticket_rule, validation=0)
+    summary = guard_ties.main([str(tmp_path / name / "run") for name in ("tied", "helped", "unguarded")])
+    assert summary == {"runs": 2, "ties": 1, "guard_picks_the_better_on_test": 2,
+                       "tie_break_picks_the_better_on_test": 2}
+    assert guard_ties.signed_confidence([{"correct": True, "entropy": 0.0},
+                                         {"correct": False, "entropy": math.log(2)}]) == 0.25
