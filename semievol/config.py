@@ -20,6 +20,10 @@ RESUMABLE = frozenset({"max_cost_usd", "generation_batch"})
 """RunConfig fields that do not change a run's results, so a resumed run may change them:
 raise the budget that stopped it, or change how many questions go in a generation call."""
 
+EXTENDABLE = frozenset({"rounds"})
+"""RunConfig fields a resumed run may change although they change its results: rounds are
+made one after another, so a run resumed with more of them goes on from its last."""
+
 RECIPES = {
     "small": {"epochs": 4, "evolve_epochs": 2, "learning_rate": 4e-4, "prompt_style": "text",
               "justify": "vote", "per_class": True, "icp": False, "views": "shared",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import collaborate, evaluate, evolve, guard, propagate, selection
 from .backends import Backend
-from .config import RESUMABLE, RunConfig
+from .config import EXTENDABLE, RESUMABLE, RunConfig
 from .data import load_task
 from .errors import ConfigError
 from .rundir import RunDir
@@ -270,7 +270,10 @@ class _Run:
 
     def evaluate(self, label: str, model: str, test: list[Example]) -> dict:
         name = f"eval_{label}"
+        if self.rd.stage_info(name).get("model", model) != model:
+            self.rd.restart(name)  # it scored another model: the run had other rounds then
         if not self.rd.done(name):
+            self.rd.begin(name, model=model)
             finished = {rec["id"] for rec in self.rd.stream(name)}
             todo = [ex for ex in test if ex.id not in finished]
             with self.stage(name):
@@ -358,13 +361,14 @@ def limits(config: RunConfig) -> dict:
 def _check_config(rd: RunDir, config: RunConfig) -> None:
     """A run directory belongs to one configuration: resuming with another is refused,
     except for the options that cannot change results (``RESUMABLE``: the budget, batch
-    sizes), which take their new values. A field added to RunConfig after the run was made
+    sizes) and the number of rounds (a finished run given more goes on from its last
+    round; given fewer, it reports those), which take their new values. A field added to RunConfig after the run was made
     reads as its default, so a newer semievol resumes an older run."""
     path = rd.path / "config.json"
     if path.exists():
         saved = RunConfig.load(path).to_dict()
         changed = sorted(k for k, v in config.to_dict().items()
-                         if k not in RESUMABLE and saved[k] != v)
+                         if k not in RESUMABLE | EXTENDABLE and saved[k] != v)
         if changed:
             raise ConfigError(f"{rd.path} was made with a different configuration "
                               f"({', '.join(changed)} differ): resume it with the same "

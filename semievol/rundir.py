@@ -96,6 +96,20 @@ class RunDir:
     def stage_info(self, stage: str) -> dict:
         return self.manifest["stages"].get(stage, {})
 
+    def begin(self, stage: str, **info) -> None:
+        """Note what an item-wise stage works on before its first record is written (its
+        ``model``), so a resume can tell whether the records it finds are of that model."""
+        if self.manifest["stages"].get(stage) != {"status": "running", **info}:
+            self.manifest["stages"][stage] = {"status": "running", **info}
+            self.save()
+
+    def restart(self, stage: str) -> None:
+        """Forget a stage and its records (what it used stays counted: it was spent)."""
+        self.manifest["stages"].pop(stage, None)
+        (self.path / f"{stage}.jsonl").unlink(missing_ok=True)
+        self._appending.discard(stage)
+        self.save()
+
     def finish(self, stage: str, *, usage: Usage | None = None, **info) -> None:
         """Mark a stage done, with what it made (a model reference, counts), and count the
         ``usage`` it has not counted yet in the same write (so a fine-tune is counted once:

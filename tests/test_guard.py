@@ -116,6 +116,26 @@ def test_validation_rounds_continue_while_they_improve(task_dir, tmp_path):
     assert results["validation"]["chosen"] == f"r{accuracies.index(max(accuracies)) + 1}"
 
 
+def test_a_finished_run_given_more_rounds_goes_on_and_given_fewer_reports_those(task_dir, tmp_path):
+    backend = load_backend("fake", rule=ticket_rule)  # one backend: it knows the models it made
+
+    def go(name, rounds):
+        config = RunConfig(data=str(task_dir), backend="fake", rounds=rounds, validation=20)
+        results = run(config, backend, tmp_path / name, quiet=True)
+        return results["eval"], [(r["mined"], r["selected"]) for r in results["rounds"]], results["final"]
+
+    one = go("extended", 1)
+    trained = len(backend.calls_of("finetune"))
+    two = go("extended", 2)
+    assert len(backend.calls_of("finetune")) == trained + 1  # round 2's evolve, nothing again
+    assert two == go("fresh", 2) and len(two[1]) == 2
+
+    def scored():
+        return json.loads((tmp_path / "extended" / "manifest.json").read_text())["stages"]["eval_semievol"]["model"]
+    assert scored().endswith("evolve-r2")
+    assert go("extended", 1) == one and scored().endswith("evolve-r1")  # scored again
+
+
 def test_size_and_split():
     assert [size(None, n) for n in (10, 16, 40, 64, 500, 5000)] == [0, 8, 8, 13, 100, 200]
     assert size(0, 64) == 0 and size(30, 64) == 30 and size(100, 5) == 4
