@@ -287,7 +287,10 @@ def test_guard_ties_reads_a_run_directory(task_dir, tmp_path):
     helped, _ = world(task_dir, tmp_path / "helped", ticket_rule)
     unguarded, _ = world(task_dir, tmp_path / "unguarded", ticket_rule, validation=0)
     summary = guard_ties.main([str(tmp_path / name / "run") for name in ("tied", "helped", "unguarded")])
-    assert summary == {"runs": 2, "ties": 1, "guard_picks_the_better_on_test": 2,
-                       "tie_break_picks_the_better_on_test": 2}
+    assert summary["runs"] == 2 and summary["ties"] == 1
+    accuracy = summary["test_accuracy"]
+    assert accuracy["guard"] == accuracy["ties_broken_by_confidence"] == (
+        tied["eval"]["sft"]["accuracy"] + helped["eval"]["semievol"]["accuracy"]) / 2
+    assert accuracy["semievol"] > accuracy["sft"]
     assert guard_ties.signed_confidence([{"correct": True, "entropy": 0.0},
                                          {"correct": False, "entropy": math.log(2)}]) == 0.25
