@@ -192,7 +192,7 @@ def _row(name: str, budget: int, r: dict) -> dict:
             "final": r.get("final"), "final_eval": ev.get("final"),
             "validation": r.get("validation", {}).get("scores"),
             "recipe": (r.get("recipe") or {}).get("chosen"),
-            "selected": u["selected"], "pseudo_acc_all": u["pseudo_label_accuracy"]["all"],
+            "rounds": len(r["rounds"]), "selected": u["selected"], "pseudo_acc_all": u["pseudo_label_accuracy"]["all"],
             "pseudo_acc_selected": u["pseudo_label_accuracy"]["selected"],
             "timings_s": r["timings_s"], "total_s": round(sum(r["timings_s"].values()), 1)}
 
@@ -202,7 +202,7 @@ def _print(rows, reference, task, args) -> dict:
     print(f"\n{task}, {args.backend}, machine: {platform.machine()} {platform.node()}, "
           f"{time.strftime('%Y-%m-%d')}\n")
     print(f"{'variant':<15}{'L':>5}{'seed':>5}{'vanilla acc/F1':>16}{'SFT acc/F1':>14}"
-          f"{'SemiEvol acc/F1':>17}{'err.red.':>10}{'sel.':>6}{'PL all':>8}{'PL sel':>8}"
+          f"{'SemiEvol acc/F1':>17}{'err.red.':>10}{'rounds':>7}{'sel.':>6}{'PL all':>8}{'PL sel':>8}"
           f"{'gap closed':>12}{'final (guard)':>16}{'its gap':>9}{'time':>8}")
     out = {"task": task, "backend": args.backend, "rows": [], "reference_sft_all": reference}
     for r in rows:
@@ -213,7 +213,7 @@ def _print(rows, reference, task, args) -> dict:
               f"{f(r['vanilla']['accuracy']) + '/' + f(r['vanilla']['macro_f1']):>16}"
               f"{f(sft['accuracy']) + '/' + f(sft['macro_f1']):>14}"
               f"{f(r['semievol']['accuracy']) + '/' + f(r['semievol']['macro_f1']):>17}"
-              f"{f(r['semievol'].get('error_reduction')):>10}{r['selected']:>6}"
+              f"{f(r['semievol'].get('error_reduction')):>10}{r['rounds']:>7}{r['selected']:>6}"
               f"{f(r['pseudo_acc_all']):>8}{f(r['pseudo_acc_selected']):>8}{f(gap):>12}"
               f"{final:>16}{f(final_gap):>9}{r['total_s']:>7.0f}s")
         out["rows"].append({**r, "gap_closed": gap, "final_gap_closed": final_gap})

@@ -16,6 +16,7 @@ costs training labels, and beyond ``CAP`` (3.5 points) it buys little.
 """
 from __future__ import annotations
 
+import math
 import random
 from collections import defaultdict
 from collections.abc import Sequence
@@ -70,6 +71,19 @@ def best(scores: dict[str, dict], among=None) -> str:
     scores = {k: v for k, v in scores.items() if among is None or k in among}
     top = max(s["accuracy"] for s in scores.values())
     return next(label for label, s in scores.items() if s["accuracy"] == top)
+
+
+def significantly_better(challenger: dict[str, bool], incumbent: dict[str, bool],
+                         alpha: float = 0.05) -> bool:
+    """Whether the challenger's answers (question id -> right) beat the incumbent's on the
+    same questions by more than chance: an exact one-sided sign test on the questions only
+    one of them got right (McNemar's exact test). On fpb's 13-question slice one question
+    (p = 0.5) is not evidence; five to none (p = 0.03) is."""
+    wins = sum(challenger[q] and not incumbent[q] for q in challenger)
+    losses = sum(incumbent[q] and not challenger[q] for q in challenger)
+    n = wins + losses
+    p = sum(math.comb(n, k) for k in range(wins, n + 1)) / 2 ** n
+    return wins > losses and p < alpha
 
 
 # --- recipe 'auto': settings chosen on the validation slice ---------------------------

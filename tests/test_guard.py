@@ -13,7 +13,7 @@ import pytest
 from semievol import RunConfig, load_backend, report
 from semievol.data import load_task
 from semievol.demo import make_task
-from semievol.guard import size, split
+from semievol.guard import significantly_better, size, split
 from semievol.pipeline import run
 from semievol.demo import TEAMS
 from semievol.types import Example, Generation
@@ -243,9 +243,21 @@ def test_auto_keeps_labeled_replay_only_where_it_helps(task_dir, tmp_path):
         replays = sum(_question(ex[-2]["content"]) in labeled for ex in call.trained)
         return "billing" if replays > 32 else ticket_rule(call)
 
-    results, _ = auto(task_dir, tmp_path / "2", overfits_with_replay)
+    # 20 validation questions: on 8, this collapse is five questions won to one lost (p = 0.11)
+    results, _ = auto(task_dir, tmp_path / "2", overfits_with_replay, validation=20)
     assert results["recipe"]["chosen"]["replay_labeled"] is False
     assert results["models"]["evolved"].endswith("r1_alone") and results["final"] == "semievol"
+
+
+def test_a_choice_departs_from_the_default_only_on_evidence():
+    def answers(right):
+        return {f"q{i}": bool(x) for i, x in enumerate(right)}
+    one_more = answers([1] * 13), answers([1] * 12 + [0])  # fpb's case: 13/13 against 12/13
+    assert not significantly_better(*one_more)
+    five_to_none = answers([1] * 13), answers([1] * 8 + [0] * 5)
+    assert significantly_better(*five_to_none) and not significantly_better(*five_to_none[::-1])
+    assert not significantly_better(answers([1, 0] * 4), answers([0, 1] * 4))  # 4 wins, 4 losses
+    assert not significantly_better(answers([1] * 5), answers([1] * 5))  # the same answers
 
 
 def test_auto_without_a_validation_slice_is_the_small_recipe(task_dir, tmp_path):
