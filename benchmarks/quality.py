@@ -192,7 +192,8 @@ def _row(name: str, budget: int, r: dict) -> dict:
             "final": r.get("final"), "final_eval": ev.get("final"),
             "validation": r.get("validation", {}).get("scores"),
             "recipe": (r.get("recipe") or {}).get("chosen"),
-            "rounds": len(r["rounds"]), "selected": u["selected"], "pseudo_acc_all": u["pseudo_label_accuracy"]["all"],
+            "rounds": len(r["rounds"]), "selected": u["selected"],
+            "pseudo_acc_all": u["pseudo_label_accuracy"]["all"],
             "pseudo_acc_selected": u["pseudo_label_accuracy"]["selected"],
             "timings_s": r["timings_s"], "total_s": round(sum(r["timings_s"].values()), 1)}
 
@@ -202,7 +203,8 @@ def _print(rows, reference, task, args) -> dict:
     print(f"\n{task}, {args.backend}, machine: {platform.machine()} {platform.node()}, "
           f"{time.strftime('%Y-%m-%d')}\n")
     print(f"{'variant':<15}{'L':>5}{'seed':>5}{'vanilla acc/F1':>16}{'SFT acc/F1':>14}"
-          f"{'SemiEvol acc/F1':>17}{'err.red.':>10}{'rounds':>7}{'sel.':>6}{'PL all':>8}{'PL sel':>8}"
+          f"{'SemiEvol acc/F1':>17}{'err.red.':>10}{'rounds':>7}{'sel.':>6}{'PL all':>8}"
+          f"{'PL sel':>8}"
           f"{'gap closed':>12}{'final (guard)':>16}{'its gap':>9}{'time':>8}")
     out = {"task": task, "backend": args.backend, "rows": [], "reference_sft_all": reference}
     for r in rows:

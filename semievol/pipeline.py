@@ -371,9 +371,10 @@ def limits(config: RunConfig) -> dict:
 def _check_config(rd: RunDir, config: RunConfig) -> None:
     """A run directory belongs to one configuration: resuming with another is refused,
     except for the options that cannot change results (``RESUMABLE``: the budget, batch
-    sizes) and the number of rounds (a finished run given more goes on from its last
-    round; given fewer, it reports those), which take their new values. A field added to RunConfig after the run was made
-    reads as its default, so a newer semievol resumes an older run."""
+    sizes) and the number of rounds (``EXTENDABLE``: given more, a finished run goes on
+    from its last round; given fewer, it reports those), which take their new values. A
+    field added to RunConfig after the run was made reads as its default, so a newer
+    semievol resumes an older run."""
     path = rd.path / "config.json"
     if path.exists():
         saved = RunConfig.load(path).to_dict()
