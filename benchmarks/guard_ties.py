@@ -21,6 +21,7 @@ from pathlib import Path
 from semievol import RunConfig, load_backend
 from semievol.data import load_task
 from semievol.evaluate import predict
+from semievol.rundir import stream_jsonl
 
 
 def signed_confidence(records: list[dict]) -> float:
@@ -32,7 +33,7 @@ def signed_confidence(records: list[dict]) -> float:
 
 def answers(run: Path, label: str, model: str, rescore) -> list[dict]:
     """The validation answers of ``model`` (scored again when no entropy was recorded)."""
-    records = [json.loads(line) for line in (run / f"eval_validation_{label}.jsonl").open()]
+    records = list(stream_jsonl(run / f"eval_validation_{label}.jsonl"))
     if all("entropy" in r for r in records):
         return records
     return rescore(run, model, [r["id"] for r in records])
