@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +184,22 @@ def test_the_same_finetune_gives_the_same_adapter_whatever_ran_before(hf_backend
 
 
 @pytest.mark.slow
+def test_a_finetune_shows_one_bar_named_after_it_with_the_loss_on_it(hf_backend, capfd):
+    examples = [colour(p) + [{"role": "assistant", "content": "mauve"}] for p in PLACES]
+    hf_backend.quiet = False
+    try:  # 16 examples, batches of 4, 3 epochs: 12 steps, the loss logged at step 10
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            hf_backend.finetune(BASE, examples, FAST.replace(epochs=3), key="mauve")
+    finally:
+        hf_backend.quiet = True
+    err = capfd.readouterr().err
+    assert "fine-tune mauve" in err and "12/12" in err and "loss=" in err
+    assert "{'loss'" not in err and "train_runtime" not in err  # no metric dicts under it
+    assert not [w for w in warned if "is_gradient_checkpointing" in str(w.message)]
+
+
+@pytest.mark.slow
 def test_finetune_continues_from_an_adapter(hf_backend, taught):
     parent_weights = (Path(taught) / "adapter_model.safetensors").read_bytes()
     examples = [colour(p) + [{"role": "assistant", "content": "Blorpt"}] for p in PLACES[:8]]
@@ -257,3 +274,26 @@ def test_export_writes_a_plain_folder_that_loads_with_the_same_weights(hf_backen
     b = folder.generate_with_logprobs(str(out), prompt, max_tokens=6)[0][0]
     assert a.text == b.text
     assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
+@pytest.mark.slow
+def test_the_embedded_model_is_read_from_gguf_once_then_from_a_dense_copy(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from semievol.backends.hf.weights import cached, dense_gguf, locate
+
+    monkeypatch.setenv("SEMIEVOL_CACHE", str(tmp_path / "cache"))
+    folder = Path(cached(BASE))
+    assert folder.parent == tmp_path / "cache" / "models" and (folder / "config.json").is_file()
+    start = time.perf_counter()
+    assert cached(BASE) == str(folder) and time.perf_counter() - start < 1.0
+    assert cached("some-org/some-model") == "some-org/some-model"  # only GGUF aliases
+    path, extra = locate(BASE)
+    from_gguf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra,
+                                                     **dense_gguf()).state_dict()
+    start = time.perf_counter()
+    from_copy = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).state_dict()
+    assert time.perf_counter() - start < 10  # the GGUF file takes ~20 s
+    assert from_copy.keys() == from_gguf.keys()
+    assert all(torch.equal(from_copy[k], from_gguf[k]) for k in from_gguf)
+

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (AutoModel, AutoModelForCausalLM, AutoTokenizer, PrinterCallback,
-                          Trainer, TrainingArguments, set_seed)
+                          ProgressCallback, Trainer, TrainingArguments, set_seed)
 
 from ...errors import BackendError, FinetuneFailed
 from ...rundir import slug
@@ -59,8 +59,10 @@ from .. import ddp, library_versions
 from ..vllm import VLLMServer
 from .decode import (decode, input_device, last_hidden, left_pad, output_device, stop_ids,
                      teacher_forced, token_ids)
-from .training import RECORD, AnswerCollator, encode_example, publish
-from .weights import GGUF_MODELS, default_device, dense_gguf, export_model, locate, torch_dtype
+from .training import (RECORD, AnswerCollator, TrainingBar, encode_example, peft_wrapping,
+                       publish)
+from .weights import (GGUF_MODELS, cached, default_device, dense_gguf, export_model, locate,
+                      torch_dtype)
 
 __all__ = ["HFBackend", "export_model", "stop_ids", "AnswerCollator", "encode_example",
            "RECORD", "GGUF_MODELS"]
@@ -199,7 +201,7 @@ class HFBackend:
             self._unmerge()
             set_seed(config.seed)  # a fresh LoRA starts from the same weights every time
             self._attach_trainable(name, parent, config)
-            self._train(features, config, scratch / "trainer")
+            self._train(features, config, scratch / "trainer", f"fine-tune {key}")
             self._model.save_pretrained(str(scratch), selected_adapters=[name],
                                         save_embedding_layers=False)
             saved = scratch / name  # peft saves a non-"default" adapter in its own folder
@@ -358,7 +360,7 @@ class HFBackend:
         self._model = self._tokenizer = self._merged = None
         self._adapters = {}
         gc.collect()
-        path, extra = locate(base_ref)
+        path, extra = locate(cached(base_ref))
         try:
             tok = AutoTokenizer.from_pretrained(path, **extra)
             model = AutoModelForCausalLM.from_pretrained(
@@ -379,8 +381,9 @@ class HFBackend:
                 if isinstance(self._model, PeftModel):
                     self._model.load_adapter(adapter, adapter_name=name)
                 else:
-                    self._model = PeftModel.from_pretrained(self._model, adapter,
-                                                            adapter_name=name)
+                    with peft_wrapping():
+                        self._model = PeftModel.from_pretrained(self._model, adapter,
+                                                                adapter_name=name)
             except (OSError, ValueError, KeyError) as e:
                 raise BackendError(f"cannot load adapter {adapter!r}: {e}") from e
             self._model.eval()
@@ -393,8 +396,9 @@ class HFBackend:
             if isinstance(self._model, PeftModel):
                 self._model.load_adapter(parent, adapter_name=name, is_trainable=True)
             else:
-                self._model = PeftModel.from_pretrained(self._model, parent,
-                                                        adapter_name=name, is_trainable=True)
+                with peft_wrapping():
+                    self._model = PeftModel.from_pretrained(self._model, parent,
+                                                            adapter_name=name, is_trainable=True)
         else:
             lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
                               lora_dropout=config.lora_dropout, target_modules="all-linear",
@@ -402,15 +406,17 @@ class HFBackend:
             if isinstance(self._model, PeftModel):
                 self._model.add_adapter(name, lora)
             else:
-                self._model = get_peft_model(self._model, lora, adapter_name=name)
+                with peft_wrapping():
+                    self._model = get_peft_model(self._model, lora, adapter_name=name)
         self._model.set_adapter(name)
 
-    def _train(self, features: list[dict], config, output_dir: Path) -> None:
+    def _train(self, features: list[dict], config, output_dir: Path, name: str) -> None:
         """Run transformers' Trainer over the active adapter (no checkpoints, no eval).
 
         Data-parallel, Trainer wraps the model in DDP (the process group exists already) and
         each rank takes ``batch_size / world_size`` (rounded up) examples of every step, so
-        an optimizer step sees ``batch_size`` examples whatever the number of ranks."""
+        an optimizer step sees ``batch_size`` examples whatever the number of ranks. ``name``:
+        what its progress bar says."""
         per_rank = -(-config.batch_size // ddp.world_size())
         args = TrainingArguments(
             output_dir=str(output_dir), num_train_epochs=config.epochs,
@@ -428,6 +434,9 @@ class HFBackend:
                           data_collator=AnswerCollator(self._tokenizer.pad_token_id))
         if self.quiet:
             trainer.remove_callback(PrinterCallback)  # it prints the final metrics
+        else:
+            trainer.remove_callback(ProgressCallback)
+            trainer.add_callback(TrainingBar(name))
         with redirect_stdout(sys.stderr):  # Trainer logs the loss to stdout: keep it for results
             trainer.train()
         # With bf16=True accelerate wrapped the model's forward in autocast; take it off, so

@@ -3,15 +3,48 @@ on the answer only, and saved adapters published whole."""
 from __future__ import annotations
 
 import os
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from transformers import ProgressCallback
 
 from ...errors import FinetuneFailed
 from ...types import ChatExample
 
 RECORD = "semievol.json"
 """The file beside a saved adapter that names its base model (and how it was trained)."""
+
+
+class TrainingBar(ProgressCallback):
+    """Trainer's progress bar, named like the pipeline's other bars, with the running loss
+    on it rather than a dict of metrics printed under it every ``logging_steps``."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.training_bar is not None:
+            self.training_bar.set_description(self.name)
+            self.training_bar.unit = "step"
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.training_bar is not None and "loss" in (logs or {}):
+            self.training_bar.set_postfix(loss=f"{float(logs['loss']):.3g}")
+
+
+@contextmanager
+def peft_wrapping():
+    """Around peft wrapping a model: peft reads transformers' deprecated
+    ``is_gradient_checkpointing`` every time, a warning about two libraries' versions on
+    every fine-tune that is not the user's business."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
+                                FutureWarning)
+        yield
 
 
 class AnswerCollator:

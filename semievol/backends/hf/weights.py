@@ -2,6 +2,7 @@
 SmolLM2-135M), a hub id or a folder; and writing one out as a plain Hugging Face folder."""
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -40,10 +41,36 @@ def export_model(ref: str, out_dir: str | Path, *, dtype: str = "bfloat16") -> P
     try:
         model.save_pretrained(str(scratch))
         tok.save_pretrained(str(scratch))
-        os.replace(scratch, out)
+        try:
+            os.replace(scratch, out)
+        except OSError:  # another process (a data-parallel rank) wrote it first: as good
+            if not (out / "config.json").is_file():
+                raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return out
+
+
+def cached(ref: str) -> str:
+    """``ref``, or for a GGUF alias its plain float32 folder in the cache, exported on first
+    use. transformers takes ~20 s on 2 cores to parse and dequantize the 135M GGUF file
+    (and 6 s for its tokenizer) on every load; the folder loads in about one. float32 holds
+    the dequantized weights exactly, so nothing a model computes changes. The cache is
+    $SEMIEVOL_CACHE, else $XDG_CACHE_HOME/semievol or ~/.cache/semievol (~540 MB)."""
+    if ref not in GGUF_MODELS:
+        return ref
+    package = GGUF_MODELS[ref][0].replace("_", "-")
+    try:
+        version = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return ref  # locate says what to install
+    home = os.environ.get("SEMIEVOL_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "semievol"
+    try:
+        return str(export_model(ref, Path(home) / "models" / f"{ref}-{version}-float32",
+                                dtype="float32"))
+    except OSError:  # nowhere to write it: read the GGUF file every time
+        return ref
 
 
 def locate(base_ref: str) -> tuple[str, dict]:
