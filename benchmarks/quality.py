@@ -226,18 +226,20 @@ def _print(rows, reference, task, args) -> dict:
     for (variant, labeled), group in groups.items():
         if len(group) < 2:
             continue
-        row = {"variant": variant, "labeled": labeled, "seeds": [r["seed"] for r in group]}
-        for key in ("gap_closed", "final_gap_closed"):
-            values = [r[key] for r in group if r[key] is not None]
-            row[key] = {"mean": statistics.mean(values) if values else None,
-                        "sd": statistics.stdev(values) if len(values) > 1 else None,
-                        "min": min(values, default=None), "max": max(values, default=None)}
+        row = {"variant": variant, "labeled": labeled, "seeds": [r["seed"] for r in group],
+               "sft": _spread([r["sft"]["accuracy"] for r in group]),
+               "semievol": _spread([r["semievol"]["accuracy"] for r in group]),
+               "final": _spread([(r["final_eval"] or {}).get("accuracy") for r in group]),
+               "gap_closed": _spread([r["gap_closed"] for r in group]),
+               "final_gap_closed": _spread([r["final_gap_closed"] for r in group])}
         out["over_seeds"].append(row)
-        g, fg = row["gap_closed"], row["final_gap_closed"]
-        print(f"\n{variant}, {labeled} labels, {len(group)} samples: gap closed by SemiEvol "
-              f"mean {f(g['mean'])} (sd {f(g['sd'])}, {f(g['min'])} to {f(g['max'])}); by the "
-              f"guard's final model mean {f(fg['mean'])} (sd {f(fg['sd'])}, {f(fg['min'])} to "
-              f"{f(fg['max'])})")
+        said = [f"{name} mean {f(v['mean'])} (sd {f(v['sd'])}, {f(v['min'])} to {f(v['max'])})"
+                for name, v in (("SFT accuracy", row["sft"]), ("SemiEvol", row["semievol"]),
+                                ("the guard's final model", row["final"]),
+                                ("gap closed by SemiEvol", row["gap_closed"]),
+                                ("by the final model", row["final_gap_closed"]))
+                if v["mean"] is not None]
+        print(f"\n{variant}, {labeled} labels, {len(group)} samples: " + "; ".join(said))
     if rows:
         first = rows[0]
         stages = ", ".join(f"{name} {seconds:.0f}s" for name, seconds in first["timings_s"].items())
@@ -259,6 +261,14 @@ def _done(r: dict) -> None:
           + ", ".join(f"{k} {f(v['accuracy'])}" for k, v in (r["validation"] or {}).items())
           + (f", recipe chosen {r['recipe']}" if r["recipe"] else "")
           + f" ({r['total_s']:.0f}s)", flush=True)
+
+
+def _spread(values: list) -> dict:
+    """Mean, standard deviation and range of the values that were measured."""
+    values = [v for v in values if v is not None]
+    return {"mean": statistics.mean(values) if values else None,
+            "sd": statistics.stdev(values) if len(values) > 1 else None,
+            "min": min(values, default=None), "max": max(values, default=None)}
 
 
 def _gap(model, sft, reference):

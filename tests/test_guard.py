@@ -13,7 +13,7 @@ import pytest
 from semievol import RunConfig, load_backend, report
 from semievol.data import load_task
 from semievol.demo import make_task
-from semievol.guard import significantly_better, size, split
+from semievol.guard import choose, significantly_better, size, split
 from semievol.pipeline import run
 from semievol.demo import TEAMS
 from semievol.types import Example, Generation
@@ -258,6 +258,22 @@ def test_a_choice_departs_from_the_default_only_on_evidence():
     assert significantly_better(*five_to_none) and not significantly_better(*five_to_none[::-1])
     assert not significantly_better(answers([1, 0] * 4), answers([0, 1] * 4))  # 4 wins, 4 losses
     assert not significantly_better(answers([1] * 5), answers([1] * 5))  # the same answers
+
+
+def test_auto_mines_as_small_unless_another_way_is_significantly_more_often_right():
+    def tried(settings, right):
+        kept = {"kept": 6, "macro_f1": 1.0, "accuracy": 1.0}
+        return {"settings": settings, "accuracy": sum(right) / len(right),
+                "right": {f"q{i}": bool(x) for i, x in enumerate(right)},
+                "per_class": kept, "global": kept}
+    vote, model = {"icp": False, "justify": "vote"}, {"icp": False, "justify": "model"}
+    icp = {"icp": True, "justify": "vote"}
+    # fpb's seed 1: the model's settling got 11 of 13 right, the vote 10
+    close = [tried(vote, [1] * 10 + [0] * 3), tried(model, [1] * 11 + [0] * 2)]
+    assert choose(close) == {**vote, "per_class": True}
+    clear = [tried(vote, [1] * 6 + [0] * 7), tried(model, [1] * 12 + [0]),
+             tried(icp, [1] * 13)]  # both beat the vote 6 (7) to none: the most accurate wins
+    assert choose(clear) == {**icp, "per_class": True}
 
 
 def test_auto_without_a_validation_slice_is_the_small_recipe(task_dir, tmp_path):
