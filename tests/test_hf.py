@@ -278,7 +278,7 @@ def test_export_writes_a_plain_folder_that_loads_with_the_same_weights(hf_backen
 
 @pytest.mark.slow
 def test_the_embedded_model_is_read_from_gguf_once_then_from_a_dense_copy(tmp_path, monkeypatch):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from semievol.backends.hf.weights import cached, dense_gguf, locate
 
@@ -296,4 +296,8 @@ def test_the_embedded_model_is_read_from_gguf_once_then_from_a_dense_copy(tmp_pa
     assert time.perf_counter() - start < 10  # the GGUF file takes ~20 s
     assert from_copy.keys() == from_gguf.keys()
     assert all(torch.equal(from_copy[k], from_gguf[k]) for k in from_gguf)
+    chat = [{"role": "user", "content": "Ünïcode, tabs\tand 数字 42?"}]
+    tokens = [AutoTokenizer.from_pretrained(where, **kw).apply_chat_template(chat, tokenize=True)
+              for where, kw in ((path, extra), (str(folder), {}))]
+    assert tokens[0] == tokens[1]
 
