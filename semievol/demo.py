@@ -8,8 +8,9 @@ algorithm, used only to score the pseudo-labels). The teams take turns, so every
 balanced: with random teams the 24 training labels once held 5 'billing' tickets, and
 neither the warm-up nor its pseudo-labels ever said 'billing'.
 
-The story it tells (measured with ``SIZES`` on 2 CPU cores: 170 s of stages, 3 min 10 s in
-all, 5.7 CPU-minutes; two fine-tunes of 24 and 28 steps take 120 s of it): the base model
+The story it tells (measured with ``SIZES`` on 2 CPU cores, three runs: 130 to 170 s of
+stages, 2 min 16 s to 3 min 11 s in all as the machine's speed varied; two fine-tunes of
+24 and 28 steps take two thirds of it): the base model
 mostly talks around the question (vanilla 31%); 24 labels teach it the task (SFT 60%); 24
 tickets of 30 problem phrases leave many phrases unseen, which the 64 unlabeled tickets
 cover, and the pseudo-labels the warm model is surest of are right far more often than the
