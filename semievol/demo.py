@@ -9,13 +9,13 @@ balanced: with random teams the 24 training labels once held 5 'billing' tickets
 neither the warm-up nor its pseudo-labels ever said 'billing'.
 
 The story it tells (measured with ``SIZES`` on 2 CPU cores, three runs: 130 to 170 s of
-stages, 2 min 16 s to 3 min 11 s in all as the machine's speed varied; two fine-tunes of
-24 and 28 steps take two thirds of it): the base model
-mostly talks around the question (vanilla 31%); 24 labels teach it the task (SFT 60%); 24
-tickets of 30 problem phrases leave many phrases unseen, which the 64 unlabeled tickets
-cover, and the pseudo-labels the warm model is surest of are right far more often than the
-rest (90% against 62% of all), so evolving on them helps (SemiEvol 79%). 8 of the 32
-labels are the guard's validation slice; the summary says what it decided.
+stages, 2 min 16 s to 3 min 11 s in all as the machine's speed varied; two fine-tunes of 24
+and 28 steps take two thirds of it): the base model mostly talks around the question
+(vanilla 31%); 24 labels teach it the task (SFT 60%); 24 tickets of 30 problem phrases
+leave many phrases unseen, which the 64 unlabeled tickets cover, and the pseudo-labels the
+warm model is surest of are right far more often than the rest (90% against 62% of all), so
+evolving on them helps (SemiEvol 79%). 8 of the 32 labels are the guard's validation slice;
+the summary says what it decided.
 """
 from __future__ import annotations
 
