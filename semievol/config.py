@@ -37,9 +37,9 @@ what worked for the embedded 135M model on fpb: the paper's settings made it ans
 'neutral' to everything, its self-justify said 'neutral' to 206 of 209 disagreements, and a
 global entropy threshold kept only 'neutral' pseudo-labels; benchmarks/choose_recipe.py
 chose the rest on left-out labeled examples. 'paper' is the paper's (the bare ``RunConfig``
-defaults). 'auto' starts from 'small' and lets the validation slice choose retrieval,
-how disagreements are settled, the selection and labeled replay (see guard.py and
-``RunConfig.auto_recipe``). ``evolve_epochs``, where given, are the evolve step's."""
+defaults). 'auto' starts from 'small' and lets the validation slice overrule its
+retrieval, how disagreements are settled and labeled replay where another way is
+significantly better, and choose the selection (see guard.py and ``RunConfig.auto_recipe``). ``evolve_epochs``, where given, are the evolve step's."""
 
 
 @dataclass(frozen=True)
