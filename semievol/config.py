@@ -39,7 +39,8 @@ global entropy threshold kept only 'neutral' pseudo-labels; benchmarks/choose_re
 chose the rest on left-out labeled examples. 'paper' is the paper's (the bare ``RunConfig``
 defaults). 'auto' starts from 'small' and lets the validation slice overrule its
 retrieval, how disagreements are settled and labeled replay where another way is
-significantly better, and choose the selection (see guard.py and ``RunConfig.auto_recipe``). ``evolve_epochs``, where given, are the evolve step's."""
+significantly better, and choose the selection (see guard.py and
+``RunConfig.auto_recipe``). ``evolve_epochs``, where given, are the evolve step's."""
 
 
 @dataclass(frozen=True)
