@@ -97,11 +97,12 @@ def encode_example(tok, example: ChatExample, max_length: int) -> dict:
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
-def publish(saved: Path, final: Path) -> None:
-    """Rename a complete adapter directory into place. Losing the race to another process
-    (data-parallel ranks all save the same adapter) is fine: its copy is as good."""
+def publish(saved: Path, final: Path, complete: str = RECORD) -> None:
+    """Rename a complete directory (an adapter; the file ``complete`` is in every complete
+    one) into place. Losing the race to another process (data-parallel ranks all save the
+    same adapter) is fine: its copy is as good."""
     try:
         os.replace(saved, final)
     except OSError:
-        if not (final / RECORD).is_file():
+        if not (final / complete).is_file():
             raise

