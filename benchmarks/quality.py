@@ -3,7 +3,7 @@
     python benchmarks/quality.py --data ../shared/data/fpb --labeled 64 [--budgets 32,64,128]
                                  [--ablations [--only 'w/o CL,w/o AS']] [--rounds 2]
                                  [--seeds 0,1,2] [--auto]
-                                 [--validation N] [--backend hf|openai ...]
+                                 [--validation N] [--recipe small|paper] [--backend hf|openai ...]
 
 Takes a seeded, class-stratified sample of the labeled split, keeps the full unlabeled and
 test splits, runs SemiEvol (each run resumable in --out), and adds the reference "SFT on all
@@ -106,6 +106,16 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="runs/quality")
     p.add_argument("--figures", help="copy the first run's report figures into this folder and "
                    "print Markdown links to them (record.py puts them in RESULTS.md)")
+    p.add_argument("--recipe", choices=["small", "paper"], default="small",
+                   help="the defaults of the flags above ('paper': the paper's settings, "
+                   "which collapse the embedded model on fpb)")
+    p.add_argument("--prompt-style", choices=["text", "letter"])
+    recipe = RECIPES[p.parse_known_args(argv)[0].recipe]
+    p.set_defaults(epochs=recipe["epochs"], lr=recipe["learning_rate"],
+                   evolve_epochs=recipe.get("evolve_epochs", recipe["epochs"]),
+                   justify=recipe["justify"], views=recipe["views"], icp=recipe["icp"],
+                   selection="per-class" if recipe["per_class"] else "global",
+                   replay_labeled=recipe["replay_labeled"], prompt_style=recipe["prompt_style"])
     args = p.parse_args(argv)
 
     full = load_task(args.data, limits={"unlabeled": args.limit_unlabeled, "test": args.limit_test})
@@ -114,6 +124,7 @@ def main(argv=None) -> dict:
                      rounds=args.rounds, seed=args.seed, finetune=ft, justify=args.justify,
                      per_class=args.selection == "per-class", views=args.views,
                      icp=args.icp, replay_labeled=args.replay_labeled, theta=args.theta,
+                     prompt_style=args.prompt_style,
                      generation_batch=args.generation_batch,
                      evolve_finetune=ft.replace(learning_rate=args.evolve_lr or args.lr,
                                                 epochs=args.evolve_epochs),
@@ -128,7 +139,8 @@ def main(argv=None) -> dict:
         task = dataclasses.replace(full, labeled=sample)
         if args.eval_on == "validation":
             task = dataclasses.replace(task, test=_left_out(full.labeled, sample)[args.validation_skip:][:args.limit_test])
-        variants = {"SemiEvol auto" if args.auto else "SemiEvol": {},
+        main_row = "SemiEvol auto" if args.auto else f"SemiEvol{' paper' * (args.recipe == 'paper')}"
+        variants = {main_row: {},
                     **(_ablations(args.icp) if args.ablations else {})}
         if args.only:
             if unknown := set(args.only.split(",")) - set(variants):
@@ -191,6 +203,9 @@ def _row(name: str, budget: int, r: dict) -> dict:
             "vanilla": ev["vanilla"], "sft": ev["sft"], "semievol": ev["semievol"],
             "final": r.get("final"), "final_eval": ev.get("final"),
             "validation": r.get("validation", {}).get("scores"),
+            "guard": [{k: c[k] for k in ("candidate", "incumbent", "difference", "interval",
+                                         "p_harm", "harm")}
+                      for c in r.get("validation", {}).get("comparisons") or []],
             "recipe": (r.get("recipe") or {}).get("chosen"),
             "rounds": len(r["rounds"]), "selected": u["selected"],
             "pseudo_acc_all": u["pseudo_label_accuracy"]["all"],
@@ -259,6 +274,9 @@ def _done(r: dict) -> None:
           f"{f((r['final_eval'] or {}).get('accuracy'))}, pseudo-labels all "
           f"{f(r['pseudo_acc_all'])} selected {f(r['pseudo_acc_selected'])}, validation "
           + ", ".join(f"{k} {f(v['accuracy'])}" for k, v in (r["validation"] or {}).items())
+          + "".join(f", {c['candidate']} vs {c['incumbent']}: Brier {c['difference']:+.3f} "
+                    f"({c['interval'][0]:+.3f} to {c['interval'][1]:+.3f}, p {c['p_harm']:.3f})"
+                    for c in r["guard"])
           + (f", recipe chosen {r['recipe']}" if r["recipe"] else "")
           + f" ({r['total_s']:.0f}s)", flush=True)
 

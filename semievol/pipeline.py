@@ -47,6 +47,7 @@ def run(config: RunConfig, backend: Backend, run_dir: str | Path, *, task: Task 
         config = stages.choose_recipe(warm, train, held)
     pool, remaining, miner, evolved = list(train), list(task.unlabeled), warm, warm
     rounds, mined, selected, made = [], [], set(), {fallback: warm}
+    kept, verdicts = fallback, []  # the model each round must not be shown worse than
     for r in range(1, config.rounds + 1):
         if not remaining:
             break
@@ -76,13 +77,16 @@ def run(config: RunConfig, backend: Backend, run_dir: str | Path, *, task: Task 
         remaining = [ex for ex in remaining if ex.id not in chosen_ids]
         miner = evolved
         if held:
-            before = checked[guard.best(checked, among=made)]["accuracy"]
             checked[f"r{r}"] = stages.validate(f"r{r}", evolved, held)
             rounds[-1]["validation"] = checked[f"r{r}"]["accuracy"]
-            if checked[f"r{r}"]["accuracy"] <= before:
-                break  # rounds stop when the validation score stops improving
+            verdicts.append({"candidate": f"r{r}", "incumbent": kept,
+                             **guard.compare(stages.evidence(f"r{r}", evolved, held),
+                                             stages.evidence(kept, made[kept], held))})
+            if verdicts[-1]["harm"]:
+                break  # evidence that this round made the model worse: keep the one before
+            kept = f"r{r}"
 
-    winner = guard.best(checked, among=made) if held else f"r{len(rounds)}"
+    winner = kept if held else f"r{len(rounds)}"
     final = "semievol" if winner.startswith("r") else fallback
     models = {"base": base, "warm": warm if config.iwp else None, "evolved": evolved,
               "final": made.get(winner, evolved)}
@@ -91,8 +95,13 @@ def run(config: RunConfig, backend: Backend, run_dir: str | Path, *, task: Task 
     scores["semievol"] = stages.evaluate("semievol", evolved, task.test)
     same = {base: "vanilla", warm: fallback, evolved: "semievol"}.get(models["final"])
     scores["final"] = dict(scores[same]) if same else stages.evaluate("final", models["final"], task.test)
+    evidence = {label: stages.evidence(label, made[label], held) for label in made} if held else {}
+    for label, records in evidence.items():
+        checked[label].update(p_right=sum(r["p_right"] for r in records) / len(records),
+                              brier=sum(r["brier"] for r in records) / len(records))
     validation = {"n": len(held), "ids": [ex.id for ex in held], "scores": checked,
-                  "chosen": winner if held else None}
+                  "chosen": winner if held else None, "samples": guard.SAMPLES,
+                  "comparisons": verdicts, "evidence": evidence}
     results = _results(config, backend, rd, task, models, scores, rounds, mined, selected)
     results.update(validation=validation, final=final)
     if config.auto_recipe and held:
@@ -146,6 +155,21 @@ class _Run:
             self.scored[model] = self.evaluate(f"validation_{label}", model, held)
             self.scored_as[model] = f"eval_validation_{label}"
         return self.scored[model]
+
+    def evidence(self, label: str, model: str, held: list[Example]) -> list[dict]:
+        """How much probability ``model`` puts on each validation question's answers
+        (guard.sample), persisted as ``evidence_<label>`` the first time it is asked."""
+        name = f"evidence_{label}"
+        if self.rd.stage_info(name).get("model", model) != model or not self.rd.done(name):
+            self.rd.restart(name)  # unfinished, or of another model: sampled again
+            with self.stage(name):
+                records, usage = guard.sample(self.backend, model, held, style=self.style,
+                                              max_tokens=self.config.max_tokens,
+                                              seed=self.config.seed + 77,
+                                              batch_size=self.config.generation_batch)
+            self.rd.append(name, records)
+            self.rd.finish(name, usage=usage, model=model)
+        return self.rd.records(name)
 
     def validation_answers(self, model: str) -> dict[str, bool]:
         """Which validation questions a scored model got right."""

@@ -48,32 +48,45 @@ def summary(results: dict) -> str:
 
 
 def guard_decision(results: dict) -> str:
-    """One paragraph: which model the run returns, and what the validation slice said."""
+    """Which model the run returns and why, in a sentence with its numbers (the evidence
+    is guard.compare's: probability on the right answer, Brier scores, their paired
+    difference with its 90% interval), then the greedy validation accuracy."""
     v = results.get("validation") or {"n": 0}
     if not v["n"]:
         return ("guard: off (no validation slice): the evolved model is returned without a "
-                "check that it beats the warm-up")
-    scores, names = v["scores"], {"vanilla": "vanilla", "sft": "SFT"}
-    said = ", ".join(f"{names.get(k, 'SemiEvol round ' + k[1:])} {_pct(s['accuracy'])}"
-                     for k, s in scores.items())
-    final = "SemiEvol" if results["final"] == "semievol" else names.get(results["final"])
-    rounds = [k for k in scores if k.startswith("r")]
-    if results["final"] == "semievol":
-        why = (f"round {v['chosen'][1:]} scored best on the {v['n']} held-out labeled "
-               f"questions")
-    elif rounds:
-        best = max(scores[k]["accuracy"] for k in rounds)
-        tie = best == max(s["accuracy"] for k, s in scores.items() if k not in rounds)
-        why = ("evolving tied with it on the held-out questions, and a tie keeps the warm-up "
-               "(too few questions to tell them apart)" if tie else
-               "evolving scored lower on the held-out questions: on this task the "
-               "pseudo-labels did not help")
-    else:
-        why = "no round ran"
-    stopped = (f"; rounds stopped after round {len(rounds)}, which did not improve"
-               if rounds and len(rounds) < results["config"]["rounds"] else "")
-    return (f"guard: the final model is {final}: {why}{stopped}.\n"
-            f"  validation accuracy (n={v['n']}; one question is {100 / v['n']:.1f} points): {said}")
+                "check against the warm-up")
+    scores, verdicts = v["scores"], v.get("comparisons")
+    several = len([k for k in scores if k.startswith("r")]) > 1
+
+    def name(key: str) -> str:
+        if key.startswith("r"):
+            return f"SemiEvol round {key[1:]}" if several else "SemiEvol"
+        return {"vanilla": "vanilla", "sft": "SFT"}[key]
+
+    said = ", ".join(f"{name(k)} {_pct(s['accuracy'])}" for k, s in scores.items())
+    accuracy = (f"  greedy validation accuracy (n={v['n']}; one question is "
+                f"{100 / v['n']:.1f} points): {said}")
+    if verdicts is None:  # a run decided by an older semievol, on accuracy
+        return f"guard: the final model is {name(v['chosen'])} (chosen on accuracy).\n{accuracy}"
+    if not verdicts:
+        return f"guard: no round ran; the final model is {name(v['chosen'])}.\n{accuracy}"
+    lines = [_verdict(c, v["n"], name) for c in verdicts]
+    return "\n".join(["guard: " + lines[-1], *("  before: " + line for line in lines[:-1]),
+                      accuracy])
+
+
+def _verdict(c: dict, n: int, name) -> str:
+    """One comparison in a sentence."""
+    cand, inc = name(c["candidate"]), name(c["incumbent"])
+    (pc, pi), (bc, bi), (lo, hi) = c["p_right"], c["brier"], c["interval"]
+    who = cand if c["harm"] else "it"
+    numbers = (f"on {n} held-out questions {who} put {pc:.2f} probability on the right answer "
+               f"on average against {inc}'s {pi:.2f} (Brier score {bc:.2f} against {bi:.2f}: "
+               f"difference {c['difference']:+.2f}, 90% interval {lo:+.2f} to {hi:+.2f})")
+    if c["harm"]:
+        return (f"returned {inc}: {numbers}; evidence that evolving made the model worse "
+                f"(p = {c['p_harm']:.3f})")
+    return f"kept {cand}: {numbers}; no evidence of harm (p = {c['p_harm']:.2f})"
 
 
 def write_report(run_dir: Path) -> Path:
@@ -130,11 +143,15 @@ def _validation_table(results: dict) -> list[str]:
         return []
     rows = ["## Validation (the guard)", "",
             f"{v['n']} labeled questions held out of every fine-tune and retrieval pool.", "",
-            "| model | accuracy | macro-F1 | |", "|---|---|---|---|"]
+            f"Probability on the right answer and Brier score (lower is better) from "
+            f"{v.get('samples', '-')} sampled answers a question; accuracy of the greedy answer.",
+            "", "| model | accuracy | macro-F1 | P(right) | Brier | |", "|---|---|---|---|---|---|"]
+    num = lambda x: "-" if x is None else f"{x:.3f}"
     for key, s in v["scores"].items():
         name = {"vanilla": "Vanilla", "sft": "SFT (warm-up)"}.get(key, f"SemiEvol round {key[1:]}")
         mark = "final" if key == v["chosen"] else ""
-        rows.append(f"| {name} | {_pct(s['accuracy'])} | {_pct(s['macro_f1'])} | {mark} |")
+        rows.append(f"| {name} | {_pct(s['accuracy'])} | {_pct(s['macro_f1'])} | "
+                    f"{num(s.get('p_right'))} | {num(s.get('brier'))} | {mark} |")
     return rows + [""]
 
 

@@ -3,7 +3,7 @@ every fine-tune and retrieval pool picks the final model, and stops rounds."""
 from __future__ import annotations
 
 import json
-import math
+import random
 import sys
 from collections import Counter
 from pathlib import Path
@@ -13,7 +13,7 @@ import pytest
 from semievol import RunConfig, load_backend, report
 from semievol.data import load_task
 from semievol.demo import make_task
-from semievol.guard import choose, significantly_better, size, split
+from semievol.guard import SAMPLES, brier, choose, compare, significantly_better, size, split
 from semievol.pipeline import run
 from semievol.demo import TEAMS
 from semievol.types import Example, Generation
@@ -74,9 +74,13 @@ def test_when_pseudo_labels_hurt_the_warm_up_is_final(task_dir, tmp_path):
     assert results["final"] == "sft" and results["models"]["final"] == results["models"]["warm"]
     assert results["eval"]["final"]["accuracy"] == results["eval"]["sft"]["accuracy"]
     assert results["eval"]["semievol"]["accuracy"] < results["eval"]["sft"]["accuracy"]
-    assert len(results["rounds"]) == 1  # no second round after a round that did not help
+    assert len(results["rounds"]) == 1  # no second round after a round that did harm
     assert_validation_never_trained_or_shown(results, backend, task_dir)
-    assert "SFT" in report.summary(results).split("guard:")[1]
+    (verdict,) = results["validation"]["comparisons"]
+    assert verdict["harm"] and verdict["p_harm"] < 0.05 and verdict["interval"][0] > 0
+    decision = report.summary(results).split("guard: ")[1]
+    assert decision.startswith("returned SFT: on 8 held-out questions SemiEvol put")
+    assert "evidence that evolving made the model worse" in decision
 
 
 def test_when_more_data_helps_semievol_is_final(task_dir, tmp_path):
@@ -95,25 +99,49 @@ def test_when_more_data_helps_semievol_is_final(task_dir, tmp_path):
     assert "self-justified" in text and (tmp_path / "run" / "accuracy.png").exists()
 
 
-def test_tie_goes_to_the_warm_up(task_dir, tmp_path):
-    results, _ = world(task_dir, tmp_path, lambda call: "billing", justify="vote")
-    assert results["validation"]["scores"]["r1"] == results["validation"]["scores"]["sft"]
-    assert results["final"] == "sft"
+def steady(call):
+    """A model that training does not change: right 70% of the time, sure or not at random
+    (the same for every model: the slice cannot tell them apart, as fpb's 13 questions
+    could not tell SFT from SemiEvol)."""
+    truth, u = team_of(call.user), _unit(call.user, call.sample, call.seed)
+    if "Candidate answers" in call.user or u < 0.7:
+        return Generation(truth, (truth,), (-0.1 - u,))
+    wrong = [t for t in TEAMS if t != truth][int(u * 100) % 2]
+    return Generation(wrong, (wrong,), (-1.0 - u,))
+
+
+def test_without_evidence_of_harm_the_evolved_model_is_kept(task_dir, tmp_path):
+    results, backend = world(task_dir, tmp_path, steady, justify="vote")
+    v = results["validation"]
+    assert backend.calls_of("finetune")[1]["n_examples"] > 0  # it did evolve
+    (verdict,) = v["comparisons"]
+    assert verdict["candidate"] == "r1" and verdict["incumbent"] == "sft" and not verdict["harm"]
+    assert verdict["difference"] == 0 and verdict["interval"] == [0, 0] and verdict["p_harm"] == 1
+    assert results["final"] == "semievol" and v["chosen"] == "r1"
     text = report.summary(results)
     assert "settled by vote" in text and "self-justified" not in text
+    assert "kept SemiEvol: on 8 held-out questions it put" in text and "no evidence of harm" in text
+    # the per-question evidence is in results.json, each question sampled guard.SAMPLES times
+    assert {label: [r["id"] for r in records] for label, records in v["evidence"].items()} == \
+        {"sft": v["ids"], "r1": v["ids"]}
+    assert all(sum(r["answers"].values()) == SAMPLES for rs in v["evidence"].values() for r in rs)
+    sampled = [c for c in backend.calls_of("generate") if c["n"] == SAMPLES]
+    assert len(sampled) == 2 and all(c["temperature"] == 1.0 for c in sampled)
 
 
 def test_no_validation_returns_the_evolved_model(task_dir, tmp_path):
     results, backend = world(task_dir, tmp_path, ticket_rule, validation=0)
-    assert results["validation"] == {"n": 0, "ids": [], "scores": {}, "chosen": None}
+    assert results["validation"] == {"n": 0, "ids": [], "scores": {}, "chosen": None,
+                                     "samples": SAMPLES, "comparisons": [], "evidence": {}}
     assert results["final"] == "semievol" and backend.calls_of("finetune")[0]["n_examples"] == 40
 
 
-def test_validation_rounds_continue_while_they_improve(task_dir, tmp_path):
+def test_rounds_go_on_until_the_slice_shows_harm(task_dir, tmp_path):
     results, _ = world(task_dir, tmp_path, ticket_rule, rounds=3, validation=20)
-    accuracies = [r["validation"] for r in results["rounds"]]
-    assert all(b > a for a, b in zip(accuracies, accuracies[1:-1]))
-    assert results["validation"]["chosen"] == f"r{accuracies.index(max(accuracies)) + 1}"
+    assert len(results["rounds"]) == 3 and results["validation"]["chosen"] == "r3"
+    assert [(c["candidate"], c["incumbent"]) for c in results["validation"]["comparisons"]] == \
+        [("r1", "sft"), ("r2", "r1"), ("r3", "r2")]
+    assert "round 3" in report.summary(results).split("guard:")[1].splitlines()[0]
 
 
 def test_a_finished_run_given_more_rounds_goes_on_and_given_fewer_reports_those(task_dir, tmp_path):
@@ -307,18 +335,61 @@ def test_a_killed_run_resumes_with_the_same_slice(task_dir, tmp_path):
     assert [c["key"].rsplit("-", 1)[1] for c in backend.calls_of("finetune")] == ["r1"]
 
 
-def test_guard_ties_reads_a_run_directory(task_dir, tmp_path):
+def test_guard_benchmark_re_decides_runs_and_measures_regret(task_dir, tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import guard_ties
+    import guard as bench
 
-    tied, _ = world(task_dir, tmp_path / "tied", lambda call: "billing", justify="vote")
+    unlabeled = {ex.question for ex in load_task(task_dir).unlabeled}
+
+    def collapses(call):
+        return "billing" if trained_on_pseudo_labels(call, unlabeled) else ticket_rule(call)
+
+    hurt, _ = world(task_dir, tmp_path / "hurt", collapses)
     helped, _ = world(task_dir, tmp_path / "helped", ticket_rule)
-    unguarded, _ = world(task_dir, tmp_path / "unguarded", ticket_rule, validation=0)
-    summary = guard_ties.main([str(tmp_path / name / "run") for name in ("tied", "helped", "unguarded")])
-    assert summary["runs"] == 2 and summary["ties"] == 1
-    accuracy = summary["test_accuracy"]
-    assert accuracy["guard"] == accuracy["ties_broken_by_confidence"] == (
-        tied["eval"]["sft"]["accuracy"] + helped["eval"]["semievol"]["accuracy"]) / 2
-    assert accuracy["semievol"] > accuracy["sft"]
-    assert guard_ties.signed_confidence([{"correct": True, "entropy": 0.0},
-                                         {"correct": False, "entropy": math.log(2)}]) == 0.25
+    world(task_dir, tmp_path / "unguarded", ticket_rule, validation=0)
+    summary = bench.main([str(tmp_path / name / "run") for name in ("hurt", "helped", "unguarded")]
+                         + ["--resamples", "200"])
+    by_run = {r["group"]: r for r in summary["runs"]}
+    assert set(by_run) == {"hurt", "helped"}  # no slice: nothing to decide
+    assert by_run["hurt"]["decisions"]["evidence"] == 0 and by_run["helped"]["decisions"]["evidence"] == 1
+    assert by_run["hurt"]["decisions"]["always SemiEvol"] == 1
+    regret = by_run["hurt"]["regret"]["always SemiEvol"]
+    assert regret == hurt["eval"]["sft"]["accuracy"] - hurt["eval"]["semievol"]["accuracy"] > 0
+    assert summary["groups"]["all"]["mean_regret"]["evidence"] == 0.0
+    assert by_run["hurt"]["power"]["evidence"] > 0.5 and by_run["helped"]["power"]["evidence"] < 0.05
+    # the decision it re-makes is the one the run made
+    assert [r["final"] for r in (hurt, helped)] == ["sft", "semievol"]
+
+
+def _ex(answer="A"):
+    return Example("q", "question", ("x", "y", "z"), answer)
+
+
+def test_brier_from_samples():
+    assert brier(["A"] * 16, _ex())["brier"] == 0 and brier(["B"] * 16, _ex())["brier"] == 2
+    assert brier(["A"] * 8 + ["B"] * 8, _ex())["p_right"] == 0.5
+    # unbiased: over many draws from p = (0.6, 0.3, 0.1) the mean is the true Brier score
+    rng = random.Random(0)
+    draws = [brier(rng.choices("ABC", (0.6, 0.3, 0.1), k=16), _ex())["brier"] for _ in range(4000)]
+    truth = 0.4 ** 2 + 0.3 ** 2 + 0.1 ** 2
+    assert abs(sum(draws) / len(draws) - truth) < 0.01
+    assert brier(["A", None, None, "B"], _ex())["answers"] == {"None": 2, "A": 1, "B": 1}
+
+
+def test_compare_sees_harm_a_tie_cannot_hide_and_no_harm_in_noise():
+    def rows(briers):
+        return [{"id": f"q{i}", "brier": b, "p_right": 1 - b / 2} for i, b in enumerate(briers)]
+
+    sft = rows([0.1] * 13)
+    collapsed = rows([1.9] * 5 + [0.0] * 8)  # five classes' questions lost, the rest surer
+    harm = compare(collapsed, sft)
+    assert harm["harm"] and harm["p_harm"] == 1 / 2 ** 5 and harm["interval"][0] > 0
+    assert harm["brier"] == [sum(r["brier"] for r in collapsed) / 13, 0.1]
+    better = compare(rows([0.05] * 12 + [0.3]), sft)  # surer nearly everywhere
+    assert not better["harm"] and better["difference"] < 0 and better["interval"][1] > better["difference"]
+    same = compare(sft, sft)
+    assert same["p_harm"] == 1.0 and not same["harm"] and same["interval"] == [0.0, 0.0]
+    slight = compare(rows([0.1] * 12 + [0.8]), sft)  # one question worse: not evidence
+    assert not slight["harm"] and slight["interval"][0] <= 0 <= slight["interval"][1]
+    many = compare(rows([0.2] * 60), rows([0.1] * 60))  # 60 questions: random sign flips
+    assert many["harm"] and many["n"] == 60

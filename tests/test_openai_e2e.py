@@ -6,7 +6,7 @@ with `--backend hf` gives the same vanilla and SFT accuracies within one test it
 parity: greedy answers, the same seeded fine-tune). Mining samples, and a server draws each
 request's samples apart while the local backend draws a batch's together, so the evolved
 models differ (on 16 test items by up to 5 of them); in both runs the guard returns the model
-that scored best on validation."""
+its sampled evidence points to (SFT only on evidence that evolving did harm)."""
 from __future__ import annotations
 
 import json
@@ -70,8 +70,10 @@ def test_openai_backend_through_semievol_serve(shared, tmp_path):
         for local_accuracy, hosted_accuracy in accuracies.values():
             assert abs(local_accuracy - hosted_accuracy) <= 1 / 16, accuracies
         for r in (hf, results):  # mining samples: the paths draw different pseudo-labels
-            scores = r["validation"]["scores"]
-            assert scores[r["validation"]["chosen"]]["accuracy"] >= scores["sft"]["accuracy"]
+            v = r["validation"]
+            (verdict,) = v["comparisons"]
+            assert v["chosen"] == ("sft" if verdict["harm"] else "r1")
+            assert [e["id"] for e in v["evidence"]["r1"]] == v["ids"]
             assert r["eval"]["final"] == r["eval"][r["final"]]
         assert hf["eval"]["sft"]["accuracy"] > hf["eval"]["vanilla"]["accuracy"]
         assert results["eval"]["sft"]["accuracy"] > results["eval"]["vanilla"]["accuracy"]
