@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--validation", type=int, metavar="N", help="labeled examples held out to "
                      "choose the final model (SFT or SemiEvol) and stop rounds; 0: none "
                      "(default: 20%% of the labeled set, 8 to 200, none under 16 labels)")
+    run.add_argument("--refit", action="store_true", help="after the guard's decision, run "
+                     "again on every label (the validation slice too) and return that run's "
+                     "model of the chosen kind: about twice the time")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--max-cost-usd", type=float, help="stop before a step that would pass this cost")
     run.add_argument("--dry-run", action="store_true", help="print the estimated cost and stop")
@@ -218,6 +221,7 @@ def _run_config(args) -> RunConfig:
         temperature=args.temperature, max_tokens=args.max_tokens, prompt_style=args.prompt_style,
         justify=args.justify, per_class=args.selection == "per-class",
         views=args.views, replay_labeled=args.replay_labeled, validation=args.validation,
+        refit=args.refit,
         auto_recipe=recipe.get("auto_recipe", False),
         finetune=ft,
         evolve_finetune=ft.replace(learning_rate=args.evolve_lr or ft.learning_rate,

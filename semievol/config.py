@@ -114,6 +114,10 @@ class RunConfig:
     or SemiEvol) and stops rounds (see guard.py). None: 20% of the labeled set, at least 8
     and at most 200, none under 16 labels; 0: no validation slice (the evolved model is
     final, as in the paper)."""
+    refit: bool = False
+    """After the guard's decision, give the validation slice back: run again on every label
+    (in ``RUN_DIR/refit``, without a slice) and hand back that run's model of the kind the
+    guard chose. It was not itself validated, and it costs a second run."""
     limit_labeled: int | None = None
     limit_unlabeled: int | None = None
     limit_test: int | None = None

@@ -99,15 +99,33 @@ def run(config: RunConfig, backend: Backend, run_dir: str | Path, *, task: Task 
     for label, records in evidence.items():
         checked[label].update(p_right=sum(r["p_right"] for r in records) / len(records),
                               brier=sum(r["brier"] for r in records) / len(records))
+    if config.refit and held and made[winner] != base:
+        models["final"], scores["final"], refit = _refit(config, backend, rd, task, final, quiet)
     validation = {"n": len(held), "ids": [ex.id for ex in held], "scores": checked,
                   "chosen": winner if held else None, "samples": guard.SAMPLES,
                   "comparisons": verdicts, "evidence": evidence}
     results = _results(config, backend, rd, task, models, scores, rounds, mined, selected)
     results.update(validation=validation, final=final)
+    if config.refit and held and made[winner] != base:
+        results["refit"] = refit
     if config.auto_recipe and held:
         results["recipe"] = guard.recipe_report(rd.read_json("recipe.json"), rd.manifest["timings_s"])
     rd.write_json("results.json", results)
     return results
+
+
+def _refit(config: RunConfig, backend: Backend, rd: RunDir, task: Task, final: str,
+           quiet: bool) -> tuple[str, dict, dict]:
+    """The model the guard chose, made again on every label (scikit-learn's ``refit``): a
+    run without a slice in ``RUN_DIR/refit`` (without mining where the guard kept the
+    warm-up). Returns its model, its test scores, and what results.json says of it."""
+    evolve = final == "semievol"
+    sub = run(config.replace(validation=0, refit=False), backend, rd.path / "refit",
+              task=task if evolve else dataclasses.replace(task, unlabeled=[]), quiet=quiet)
+    label = "semievol" if evolve else "sft"
+    return (sub["models"]["evolved" if evolve else "warm"], dict(sub["eval"][label]),
+            {"dir": "refit", "model": label, "labeled": len(task.labeled),
+             "timings_s": sub["timings_s"]})
 
 
 class _Run:

@@ -17,6 +17,8 @@ def summary(results: dict) -> str:
     lines = [f"{results['task']} on {results['backend']}:{results['base_model']}", "",
              f"{'model':<16}{'accuracy':>10}{'macro-F1':>10}{'err.red.':>10}{'n':>6}"]
     final = {"sft": "SFT", "semievol": "SemiEvol"}.get(results.get("final"), results.get("final"))
+    if results.get("refit"):
+        final += ", refit"
     for key, label in ROWS + ([("final", f"Final ({final})")] if "final" in results else []):
         row = results["eval"].get(key)
         if row:
@@ -30,6 +32,10 @@ def summary(results: dict) -> str:
               f"{u['justified']}, selected {u['selected']}",
               f"pseudo-label accuracy: all {_pct(acc['all'])}, selected {_pct(acc['selected'])}"]
     lines += ["", guard_decision(results)]
+    if refit := results.get("refit"):
+        lines.append(f"refit: the final model is that choice made again on all "
+                     f"{refit['labeled']} labels ({refit['dir']}/, "
+                     f"{sum(refit['timings_s'].values()):.0f}s more)")
     if results.get("recipe"):
         c = results["recipe"]["chosen"]
         lines.append(f"recipe auto chose: retrieved examples {'on' if c['icp'] else 'off'}, "

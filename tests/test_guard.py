@@ -136,6 +136,28 @@ def test_no_validation_returns_the_evolved_model(task_dir, tmp_path):
     assert results["final"] == "semievol" and backend.calls_of("finetune")[0]["n_examples"] == 40
 
 
+def test_refit_gives_the_slice_back_to_the_model_the_guard_chose(task_dir, tmp_path):
+    unlabeled = {ex.question for ex in load_task(task_dir).unlabeled}
+
+    def collapses(call):
+        return "billing" if trained_on_pseudo_labels(call, unlabeled) else ticket_rule(call)
+
+    for name, rule, final in (("helped", ticket_rule, "semievol"), ("hurt", collapses, "sft")):
+        results, backend = world(task_dir, tmp_path / name, rule, refit=True)
+        assert results["final"] == final and results["refit"]["labeled"] == 40
+        fts = backend.calls_of("finetune")
+        sizes = [c["n_examples"] for c in fts]
+        assert sizes[0] == 32 and sizes[2] == 40  # the guarded warm-up, then the refit's
+        refit = json.loads((tmp_path / name / "run" / "refit" / "results.json").read_text())
+        assert refit["validation"]["n"] == 0
+        kind = {"semievol": "evolved", "sft": "warm"}[final]
+        assert results["models"]["final"] == refit["models"][kind] == f"fake-ft:{fts[-1]['key']}"
+        assert results["eval"]["final"] == refit["eval"][final]
+        assert (refit["unlabeled"]["total"] > 0) == (final == "semievol")  # no mining for SFT
+        assert f"Final ({'SemiEvol' if final == 'semievol' else 'SFT'}, refit)" in report.summary(results)
+    assert len(fts) == 3  # hurt: warm-up, evolve, the refit's warm-up only
+
+
 def test_rounds_go_on_until_the_slice_shows_harm(task_dir, tmp_path):
     results, _ = world(task_dir, tmp_path, ticket_rule, rounds=3, validation=20)
     assert len(results["rounds"]) == 3 and results["validation"]["chosen"] == "r3"
