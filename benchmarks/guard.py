@@ -51,7 +51,7 @@ def evidence(run: Path) -> dict | None:
     greedy = {k: {r["id"]: r["correct"] for r in stream_jsonl(run / f"eval_validation_{k}.jsonl")}
               for k in (base, "r1")}
     test = (results["eval"][base]["accuracy"], results["eval"]["semievol"]["accuracy"])
-    return {"run": run.name, "group": run.parent.name, "n": v["n"], "base": base,
+    return {"run": run.name, "group": run.parent.name, "path": run, "n": v["n"], "base": base,
             "greedy": (greedy[base], greedy["r1"]), "sampled": (sampled[base], sampled["r1"]),
             "test": test}
 
@@ -87,6 +87,9 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap slices for the power columns")
+    p.add_argument("--unguarded", nargs="*", type=Path, default=[],
+                   help="runs of the same samples without a slice (--validation 0): what the "
+                   "slice costs, and what --refit (which runs exactly that) would return")
     args = p.parse_args(argv)
     rows = [row for run in args.runs if (run / "results.json").exists()
             if (row := evidence(run)) is not None]
@@ -125,8 +128,42 @@ def main(argv=None) -> dict:
     out = {"rules": list(RULES), "groups": summary,
            "runs": [{k: row[k] for k in ("run", "group", "n", "test", "decisions", "regret",
                                           "power", "compare")} for row in rows]}
+    if args.unguarded:
+        out["slice_cost"] = slice_cost(rows, args.unguarded)
     print(json.dumps(out))
     return out
+
+
+def _sample(results: dict) -> tuple:
+    """Which labeled sample a run is of: task, labels drawn, seed."""
+    return results["task"], results["sizes"]["labeled"], results["config"]["seed"]
+
+
+def slice_cost(rows: list[dict], unguarded: list[Path]) -> list[dict]:
+    """Per labeled sample: SFT and SemiEvol on test with the slice held out and without it,
+    the model the evidence rule returns, and what a refit returns (the unguarded run's model
+    of the kind the rule chose) at what extra time."""
+    off = {_sample(r): r for r in (json.loads((d / "results.json").read_text())
+                                   for d in unguarded if (d / "results.json").exists())}
+    pct = lambda x: f"{100 * x:.1f}"
+    print("\nWhat the slice costs (test accuracy; the slice's labels held out / trained on):\n")
+    print("| sample | SFT held / all | SemiEvol held / all | evidence rule returns | with refit | refit's extra time |")
+    print("|---|---|---|---|---|---|")
+    table = []
+    for row in rows:
+        on = json.loads((row["path"] / "results.json").read_text())
+        if (o := off.get(_sample(on))) is None:
+            continue
+        chosen = "semievol" if row["decisions"]["evidence"] else "sft"
+        item = {"sample": list(_sample(on)), "sft": [on["eval"]["sft"]["accuracy"], o["eval"]["sft"]["accuracy"]],
+                "semievol": [on["eval"]["semievol"]["accuracy"], o["eval"]["semievol"]["accuracy"]],
+                "final": on["eval"][chosen]["accuracy"], "refit": o["eval"][chosen]["accuracy"],
+                "refit_s": sum(o["timings_s"].values()), "run_s": sum(on["timings_s"].values())}
+        table.append(item)
+        print(f"| {'/'.join(map(str, item['sample']))} | {pct(item['sft'][0])} / {pct(item['sft'][1])} | "
+              f"{pct(item['semievol'][0])} / {pct(item['semievol'][1])} | {chosen} {pct(item['final'])} | "
+              f"{pct(item['refit'])} | +{item['refit_s']:.0f}s on {item['run_s']:.0f}s |")
+    return table
 
 
 if __name__ == "__main__":

@@ -381,6 +381,17 @@ def test_guard_benchmark_re_decides_runs_and_measures_regret(task_dir, tmp_path)
     assert by_run["hurt"]["power"]["evidence"] > 0.5 and by_run["helped"]["power"]["evidence"] < 0.05
     # the decision it re-makes is the one the run made
     assert [r["final"] for r in (hurt, helped)] == ["sft", "semievol"]
+    # what the slice costs: the same sample without one (what --refit runs)
+    unguarded, _ = world(task_dir, tmp_path / "off", ticket_rule, validation=0)
+    cost = bench.main([str(tmp_path / "helped" / "run"), "--resamples", "10",
+                       "--unguarded", str(tmp_path / "off" / "run")])["slice_cost"]
+    assert cost == [{"sample": ["data", 40, 0], "final": helped["eval"]["semievol"]["accuracy"],
+                     "sft": [helped["eval"]["sft"]["accuracy"], unguarded["eval"]["sft"]["accuracy"]],
+                     "semievol": [helped["eval"]["semievol"]["accuracy"],
+                                  unguarded["eval"]["semievol"]["accuracy"]],
+                     "refit": unguarded["eval"]["semievol"]["accuracy"],
+                     "refit_s": sum(unguarded["timings_s"].values()),
+                     "run_s": sum(helped["timings_s"].values())}]
 
 
 def _ex(answer="A"):
