@@ -96,7 +96,8 @@ def _verdict(c: dict, n: int, name) -> str:
 
 
 def write_report(run_dir: Path) -> Path:
-    """report.md plus accuracy.png, entropy.png and (with hidden answers) pseudo_accuracy.png."""
+    """report.md plus accuracy.png, entropy.png, (with hidden answers) pseudo_accuracy.png
+    and (with a validation slice) validation.png, the guard's evidence."""
     results = json.loads((run_dir / "results.json").read_text())
     plt = _pyplot()
     figures = [_accuracy_figure(plt, results, run_dir / "accuracy.png")]
@@ -107,6 +108,8 @@ def write_report(run_dir: Path) -> Path:
     if pseudo.exists():
         figures.append(_bucket_figure(plt, json.loads(pseudo.read_text()),
                                       run_dir / "pseudo_accuracy.png"))
+    if (results.get("validation") or {}).get("comparisons"):
+        figures.append(_evidence_figure(plt, results, run_dir / "validation.png"))
     text = ["# SemiEvol run report", "", "```", summary(results), "```", ""]
     text += _validation_table(results)
     text += [f"![{p.stem}]({p.name})" for p in figures if p]
@@ -225,6 +228,27 @@ def _bucket_figure(plt, rows: list[dict], path: Path) -> Path:
     ax.set_xlabel("entropy bucket (upper bound, count)")
     ax.set_ylabel("pseudo-label accuracy")
     ax.set_ylim(0, 1)
+    return _save(plt, fig, path)
+
+
+def _evidence_figure(plt, results: dict, path: Path) -> Path:
+    """The guard's last comparison, question by question: the probability each model put on
+    the right answer (the incumbent across, the candidate up); above the diagonal the
+    evolved model is surer of the right answer."""
+    v = results["validation"]
+    c = v["comparisons"][-1]
+    inc, cand = ({r["id"]: r["p_right"] for r in v["evidence"][k]} for k in (c["incumbent"], c["candidate"]))
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
+    ax.scatter([inc[q] for q in cand], [cand[q] for q in cand], alpha=0.6)
+    names = {"sft": "SFT", "vanilla": "vanilla"}
+    ax.set_xlabel(f"{names.get(c['incumbent'], 'round ' + c['incumbent'][1:])}: P(right answer)")
+    ax.set_ylabel(f"SemiEvol round {c['candidate'][1:]}: P(right answer)")
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title(f"{c['n']} validation questions: Brier difference {c['difference']:+.2f}\n"
+                 f"(90% interval {c['interval'][0]:+.2f} to {c['interval'][1]:+.2f}; "
+                 f"{'harm' if c['harm'] else 'no evidence of harm'})", fontsize=9)
     return _save(plt, fig, path)
 
 

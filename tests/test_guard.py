@@ -97,6 +97,7 @@ def test_when_more_data_helps_semievol_is_final(task_dir, tmp_path):
     text = report.write_report(tmp_path / "run").read_text()
     assert "## Validation (the guard)" in text and "| SemiEvol round 1 |" in text
     assert "self-justified" in text and (tmp_path / "run" / "accuracy.png").exists()
+    assert "![validation](validation.png)" in text and (tmp_path / "run" / "validation.png").exists()
 
 
 def steady(call):
