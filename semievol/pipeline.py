@@ -79,9 +79,7 @@ def run(config: RunConfig, backend: Backend, run_dir: str | Path, *, task: Task 
         if held:
             checked[f"r{r}"] = stages.validate(f"r{r}", evolved, held)
             rounds[-1]["validation"] = checked[f"r{r}"]["accuracy"]
-            verdicts.append({"candidate": f"r{r}", "incumbent": kept,
-                             **guard.compare(stages.evidence(f"r{r}", evolved, held),
-                                             stages.evidence(kept, made[kept], held))})
+            verdicts.append(stages.verdict(f"r{r}", kept, made, held))
             if verdicts[-1]["harm"]:
                 break  # evidence that this round made the model worse: keep the one before
             kept = f"r{r}"
@@ -95,19 +93,12 @@ def run(config: RunConfig, backend: Backend, run_dir: str | Path, *, task: Task 
     scores["semievol"] = stages.evaluate("semievol", evolved, task.test)
     same = {base: "vanilla", warm: fallback, evolved: "semievol"}.get(models["final"])
     scores["final"] = dict(scores[same]) if same else stages.evaluate("final", models["final"], task.test)
-    evidence = {label: stages.evidence(label, made[label], held) for label in made} if held else {}
-    for label, records in evidence.items():
-        checked[label].update(p_right=sum(r["p_right"] for r in records) / len(records),
-                              brier=sum(r["brier"] for r in records) / len(records))
-    if config.refit and held and made[winner] != base:
+    refit = config.refit and held and made[winner] != base
+    if refit:
         models["final"], scores["final"], refit = _refit(config, backend, rd, task, final, quiet)
-    validation = {"n": len(held), "ids": [ex.id for ex in held], "scores": checked,
-                  "chosen": winner if held else None, "samples": guard.SAMPLES,
-                  "comparisons": verdicts, "evidence": evidence}
     results = _results(config, backend, rd, task, models, scores, rounds, mined, selected)
-    results.update(validation=validation, final=final)
-    if config.refit and held and made[winner] != base:
-        results["refit"] = refit
+    results.update(validation=stages.validation(held, checked, made, winner, verdicts),
+                   final=final, **({"refit": refit} if refit else {}))
     if config.auto_recipe and held:
         results["recipe"] = guard.recipe_report(rd.read_json("recipe.json"), rd.manifest["timings_s"])
     rd.write_json("results.json", results)
@@ -125,7 +116,7 @@ def _refit(config: RunConfig, backend: Backend, rd: RunDir, task: Task, final: s
     label = "semievol" if evolve else "sft"
     return (sub["models"]["evolved" if evolve else "warm"], dict(sub["eval"][label]),
             {"dir": "refit", "model": label, "labeled": len(task.labeled),
-             "timings_s": sub["timings_s"]})
+             "timings_s": sub["timings_s"], "usage": sub["usage"]})
 
 
 class _Run:
@@ -188,6 +179,26 @@ class _Run:
             self.rd.append(name, records)
             self.rd.finish(name, usage=usage, model=model)
         return self.rd.records(name)
+
+    def verdict(self, candidate: str, incumbent: str, made: dict[str, str],
+                held: list[Example]) -> dict:
+        """The guard's comparison of two models' evidence on the slice."""
+        return {"candidate": candidate, "incumbent": incumbent,
+                **guard.compare(self.evidence(candidate, made[candidate], held),
+                                self.evidence(incumbent, made[incumbent], held))}
+
+    def validation(self, held: list[Example], checked: dict, made: dict[str, str],
+                   winner: str, verdicts: list[dict]) -> dict:
+        """results.json's ``validation``: the slice, each model's scores on it (with its mean
+        probability of the right answer and Brier score), the guard's comparisons and the
+        evidence question by question."""
+        evidence = {label: self.evidence(label, made[label], held) for label in made} if held else {}
+        for label, records in evidence.items():
+            checked[label].update(p_right=sum(r["p_right"] for r in records) / len(records),
+                                  brier=sum(r["brier"] for r in records) / len(records))
+        return {"n": len(held), "ids": [ex.id for ex in held], "scores": checked,
+                "chosen": winner if held else None, "samples": guard.SAMPLES,
+                "comparisons": verdicts, "evidence": evidence}
 
     def validation_answers(self, model: str) -> dict[str, bool]:
         """Which validation questions a scored model got right."""

@@ -62,13 +62,7 @@ def guard_decision(results: dict) -> str:
         return ("guard: off (no validation slice): the evolved model is returned without a "
                 "check against the warm-up")
     scores, verdicts = v["scores"], v.get("comparisons")
-    several = len([k for k in scores if k.startswith("r")]) > 1
-
-    def name(key: str) -> str:
-        if key.startswith("r"):
-            return f"SemiEvol round {key[1:]}" if several else "SemiEvol"
-        return {"vanilla": "vanilla", "sft": "SFT"}[key]
-
+    name = _namer(scores)
     said = ", ".join(f"{name(k)} {_pct(s['accuracy'])}" for k, s in scores.items())
     accuracy = (f"  greedy validation accuracy (n={v['n']}; one question is "
                 f"{100 / v['n']:.1f} points): {said}")
@@ -79,6 +73,18 @@ def guard_decision(results: dict) -> str:
     lines = [_verdict(c, v["n"], name) for c in verdicts]
     return "\n".join(["guard: " + lines[-1], *("  before: " + line for line in lines[:-1]),
                       accuracy])
+
+
+def _namer(scores: dict):
+    """Names for the keys of results.json's validation scores ("vanilla", "sft", "r1", ...):
+    the evolved model is "SemiEvol", or "SemiEvol round r" where there were rounds."""
+    several = len([k for k in scores if k.startswith("r")]) > 1
+
+    def name(key: str) -> str:
+        if key.startswith("r"):
+            return f"SemiEvol round {key[1:]}" if several else "SemiEvol"
+        return {"vanilla": "vanilla", "sft": "SFT"}[key]
+    return name
 
 
 def _verdict(c: dict, n: int, name) -> str:
@@ -156,10 +162,10 @@ def _validation_table(results: dict) -> list[str]:
             f"{v.get('samples', '-')} sampled answers a question; accuracy of the greedy answer.",
             "", "| model | accuracy | macro-F1 | P(right) | Brier | |", "|---|---|---|---|---|---|"]
     num = lambda x: "-" if x is None else f"{x:.3f}"
+    name = _namer(v["scores"])
     for key, s in v["scores"].items():
-        name = {"vanilla": "Vanilla", "sft": "SFT (warm-up)"}.get(key, f"SemiEvol round {key[1:]}")
         mark = "final" if key == v["chosen"] else ""
-        rows.append(f"| {name} | {_pct(s['accuracy'])} | {_pct(s['macro_f1'])} | "
+        rows.append(f"| {name(key)} | {_pct(s['accuracy'])} | {_pct(s['macro_f1'])} | "
                     f"{num(s.get('p_right'))} | {num(s.get('brier'))} | {mark} |")
     return rows + [""]
 

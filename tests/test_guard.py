@@ -95,7 +95,9 @@ def test_when_more_data_helps_semievol_is_final(task_dir, tmp_path):
     assert fts[0]["n_examples"] == 32  # the warm-up: 40 labels less the 8 held out
     assert json.loads((tmp_path / "run" / "results.json").read_text()) == results
     text = report.write_report(tmp_path / "run").read_text()
-    assert "## Validation (the guard)" in text and "| SemiEvol round 1 |" in text
+    table = text.split("## Validation (the guard)")[1].split("\n\n## ")[0]
+    assert "| SFT |" in table and "| SemiEvol |" in table
+    assert [row for row in table.splitlines() if row.endswith("| final |")][0].startswith("| SemiEvol |")
     assert "self-justified" in text and (tmp_path / "run" / "accuracy.png").exists()
     assert "![validation](validation.png)" in text and (tmp_path / "run" / "validation.png").exists()
 

@@ -33,10 +33,11 @@ TOKEN_TOL = 0.5
 The decode loop reads the prompt once and then each new token against a bf16 KV cache; the
 teacher-forced pass reads the whole sequence at once, so the two round differently. In
 float32 they agree to 1e-3 (test_hf.py); in bf16 (8 bits of mantissa) this test measured
-0.335 nats at worst over its 16 generations (the same on every run: fixed seed)."""
-MEAN_TOL = 0.05
+0.335 nats at worst over its 16 generations here, 0.239 on the CI machine."""
+MEAN_TOL = 0.15
 """The same for a generation's mean logprob (its entropy, what selection ranks by):
-measured 0.029 at worst."""
+measured 0.029 at worst here and 0.059 on the CI machine, whose CPU rounds bf16 matrix
+products differently. A misaligned or temperature-scaled logprob is off by a nat or more."""
 
 
 def ask(question: str) -> list[dict]:
