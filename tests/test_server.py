@@ -568,6 +568,56 @@ def test_damaged_state_is_named_and_the_rest_keeps_serving(tmp_path):
         assert http.get(f"fine_tuning/jobs/{good}").json()["status"] == "succeeded"
 
 
+def test_records_of_the_wrong_shape_are_named_and_left_out_while_the_server_serves(tmp_path):
+    """Well-formed JSON of the wrong shape (issue 25, break 2): a job created "yesterday",
+    one "paused", one without hyperparameters, a file created at null. The server starts,
+    both dialects list the rest, and a request for a bad record names it, as does the log."""
+    import sqlite3
+
+    from semievol.server.store import new_id
+
+    state = tmp_path / "state"
+    with running_server("fake", state) as server:
+        client = server.client()
+        training = _upload(client, TEN)
+        good = _wait(client, client.fine_tuning.jobs.create(
+            model="fake-base", training_file=training.id).id)
+        assert good.status == "succeeded"
+    bad = {"created_at": new_id("ftjob"), "status": new_id("ftjob"),
+           "hyperparameters": new_id("ftjob")}
+    bad_file = new_id("file")
+    db = sqlite3.connect(state / "state.db")
+    with db:
+        for edit, job_id in [("json_set(record, '$.created_at', 'yesterday')", bad["created_at"]),
+                             ("json_set(record, '$.status', 'paused')", bad["status"]),
+                             ("json_remove(record, '$.hyperparameters')", bad["hyperparameters"])]:
+            db.execute(f"INSERT INTO jobs SELECT ?, json_set({edit}, '$.id', ?) FROM jobs "
+                       "WHERE id = ?", (job_id, job_id, good.id))
+        db.execute("INSERT INTO files SELECT ?, json_set(record, '$.id', ?, '$.created_at', "
+                   "json('null')) FROM files WHERE id = ?", (bad_file, bad_file, training.id))
+    db.close()
+    with running_server("fake", state) as server:
+        client = server.client()
+        assert [j.id for j in client.fine_tuning.jobs.list(limit=100)] == [good.id]
+        assert [f.id for f in client.files.list()] == [training.id]
+        together = httpx2.get(f"{server.url}/fine-tunes",
+                              headers={"Authorization": f"Bearer {API_KEY}"})
+        assert together.status_code == 200
+        assert [j["id"] for j in together.json()["data"]] == [good.id]
+        for field, job_id in bad.items():
+            with pytest.raises(openai.InternalServerError) as e:
+                client.fine_tuning.jobs.retrieve(job_id)
+            message = e.value.body["message"]
+            assert job_id in message and field in message, message
+        with pytest.raises(openai.InternalServerError, match=bad_file):
+            client.files.retrieve(bad_file)
+        assert client.fine_tuning.jobs.retrieve(good.id).status == "succeeded"
+        assert client.chat.completions.create(model=good.fine_tuned_model, messages=[
+            {"role": "user", "content": "hi"}]).choices
+    log = server.log.read_text()
+    assert all(name in log for name in [*bad.values(), bad_file]), log
+
+
 def test_an_unreadable_state_database_is_named(tmp_path):
     from semievol.server.store import DamagedRecord, Store
 
@@ -584,15 +634,22 @@ def test_a_state_directory_of_the_json_layout_is_imported(tmp_path):
     (state / "files").mkdir(parents=True)
     (state / "jobs").mkdir()
     job_id, file_id = new_id("ftjob"), new_id("file")
+    hyper = {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 1.0}
     job = {"id": job_id, "object": "fine_tuning.job", "created_at": 5, "status": "succeeded",
-           "fine_tuned_model": "ft:fake-base:semievol::x"}
+           "model": "fake-base", "training_file": file_id, "validation_file": None,
+           "hyperparameters": hyper, "seed": 1, "metadata": None, "error": None,
+           "fine_tuned_model": "ft:fake-base:semievol::x", "finished_at": 6,
+           "trained_tokens": 10, "user_provided_suffix": None,
+           "_requested_hyperparameters": hyper, "_base_ref": "fake-base",
+           "_root_model": "fake-base", "_fine_tuned_model": "ft:fake-base:semievol::x"}
     (state / "jobs" / f"{job_id}.json").write_text(json.dumps(job))
     (state / "jobs" / f"{job_id}.events.json").write_text(json.dumps(
         [{"id": "ftevent-" + "a" * 24, "created_at": 5, "message": "done", "level": "info"}]))
     (state / "files" / f"{file_id}.json").write_text(json.dumps(
         {"id": file_id, "created_at": 4, "purpose": "fine-tune"}))
     (state / "models.json").write_text(json.dumps(
-        {"ft:fake-base:semievol::x": {"ref": "r", "job": job_id, "base": "fake-base"}}))
+        {"ft:fake-base:semievol::x": {"ref": "r", "job": job_id, "base": "fake-base",
+                                      "created": 6}}))
     store = Store(state)
     assert store.job(job_id) == job and store.file(file_id)["created_at"] == 4
     assert [e["message"] for e in store.events(job_id)] == ["done"]

@@ -10,10 +10,12 @@ Layout of ``--state-dir``::
 
 Every state change is one SQLite transaction, so a kill at any moment leaves the old state
 or the new, never a mix; events are appended rows, never a rewritten list. Records are
-JSON objects in their rows. A record that cannot be read (edited by hand, written by a
-broken tool) raises :class:`DamagedRecord`, which names it; listings log it and leave it
-out, and everything else keeps serving. Names on disk are only ever ids this module
-generated and checked with :func:`valid_id`; a client's string never becomes a path.
+JSON objects in their rows, checked on every read against the shape the code relies on
+(:data:`RECORDS`: keys, types, known statuses). A record that cannot be read or has another
+shape (edited by hand, written by a broken tool) raises :class:`DamagedRecord`, which names
+it and says what is wrong; listings log it and leave it out, and everything else keeps
+serving. Names on disk are only ever ids this module generated and checked with
+:func:`valid_id`; a client's string never becomes a path.
 
 A state directory of the earlier layout (one JSON file per record) is imported into
 ``state.db`` the first time it is opened.
@@ -31,6 +33,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import TypeAdapter, ValidationError
+from typing_extensions import NotRequired, TypedDict  # pydantic needs these before 3.12
 
 from ..errors import SemievolError
 from ..types import ChatExample
@@ -197,7 +203,7 @@ class Store:
 
     def examples(self, job_id: str) -> list[ChatExample]:
         found = self._one("examples of job", job_id,
-                          "SELECT data FROM examples WHERE job_id = ?", kind=list)
+                          "SELECT data FROM examples WHERE job_id = ?")
         return found or []
 
     # -- fine-tuned models --------------------------------------------------------------
@@ -215,7 +221,7 @@ class Store:
         out = {}
         for name, text in rows:
             try:
-                out[name] = _decode("model", name, text, dict)
+                out[name] = _decode("model", name, text)
             except DamagedRecord as e:
                 log.error("%s; left out of the listing", e)
         return out
@@ -232,7 +238,7 @@ class Store:
             if row is not None:
                 if row[0] != digest:
                     raise IdempotencyConflict(key)
-                return _decode("idempotent response", key, row[1], dict)
+                return _decode("idempotent response", key, row[1])
             response = make()
             db.execute("INSERT INTO idempotency VALUES (?, ?, ?, ?)",
                        (scope, key, digest, json.dumps(response)))
@@ -249,10 +255,10 @@ class Store:
         db.execute("INSERT INTO events (job_id, record) VALUES (?, ?)",
                    (job_id, json.dumps(event)))
 
-    def _one(self, what: str, name: str, sql: str, *, kind: type = dict):
+    def _one(self, what: str, name: str, sql: str):
         with self.lock:
             row = self._db.execute(sql, (name,)).fetchone()
-        return None if row is None else _decode(what, name, row[0], kind)
+        return None if row is None else _decode(what, name, row[0])
 
     def _all(self, what: str, sql: str, args: tuple = ()) -> list[dict]:
         """The readable records of a query of (name, record) rows; damaged ones are logged
@@ -262,7 +268,7 @@ class Store:
         out = []
         for name, text in rows:
             try:
-                out.append(_decode(what, name, text, dict))
+                out.append(_decode(what, name, text))
             except DamagedRecord as e:
                 log.error("%s; left out of the listing", e)
         return out
@@ -292,21 +298,53 @@ class _Transaction:
             self.store.lock.release()
 
 
-def _decode(what: str, name, text: str, kind: type):
-    """A stored JSON record of the expected kind, or DamagedRecord naming it."""
+def _decode(what: str, name, text: str):
+    """A stored JSON record that has the shape of its kind (:data:`RECORDS`), or
+    DamagedRecord naming it and what is wrong with it."""
     try:
         value = json.loads(text)
-    except (ValueError, RecursionError, TypeError):
-        value = None
-    if not isinstance(value, kind) or (kind is dict and what in _REQUIRED
-                                       and not _REQUIRED[what] <= value.keys()):
-        raise DamagedRecord(f"the stored {what} {name!r} is damaged")
+        RECORDS[what].validate_python(value, strict=True)
+    except (ValueError, RecursionError, TypeError) as e:  # ValidationError is a ValueError
+        raise DamagedRecord(f"the stored {what} {name!r} is damaged ({_why(e)})") from None
     return value
 
 
-_REQUIRED = {"file": {"id", "created_at", "purpose"}, "job": {"id", "created_at", "status"},
-             "event": {"id", "created_at", "message"}, "model": {"ref", "job", "base"}}
-"""Keys every stored record of a kind has: one without them is damaged."""
+def _why(error: Exception) -> str:
+    if not isinstance(error, ValidationError):
+        return "not valid JSON"
+    first = error.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return f"{where}: {first['msg']}" if where else first["msg"]
+
+
+JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+_Auto = Literal["auto"]
+_Hyperparameters = TypedDict("_Hyperparameters", {
+    "n_epochs": int | _Auto, "batch_size": int | _Auto,
+    "learning_rate_multiplier": float | _Auto})
+_File = TypedDict("_File", {"id": str, "created_at": int, "purpose": str,
+                            "bytes": NotRequired[int], "filename": NotRequired[str]})
+_Job = TypedDict("_Job", {
+    "id": str, "created_at": int, "status": JobStatus, "model": str, "training_file": str,
+    "validation_file": str | None, "hyperparameters": _Hyperparameters, "seed": int,
+    "metadata": dict[str, str] | None, "error": dict | None,
+    "fine_tuned_model": str | None, "finished_at": int | None, "trained_tokens": int | None,
+    "user_provided_suffix": str | None, "_requested_hyperparameters": _Hyperparameters,
+    "_base_ref": str, "_root_model": str, "_fine_tuned_model": str,
+    "_finetune": NotRequired[dict[str, Any]], "_from_checkpoint": NotRequired[str | None],
+    "_min_examples": NotRequired[int], "_resumed": NotRequired[bool]})
+_Event = TypedDict("_Event", {"id": str, "created_at": int, "message": str,
+                              "level": Literal["info", "warn", "error"]})
+_Model = TypedDict("_Model", {"ref": str, "job": str, "base": str, "created": int})
+
+RECORDS = {"file": TypeAdapter(_File), "job": TypeAdapter(_Job),
+           "event": TypeAdapter(_Event), "model": TypeAdapter(_Model),
+           "examples of job": TypeAdapter(list[ChatExample]),
+           "idempotent response": TypeAdapter(dict[str, Any])}
+"""The shape of each kind of stored record: the keys and types the server's code relies
+on (extra keys are allowed). A record of another shape is damaged: read strictly, so a
+``created_at`` of ``"yesterday"`` or a status the code does not know never reaches a sort
+or a route."""
 
 
 def _import_json_layout(store: Store) -> None:
