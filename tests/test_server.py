@@ -447,6 +447,61 @@ def in_process(backend, state_dir):
         yield http
 
 
+@contextmanager
+def served(app):
+    """``app`` served by uvicorn on a loopback port, in a thread: real HTTP (keep-alive
+    connections included) to a backend the test holds. Yields the port."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(),
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield server.config.port
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+class BrokenEmbedder(GatedBackend):
+    """The fake backend, except that ``embed`` fails as no route expects."""
+
+    def embed(self, texts):
+        raise RuntimeError("the embedder broke")
+
+
+def test_after_an_unexpected_500_the_keep_alive_connection_still_serves(tmp_path, caplog):
+    """Issue 25, break 3: a handler for every exception sat on Starlette's
+    ServerErrorMiddleware, which raises again after answering, so uvicorn closed the
+    connection and the next request on it was reset; and the error was logged without its
+    traceback (``log.exception`` outside an ``except``)."""
+    import http.client
+
+    from semievol.server import create_app
+
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    with served(create_app(BrokenEmbedder(), tmp_path / "state", API_KEY)) as port:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", "/v1/embeddings", headers=headers,
+                     body=json.dumps({"model": "fake-base", "input": "a cat"}))
+        response = conn.getresponse()
+        error = json.loads(response.read())["error"]
+        assert response.status == 500 and error["type"] == "server_error"
+        assert "RuntimeError: the embedder broke" in error["message"]
+        for _ in range(2):  # the same connection goes on serving
+            conn.request("GET", "/v1/models", headers=headers)
+            response = conn.getresponse()
+            assert response.status == 200 and json.loads(response.read())["data"]
+        conn.close()
+    logged = [r for r in caplog.records if r.name == "semievol.server" and r.exc_info]
+    assert logged and "embedder broke" in str(logged[0].exc_info[1])
+
+
 def _create(http, name: str = "train.jsonl") -> str:
     upload = http.post("files", files={"file": (name, _jsonl(TEN))},
                        data={"purpose": "fine-tune"})

@@ -10,7 +10,9 @@ both is :func:`semievol.server.create_app`).
 Every error, unknown routes, bad bodies and auth failures included, is OpenAI's body
 ``{"error": {"message", "type", "param", "code"}}`` with the status the real API uses:
 400 for an invalid request (FastAPI's 422 is turned into 400, as OpenAI does), 401 for a
-missing or wrong key, 404 for an unknown id or model, 413 for a body over the limit.
+missing or wrong key, 404 for an unknown id or model, 413 for a body over the limit, 500
+(``server_error``) for an error no route expected, logged with its traceback, on a
+connection that stays open for the client's next request.
 
 Models served: the backend's ``default_model`` (the hf backend's ``smollm2-135m`` alias or
 ``--model``) and every fine-tuned ``ft:...`` name this server made. A name reaches the
@@ -137,7 +139,7 @@ def create_app(backend, state_dir: str | Path, api_key: str | None = None, *,
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(DamagedRecord, _damaged)
-    app.add_exception_handler(Exception, _server_error)
+    app.add_middleware(ServerErrors)
     app.add_middleware(BodyLimit, upload_limit=server.max_upload_bytes)
     app.add_middleware(Authorize, api_key=api_key)  # the outermost: runs first
     return app
@@ -221,10 +223,34 @@ def _damaged(request: Request, exc: DamagedRecord) -> JSONResponse:
     return _error(500, f"The server's state is damaged: {exc}.", type="server_error")
 
 
-def _server_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("error serving %s %s", request.method, request.url.path)
-    return _error(500, f"The server had an error while processing your request: "
-                  f"{type(exc).__name__}: {exc}", type="server_error")
+class ServerErrors:
+    """Answer an exception that no route expected with OpenAI's 500 body, log it with its
+    traceback, and keep the connection. (A handler for ``Exception`` would sit on Starlette's
+    ServerErrorMiddleware, which raises again after answering; uvicorn then closes the
+    keep-alive connection, and the client's next request on it is reset.)"""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watched(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as e:
+            if started:  # too late for an error body: uvicorn ends the connection
+                raise
+            log.exception("error serving %s %s", scope["method"], scope["path"])
+            response = _error(500, "The server had an error while processing your request: "
+                              f"{type(e).__name__}: {e}", type="server_error")
+            await response(scope, receive, send)
 
 
 class BodyLimit:
