@@ -673,6 +673,26 @@ def test_records_of_the_wrong_shape_are_named_and_left_out_while_the_server_serv
     assert all(name in log for name in [*bad.values(), bad_file]), log
 
 
+def test_what_a_kill_leaves_in_files_is_swept_at_start(tmp_path):
+    """Issue 25, break 4: a kill -9 during an upload leaves its ``.upload-*`` temporary, and
+    one between the rename and the commit leaves ``files/file-*.bin`` without a row. The
+    next start removes both and keeps every file that has its row."""
+    from semievol.server.store import new_id
+
+    state = tmp_path / "state"
+    with running_server("fake", state) as server:
+        kept = _upload(server.client(), TEN)
+    orphans = [state / "files" / f"{new_id('file')}.bin", state / "files" / ".upload-x1b2c3"]
+    for orphan in orphans:
+        orphan.write_bytes(_jsonl(TEN))
+    with running_server("fake", state) as server:
+        client = server.client()
+        assert not any(orphan.exists() for orphan in orphans)
+        assert [f.id for f in client.files.list()] == [kept.id]
+        assert client.files.content(kept.id).content == _jsonl(TEN)
+    assert all(orphan.name in server.log.read_text() for orphan in orphans)
+
+
 def test_an_unreadable_state_database_is_named(tmp_path):
     from semievol.server.store import DamagedRecord, Store
 

@@ -5,7 +5,9 @@ Layout of ``--state-dir``::
 
     state.db        SQLite (WAL): files, jobs, events, training examples, fine-tuned
                     models, Idempotency-Key responses; one transaction per change
-    files/<id>.bin  the uploaded bytes (written to a temporary file, renamed into place)
+    files/<id>.bin  the uploaded bytes (written to a temporary file, renamed into place;
+                    a temporary or a file without its row, left by a kill, is removed
+                    when the store is next opened: one server per state directory)
     backend/        the backend's own workdir (LoRA adapters)
 
 Every state change is one SQLite transaction, so a kill at any moment leaves the old state
@@ -113,10 +115,24 @@ class Store:
                                 f"opened ({e}); move it aside to start with an empty state") from None
         if fresh:
             _import_json_layout(self)
+        self._sweep()
 
     def close(self) -> None:
         with self.lock:
             self._db.close()
+
+    def _sweep(self) -> None:
+        """Remove what a killed server left in files/: upload temporaries, and bytes that were
+        renamed into place while their row was never committed (or was deleted)."""
+        with self.lock:
+            known = {row[0] for row in self._db.execute("SELECT id FROM files")}
+        for path in self.files_dir.iterdir():
+            if path.name.startswith(".upload-") or (
+                    path.suffix == ".bin" and valid_id("file", path.stem)
+                    and path.stem not in known):
+                log.warning("removing %s from the state directory: a stopped server left it "
+                            "behind", path.name)
+                path.unlink(missing_ok=True)
 
     # -- files --------------------------------------------------------------------------
     def add_file(self, file_id: str, data_path: Path, *, filename: str, purpose: str) -> dict:
