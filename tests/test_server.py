@@ -354,6 +354,26 @@ def test_idempotency_key_makes_one_job_concurrent_sequential_and_after_a_restart
         assert len(client.fine_tuning.jobs.list(limit=100).data) == 2
 
 
+def test_an_idempotency_key_over_255_characters_is_refused_in_both_dialects(fake_server,
+                                                                               client):
+    """Issue 25: a key of any length was stored (kept forever, once per request)."""
+    training = _upload(client, TEN)
+    for key in ("k" * 256, "k" * 10_000):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.fine_tuning.jobs.create(model="fake-base", training_file=training.id,
+                                           extra_headers={"Idempotency-Key": key})
+        _assert_openai_error(e.value, 400, param="idempotency-key")
+        response = httpx2.post(f"{fake_server.url}/fine-tunes", json={
+            "model": "fake-base", "training_file": training.id}, headers={
+            "Authorization": f"Bearer {API_KEY}", "Idempotency-Key": key})
+        assert response.status_code == 400, response.text
+    longest = {"Idempotency-Key": "k" * 255}
+    job = client.fine_tuning.jobs.create(model="fake-base", training_file=training.id,
+                                         extra_headers=longest)
+    assert client.fine_tuning.jobs.create(model="fake-base", training_file=training.id,
+                                          extra_headers=longest).id == job.id
+
+
 @pytest.mark.parametrize("auth", [b"", b"Authorization: Bearer wrong\r\n"])
 def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(fake_server, auth):
     """Headers announce a 900 kB upload (under the 1 MB limit) and no body follows: the

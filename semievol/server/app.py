@@ -63,6 +63,9 @@ DEFAULT_MAX_TOKENS = 256
 JSON_BODY_LIMIT = 16 * 2**20
 UPLOAD_PATHS = ("/v1/files", "/v1/files/upload")
 """Where a body may be as large as an upload (OpenAI's path, Together's)."""
+MAX_IDEMPOTENCY_KEY = 255
+"""The longest ``Idempotency-Key`` taken (Stripe's limit; longer ones are refused with 400)."""
+IdempotencyKey = Annotated[str | None, Header(max_length=MAX_IDEMPOTENCY_KEY)]
 
 
 class ApiError(Exception):
@@ -370,7 +373,7 @@ def delete_file(server: ServerDep, file_id: str):
 # -- fine-tuning jobs --------------------------------------------------------------------
 @router.post("/fine_tuning/jobs")
 def create_job(server: ServerDep, body: JobCreate, background: BackgroundTasks,
-               idempotency_key: Annotated[str | None, Header()] = None):
+               idempotency_key: IdempotencyKey = None):
     """Record the job as ``validating_files`` and answer; its files are validated right
     after the response, then it waits for the worker."""
     if body.method is not None and body.method.type != "supervised":
@@ -408,7 +411,7 @@ def submit_job(server: Server, background: BackgroundTasks, *, model: str, train
     With an ``Idempotency-Key``, the first request with that key makes the job and every
     later one (concurrent, retried, after a restart) gets that same job as it was created;
     the key with another request is refused with 422, as the IETF Idempotency-Key draft
-    has it."""
+    has it. Keys are at most :data:`MAX_IDEMPOTENCY_KEY` characters (the routes check)."""
     request = {"model": model, "training_file": training_file, "validation_file":
                validation_file, "hyperparameters": hyperparameters, "seed": seed,
                "suffix": suffix, "metadata": metadata, "private": private}
