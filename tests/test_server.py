@@ -55,13 +55,14 @@ class Running:
 
 
 @contextmanager
-def running_server(backend: str, state_dir: Path, *extra: str, ready_s: float = 120):
+def running_server(backend: str, state_dir: Path, *extra: str, ready_s: float = 120,
+                   auth: tuple[str, ...] = ("--api-key", API_KEY)):
     """Start a server, wait until it answers, yield it, and stop it (SIGTERM, then kill)."""
     port = _free_port()
     log = state_dir.parent / f"{state_dir.name}-server-{port}.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
-            server_command(backend, port, state_dir, "--api-key", API_KEY, *extra),
+            server_command(backend, port, state_dir, *auth, *extra),
             stdout=out, stderr=subprocess.STDOUT, env=SERVER_ENV)
     server = Running(f"http://127.0.0.1:{port}/v1", process, log)
     try:
@@ -398,6 +399,23 @@ def test_wrong_or_missing_api_key_is_401(fake_server, client):
     assert response.status_code == 401 and response.json()["error"]["message"]
     response = httpx2.post(f"{fake_server.url}/files", headers={"Authorization": "Basic x"})
     assert response.status_code == 401
+
+
+def test_the_api_key_can_come_from_a_file_and_stay_out_of_ps(tmp_path):
+    """Issue 25: ``--api-key`` on the command line shows in ``ps``; ``--api-key-file``
+    (or $SEMIEVOL_API_KEY) keeps it out."""
+    key_file = tmp_path / "key"
+    key_file.write_text(API_KEY + "\n")
+    with running_server("fake", tmp_path / "state", auth=("--api-key-file", str(key_file))) \
+            as server:
+        assert API_KEY.encode() not in Path(f"/proc/{server.process.pid}/cmdline").read_bytes()
+        assert server.client().models.list().data
+        with pytest.raises(openai.AuthenticationError):
+            server.client(api_key="wrong").models.list()
+    missing = subprocess.run(server_command("fake", _free_port(), tmp_path / "state",
+                                            "--api-key-file", str(tmp_path / "none")),
+                             capture_output=True, text=True, env=SERVER_ENV, timeout=60)
+    assert missing.returncode == 2 and "--api-key-file" in missing.stderr
 
 
 def test_ids_never_become_paths(fake_server, client):
