@@ -731,6 +731,31 @@ def test_what_a_kill_leaves_in_files_is_swept_at_start(tmp_path):
     assert all(orphan.name in server.log.read_text() for orphan in orphans)
 
 
+def test_a_disk_error_is_one_line_without_the_path_and_the_server_keeps_serving(tmp_path):
+    """Issue 25, break 5 on the server: a write the disk refuses (here files/ stops being a
+    directory) is a 500 that says why without the state's path, one log line that names the
+    path, and no traceback; once the disk is fixed the same upload works."""
+    import shutil
+
+    state = tmp_path / "state"
+    with running_server("fake", state) as server:
+        client = server.client()
+        shutil.rmtree(state / "files")
+        (state / "files").write_text("not a directory")
+        with pytest.raises(openai.InternalServerError) as e:
+            _upload(client, TEN)
+        _assert_openai_error(e.value, 500)
+        assert "Not a directory" in e.value.body["message"]
+        assert str(tmp_path) not in e.value.response.text
+        (state / "files").unlink()
+        (state / "files").mkdir()
+        assert _upload(client, TEN).bytes == len(_jsonl(TEN))
+    log = server.log.read_text()
+    assert "Traceback" not in log
+    assert [line for line in log.splitlines() if "Not a directory" in line and
+            str(state / "files") in line and "POST /v1/files" in line], log
+
+
 def test_an_unreadable_state_database_is_named(tmp_path):
     from semievol.server.store import DamagedRecord, Store
 

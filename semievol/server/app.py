@@ -51,7 +51,8 @@ from starlette.exceptions import HTTPException
 from .chat import choice, cut_at_stop, embedding_rows, together_dialect
 from .jobs import Trainer
 from .schemas import ChatRequest, EmbeddingRequest, Hyperparameters, JobCreate
-from .store import DamagedRecord, IdempotencyConflict, Store, new_id, now, public
+from .store import (DamagedRecord, IdempotencyConflict, Store, describe, new_id, now,
+                    public)
 from ..chatfile import MIN_EXAMPLES
 
 log = logging.getLogger("semievol.server")
@@ -228,9 +229,10 @@ def _damaged(request: Request, exc: DamagedRecord) -> JSONResponse:
 
 class ServerErrors:
     """Answer an exception that no route expected with OpenAI's 500 body, log it with its
-    traceback, and keep the connection. (A handler for ``Exception`` would sit on Starlette's
-    ServerErrorMiddleware, which raises again after answering; uvicorn then closes the
-    keep-alive connection, and the client's next request on it is reset.)"""
+    traceback (an OSError, the disk's doing, in one line that names the path the client is
+    not shown), and keep the connection. (A handler for ``Exception`` would sit on
+    Starlette's ServerErrorMiddleware, which raises again after answering; uvicorn then
+    closes the keep-alive connection, and the client's next request on it is reset.)"""
 
     def __init__(self, app):
         self.app = app
@@ -250,9 +252,12 @@ class ServerErrors:
         except Exception as e:
             if started:  # too late for an error body: uvicorn ends the connection
                 raise
-            log.exception("error serving %s %s", scope["method"], scope["path"])
+            if isinstance(e, OSError):  # the disk: one line that says what and where
+                log.error("%s %s failed: %s", scope["method"], scope["path"], e)
+            else:
+                log.exception("error serving %s %s", scope["method"], scope["path"])
             response = _error(500, "The server had an error while processing your request: "
-                              f"{type(e).__name__}: {e}", type="server_error")
+                              f"{describe(e)}", type="server_error")
             await response(scope, receive, send)
 
 

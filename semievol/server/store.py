@@ -81,6 +81,14 @@ def valid_id(prefix: str, value: str) -> bool:
     return bool(_ID_RE[prefix].fullmatch(value))
 
 
+def describe(error: BaseException) -> str:
+    """An exception in words a client may read: an OSError without its path (a client never
+    learns where the state lives), anything else as it says."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{type(error).__name__}: {error.strerror}"
+    return f"{type(error).__name__}: {error}"
+
+
 def now() -> int:
     return int(time.time())
 
