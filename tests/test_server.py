@@ -655,6 +655,13 @@ def test_damaged_state_is_named_and_the_rest_keeps_serving(tmp_path):
         content = http.get(f"files/{gone}/content")
         assert content.status_code == 500 and gone in content.json()["error"]["message"]
         assert str(tmp_path) not in content.text and ".bin" not in content.text
+        price = http.post("fine-tunes/estimate-price", json={"training_file": gone})
+        assert price.status_code == 500 and gone in price.json()["error"]["message"]
+        assert str(tmp_path) not in price.text
+        job = http.post("fine_tuning/jobs", json={"model": "fake-base", "training_file": gone})
+        failed = _status(http, job.json()["id"], until="failed")
+        error = http.get(f"fine_tuning/jobs/{job.json()['id']}").json()["error"]
+        assert failed == "failed" and gone in error["message"], error
         assert http.get(f"fine_tuning/jobs/{good}/events").status_code == 200
         served = {m["id"] for m in http.get("models").json()["data"]}
         assert http_model not in served and served  # the damaged model is left out, not fatal

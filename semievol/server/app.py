@@ -360,12 +360,8 @@ def get_file(server: ServerDep, file_id: str):
 @router.get("/files/{file_id}/content")
 def file_content(server: ServerDep, file_id: str):
     record = _file(server, file_id)
-    path = server.store.file_path(record["id"])
-    if not path.is_file():
-        log.error("the bytes of file %s are missing from the state directory", file_id)
-        raise ApiError(500, f"The content of file {file_id} is missing on the server.",
-                       param="id", type="server_error")
-    return FileResponse(path, media_type="application/octet-stream")
+    return FileResponse(server.store.file_path(record["id"]),
+                        media_type="application/octet-stream")
 
 
 @router.delete("/files/{file_id}")

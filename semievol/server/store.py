@@ -165,16 +165,20 @@ class Store:
         return sorted(rows, key=lambda f: (f["created_at"], f["id"]), reverse=True)
 
     def file_path(self, file_id: str) -> Path:
-        """Where a known file's bytes are (call only with an id :meth:`file` returned)."""
+        """Where a known file's bytes are (call only with an id :meth:`file` returned);
+        DamagedRecord, naming the file, when they are missing."""
         assert valid_id("file", file_id)
-        return self.files_dir / f"{file_id}.bin"
+        path = self.files_dir / f"{file_id}.bin"
+        if not path.is_file():
+            raise DamagedRecord(f"the content of the stored file {file_id!r} is missing")
+        return path
 
     def delete_file(self, file_id: str) -> bool:
         if not valid_id("file", file_id):
             return False
         with self._change() as db:
             deleted = db.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount
-        self.file_path(file_id).unlink(missing_ok=True)
+        (self.files_dir / f"{file_id}.bin").unlink(missing_ok=True)
         return bool(deleted)
 
     # -- jobs ---------------------------------------------------------------------------
