@@ -8,8 +8,8 @@ Together's dialect too, on the same port, so the together backend can as well.
     schemas.py   request bodies (pydantic)
     chat.py      chat choices, stop sequences, logprobs and embedding rows
     jobs.py      the fine-tuning worker and the hyperparameter mapping
-    validate.py  training-file checks, the way OpenAI makes them
     store.py     the state directory: files, jobs, events, fine-tuned models
+                 (training files are checked by ../chatfile.py, the way OpenAI checks them)
 
 Where it differs from the real API: one base model is served (the backend's default, or
 ``--model``), and other names are refused rather than loaded, since the backend would read a
@@ -30,6 +30,7 @@ import os
 from pathlib import Path
 
 from ..backends.hosted import is_loopback
+from ..errors import ConfigError
 
 __all__ = ["create_app", "serve", "default_state_dir"]
 
@@ -63,7 +64,6 @@ def serve(backend: str, model: str | None = None, host: str = "127.0.0.1", port:
     ``$SEMIEVOL_API_KEY`` (either keeps the key out of ``ps``); without any, requests need
     no key, so the server binds to loopback by default."""
     from ..backends import load_backend
-    from ..errors import ConfigError
 
     try:
         import uvicorn
@@ -93,15 +93,14 @@ def serve(backend: str, model: str | None = None, host: str = "127.0.0.1", port:
 
 def _read_key(path: str | Path | None) -> str | None:
     """The key in the file at ``path`` (surrounding whitespace dropped), or None."""
-    from ..errors import ConfigError
-
     if path is None:
         return None
     try:
         key = Path(path).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--api-key-file {path} cannot be read: "
-                          f"{getattr(e, 'strerror', None) or e}") from None
+    except OSError as e:
+        raise ConfigError(f"--api-key-file {path} cannot be read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--api-key-file {path} is not UTF-8 text") from None
     if not key:
         raise ConfigError(f"--api-key-file {path} is empty")
     return key
