@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -126,7 +125,9 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--state-dir", help="where files, jobs and adapters live (default: ./semievol-serve)")
-    srv.add_argument("--api-key", help="require this bearer token (or set SEMIEVOL_API_KEY)")
+    srv.add_argument("--api-key", help="require this bearer token (visible in `ps`: prefer "
+                     "--api-key-file or $SEMIEVOL_API_KEY)")
+    srv.add_argument("--api-key-file", help="require the bearer token this file holds")
     srv.add_argument("--max-upload-mb", type=int, default=512, help="largest accepted upload (512)")
     srv.add_argument("--vllm-url", help=VLLM_HELP)
     srv.set_defaults(func=_cmd_serve)
@@ -313,7 +314,7 @@ def _cmd_serve(args) -> int:
     from .server import serve
 
     serve(backend=args.backend, model=args.model, host=args.host, port=args.port,
-          state_dir=args.state_dir, api_key=args.api_key or os.environ.get("SEMIEVOL_API_KEY"),
+          state_dir=args.state_dir, api_key=args.api_key, api_key_file=args.api_key_file,
           max_upload_mb=args.max_upload_mb, vllm_url=args.vllm_url, dtype=_dtype(args))
     return 0
 

@@ -55,13 +55,14 @@ class Running:
 
 
 @contextmanager
-def running_server(backend: str, state_dir: Path, *extra: str, ready_s: float = 120):
+def running_server(backend: str, state_dir: Path, *extra: str, ready_s: float = 120,
+                   auth: tuple[str, ...] = ("--api-key", API_KEY)):
     """Start a server, wait until it answers, yield it, and stop it (SIGTERM, then kill)."""
     port = _free_port()
     log = state_dir.parent / f"{state_dir.name}-server-{port}.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
-            server_command(backend, port, state_dir, "--api-key", API_KEY, *extra),
+            server_command(backend, port, state_dir, *auth, *extra),
             stdout=out, stderr=subprocess.STDOUT, env=SERVER_ENV)
     server = Running(f"http://127.0.0.1:{port}/v1", process, log)
     try:
@@ -354,6 +355,26 @@ def test_idempotency_key_makes_one_job_concurrent_sequential_and_after_a_restart
         assert len(client.fine_tuning.jobs.list(limit=100).data) == 2
 
 
+def test_an_idempotency_key_over_255_characters_is_refused_in_both_dialects(fake_server,
+                                                                               client):
+    """Issue 25: a key of any length was stored (kept forever, once per request)."""
+    training = _upload(client, TEN)
+    for key in ("k" * 256, "k" * 10_000):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.fine_tuning.jobs.create(model="fake-base", training_file=training.id,
+                                           extra_headers={"Idempotency-Key": key})
+        _assert_openai_error(e.value, 400, param="idempotency-key")
+        response = httpx2.post(f"{fake_server.url}/fine-tunes", json={
+            "model": "fake-base", "training_file": training.id}, headers={
+            "Authorization": f"Bearer {API_KEY}", "Idempotency-Key": key})
+        assert response.status_code == 400, response.text
+    longest = {"Idempotency-Key": "k" * 255}
+    job = client.fine_tuning.jobs.create(model="fake-base", training_file=training.id,
+                                         extra_headers=longest)
+    assert client.fine_tuning.jobs.create(model="fake-base", training_file=training.id,
+                                          extra_headers=longest).id == job.id
+
+
 @pytest.mark.parametrize("auth", [b"", b"Authorization: Bearer wrong\r\n"])
 def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(fake_server, auth):
     """Headers announce a 900 kB upload (under the 1 MB limit) and no body follows: the
@@ -378,6 +399,23 @@ def test_wrong_or_missing_api_key_is_401(fake_server, client):
     assert response.status_code == 401 and response.json()["error"]["message"]
     response = httpx2.post(f"{fake_server.url}/files", headers={"Authorization": "Basic x"})
     assert response.status_code == 401
+
+
+def test_the_api_key_can_come_from_a_file_and_stay_out_of_ps(tmp_path):
+    """Issue 25: ``--api-key`` on the command line shows in ``ps``; ``--api-key-file``
+    (or $SEMIEVOL_API_KEY) keeps it out."""
+    key_file = tmp_path / "key"
+    key_file.write_text(API_KEY + "\n")
+    with running_server("fake", tmp_path / "state", auth=("--api-key-file", str(key_file))) \
+            as server:
+        assert API_KEY.encode() not in Path(f"/proc/{server.process.pid}/cmdline").read_bytes()
+        assert server.client().models.list().data
+        with pytest.raises(openai.AuthenticationError):
+            server.client(api_key="wrong").models.list()
+    missing = subprocess.run(server_command("fake", _free_port(), tmp_path / "state",
+                                            "--api-key-file", str(tmp_path / "none")),
+                             capture_output=True, text=True, env=SERVER_ENV, timeout=60)
+    assert missing.returncode == 2 and "--api-key-file" in missing.stderr
 
 
 def test_ids_never_become_paths(fake_server, client):
@@ -445,6 +483,61 @@ def in_process(backend, state_dir):
 
     with TestClient(create_app(backend, state_dir), base_url="http://127.0.0.1/v1/") as http:
         yield http
+
+
+@contextmanager
+def served(app):
+    """``app`` served by uvicorn on a loopback port, in a thread: real HTTP (keep-alive
+    connections included) to a backend the test holds. Yields the port."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(),
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield server.config.port
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+class BrokenEmbedder(GatedBackend):
+    """The fake backend, except that ``embed`` fails as no route expects."""
+
+    def embed(self, texts):
+        raise RuntimeError("the embedder broke")
+
+
+def test_after_an_unexpected_500_the_keep_alive_connection_still_serves(tmp_path, caplog):
+    """Issue 25, break 3: a handler for every exception sat on Starlette's
+    ServerErrorMiddleware, which raises again after answering, so uvicorn closed the
+    connection and the next request on it was reset; and the error was logged without its
+    traceback (``log.exception`` outside an ``except``)."""
+    import http.client
+
+    from semievol.server import create_app
+
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    with served(create_app(BrokenEmbedder(), tmp_path / "state", API_KEY)) as port:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", "/v1/embeddings", headers=headers,
+                     body=json.dumps({"model": "fake-base", "input": "a cat"}))
+        response = conn.getresponse()
+        error = json.loads(response.read())["error"]
+        assert response.status == 500 and error["type"] == "server_error"
+        assert "RuntimeError: the embedder broke" in error["message"]
+        for _ in range(2):  # the same connection goes on serving
+            conn.request("GET", "/v1/models", headers=headers)
+            response = conn.getresponse()
+            assert response.status == 200 and json.loads(response.read())["data"]
+        conn.close()
+    logged = [r for r in caplog.records if r.name == "semievol.server" and r.exc_info]
+    assert logged and "embedder broke" in str(logged[0].exc_info[1])
 
 
 def _create(http, name: str = "train.jsonl") -> str:
@@ -562,10 +655,112 @@ def test_damaged_state_is_named_and_the_rest_keeps_serving(tmp_path):
         content = http.get(f"files/{gone}/content")
         assert content.status_code == 500 and gone in content.json()["error"]["message"]
         assert str(tmp_path) not in content.text and ".bin" not in content.text
+        price = http.post("fine-tunes/estimate-price", json={"training_file": gone})
+        assert price.status_code == 500 and gone in price.json()["error"]["message"]
+        assert str(tmp_path) not in price.text
+        job = http.post("fine_tuning/jobs", json={"model": "fake-base", "training_file": gone})
+        failed = _status(http, job.json()["id"], until="failed")
+        error = http.get(f"fine_tuning/jobs/{job.json()['id']}").json()["error"]
+        assert failed == "failed" and gone in error["message"], error
         assert http.get(f"fine_tuning/jobs/{good}/events").status_code == 200
         served = {m["id"] for m in http.get("models").json()["data"]}
         assert http_model not in served and served  # the damaged model is left out, not fatal
         assert http.get(f"fine_tuning/jobs/{good}").json()["status"] == "succeeded"
+
+
+def test_records_of_the_wrong_shape_are_named_and_left_out_while_the_server_serves(tmp_path):
+    """Well-formed JSON of the wrong shape (issue 25, break 2): a job created "yesterday",
+    one "paused", one without hyperparameters, a file created at null. The server starts,
+    both dialects list the rest, and a request for a bad record names it, as does the log."""
+    import sqlite3
+
+    from semievol.server.store import new_id
+
+    state = tmp_path / "state"
+    with running_server("fake", state) as server:
+        client = server.client()
+        training = _upload(client, TEN)
+        good = _wait(client, client.fine_tuning.jobs.create(
+            model="fake-base", training_file=training.id).id)
+        assert good.status == "succeeded"
+    bad = {"created_at": new_id("ftjob"), "status": new_id("ftjob"),
+           "hyperparameters": new_id("ftjob")}
+    bad_file = new_id("file")
+    db = sqlite3.connect(state / "state.db")
+    with db:
+        for edit, job_id in [("json_set(record, '$.created_at', 'yesterday')", bad["created_at"]),
+                             ("json_set(record, '$.status', 'paused')", bad["status"]),
+                             ("json_remove(record, '$.hyperparameters')", bad["hyperparameters"])]:
+            db.execute(f"INSERT INTO jobs SELECT ?, json_set({edit}, '$.id', ?) FROM jobs "
+                       "WHERE id = ?", (job_id, job_id, good.id))
+        db.execute("INSERT INTO files SELECT ?, json_set(record, '$.id', ?, '$.created_at', "
+                   "json('null')) FROM files WHERE id = ?", (bad_file, bad_file, training.id))
+    db.close()
+    with running_server("fake", state) as server:
+        client = server.client()
+        assert [j.id for j in client.fine_tuning.jobs.list(limit=100)] == [good.id]
+        assert [f.id for f in client.files.list()] == [training.id]
+        together = httpx2.get(f"{server.url}/fine-tunes",
+                              headers={"Authorization": f"Bearer {API_KEY}"})
+        assert together.status_code == 200
+        assert [j["id"] for j in together.json()["data"]] == [good.id]
+        for field, job_id in bad.items():
+            with pytest.raises(openai.InternalServerError) as e:
+                client.fine_tuning.jobs.retrieve(job_id)
+            message = e.value.body["message"]
+            assert job_id in message and field in message, message
+        with pytest.raises(openai.InternalServerError, match=bad_file):
+            client.files.retrieve(bad_file)
+        assert client.fine_tuning.jobs.retrieve(good.id).status == "succeeded"
+        assert client.chat.completions.create(model=good.fine_tuned_model, messages=[
+            {"role": "user", "content": "hi"}]).choices
+    log = server.log.read_text()
+    assert all(name in log for name in [*bad.values(), bad_file]), log
+
+
+def test_what_a_kill_leaves_in_files_is_swept_at_start(tmp_path):
+    """Issue 25, break 4: a kill -9 during an upload leaves its ``.upload-*`` temporary, and
+    one between the rename and the commit leaves ``files/file-*.bin`` without a row. The
+    next start removes both and keeps every file that has its row."""
+    from semievol.server.store import new_id
+
+    state = tmp_path / "state"
+    with running_server("fake", state) as server:
+        kept = _upload(server.client(), TEN)
+    orphans = [state / "files" / f"{new_id('file')}.bin", state / "files" / ".upload-x1b2c3"]
+    for orphan in orphans:
+        orphan.write_bytes(_jsonl(TEN))
+    with running_server("fake", state) as server:
+        client = server.client()
+        assert not any(orphan.exists() for orphan in orphans)
+        assert [f.id for f in client.files.list()] == [kept.id]
+        assert client.files.content(kept.id).content == _jsonl(TEN)
+    assert all(orphan.name in server.log.read_text() for orphan in orphans)
+
+
+def test_a_disk_error_is_one_line_without_the_path_and_the_server_keeps_serving(tmp_path):
+    """Issue 25, break 5 on the server: a write the disk refuses (here files/ stops being a
+    directory) is a 500 that says why without the state's path, one log line that names the
+    path, and no traceback; once the disk is fixed the same upload works."""
+    import shutil
+
+    state = tmp_path / "state"
+    with running_server("fake", state) as server:
+        client = server.client()
+        shutil.rmtree(state / "files")
+        (state / "files").write_text("not a directory")
+        with pytest.raises(openai.InternalServerError) as e:
+            _upload(client, TEN)
+        _assert_openai_error(e.value, 500)
+        assert "Not a directory" in e.value.body["message"]
+        assert str(tmp_path) not in e.value.response.text
+        (state / "files").unlink()
+        (state / "files").mkdir()
+        assert _upload(client, TEN).bytes == len(_jsonl(TEN))
+    log = server.log.read_text()
+    assert "Traceback" not in log
+    assert [line for line in log.splitlines() if "Not a directory" in line and
+            str(state / "files") in line and "POST /v1/files" in line], log
 
 
 def test_an_unreadable_state_database_is_named(tmp_path):
@@ -584,15 +779,22 @@ def test_a_state_directory_of_the_json_layout_is_imported(tmp_path):
     (state / "files").mkdir(parents=True)
     (state / "jobs").mkdir()
     job_id, file_id = new_id("ftjob"), new_id("file")
+    hyper = {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 1.0}
     job = {"id": job_id, "object": "fine_tuning.job", "created_at": 5, "status": "succeeded",
-           "fine_tuned_model": "ft:fake-base:semievol::x"}
+           "model": "fake-base", "training_file": file_id, "validation_file": None,
+           "hyperparameters": hyper, "seed": 1, "metadata": None, "error": None,
+           "fine_tuned_model": "ft:fake-base:semievol::x", "finished_at": 6,
+           "trained_tokens": 10, "user_provided_suffix": None,
+           "_requested_hyperparameters": hyper, "_base_ref": "fake-base",
+           "_root_model": "fake-base", "_fine_tuned_model": "ft:fake-base:semievol::x"}
     (state / "jobs" / f"{job_id}.json").write_text(json.dumps(job))
     (state / "jobs" / f"{job_id}.events.json").write_text(json.dumps(
         [{"id": "ftevent-" + "a" * 24, "created_at": 5, "message": "done", "level": "info"}]))
     (state / "files" / f"{file_id}.json").write_text(json.dumps(
         {"id": file_id, "created_at": 4, "purpose": "fine-tune"}))
     (state / "models.json").write_text(json.dumps(
-        {"ft:fake-base:semievol::x": {"ref": "r", "job": job_id, "base": "fake-base"}}))
+        {"ft:fake-base:semievol::x": {"ref": "r", "job": job_id, "base": "fake-base",
+                                      "created": 6}}))
     store = Store(state)
     assert store.job(job_id) == job and store.file(file_id)["created_at"] == 4
     assert [e["message"] for e in store.events(job_id)] == ["done"]

@@ -8,8 +8,8 @@ Together's dialect too, on the same port, so the together backend can as well.
     schemas.py   request bodies (pydantic)
     chat.py      chat choices, stop sequences, logprobs and embedding rows
     jobs.py      the fine-tuning worker and the hyperparameter mapping
-    validate.py  training-file checks, the way OpenAI makes them
     store.py     the state directory: files, jobs, events, fine-tuned models
+                 (training files are checked by ../chatfile.py, the way OpenAI checks them)
 
 Where it differs from the real API: one base model is served (the backend's default, or
 ``--model``), and other names are refused rather than loaded, since the backend would read a
@@ -30,6 +30,7 @@ import os
 from pathlib import Path
 
 from ..backends.hosted import is_loopback
+from ..errors import ConfigError
 
 __all__ = ["create_app", "serve", "default_state_dir"]
 
@@ -54,15 +55,15 @@ def default_state_dir() -> Path:
 def serve(backend: str, model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           state_dir: str | Path | None = None, api_key: str | None = None,
           max_upload_mb: int = 512, vllm_url: str | None = None,
-          dtype: str | None = None) -> None:
+          dtype: str | None = None, api_key_file: str | Path | None = None) -> None:
     """Build the backend and run the server until interrupted.
 
     The backend is ``load_backend(backend, model=model, workdir=<state_dir>/backend)``
     (``model`` only when given; on hf, ``dtype`` when given, and ``vllm_url``: generate on
-    that vLLM server). ``api_key`` falls back to ``$SEMIEVOL_API_KEY``; without either,
-    requests need no key, so the server binds to loopback by default."""
+    that vLLM server). ``api_key`` falls back to the contents of ``api_key_file``, then to
+    ``$SEMIEVOL_API_KEY`` (either keeps the key out of ``ps``); without any, requests need
+    no key, so the server binds to loopback by default."""
     from ..backends import load_backend
-    from ..errors import ConfigError
 
     try:
         import uvicorn
@@ -71,7 +72,7 @@ def serve(backend: str, model: str | None = None, host: str = "127.0.0.1", port:
                           'pip install "semievol[serve]"') from e
     state = Path(state_dir) if state_dir is not None else default_state_dir()
     state.mkdir(parents=True, exist_ok=True)
-    api_key = api_key or os.environ.get("SEMIEVOL_API_KEY") or None
+    api_key = api_key or _read_key(api_key_file) or os.environ.get("SEMIEVOL_API_KEY") or None
     options = {"workdir": (state / "backend").resolve()}
     if model is not None:
         options["model"] = model
@@ -88,4 +89,19 @@ def serve(backend: str, model: str | None = None, host: str = "127.0.0.1", port:
     app = create_app(backend_obj, state, api_key, max_upload_mb=max_upload_mb)
     # A request waiting behind a training job must not hold up a shutdown for long.
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+
+
+def _read_key(path: str | Path | None) -> str | None:
+    """The key in the file at ``path`` (surrounding whitespace dropped), or None."""
+    if path is None:
+        return None
+    try:
+        key = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise ConfigError(f"--api-key-file {path} cannot be read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--api-key-file {path} is not UTF-8 text") from None
+    if not key:
+        raise ConfigError(f"--api-key-file {path} is empty")
+    return key
 

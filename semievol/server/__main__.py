@@ -17,12 +17,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", default=None,
                         help="files, jobs and adapters (default: ./semievol-serve)")
     parser.add_argument("--api-key", default=None,
-                        help="bearer token every request needs (default: $SEMIEVOL_API_KEY)")
+                        help="bearer token every request needs (visible in `ps`: prefer "
+                        "--api-key-file or $SEMIEVOL_API_KEY)")
+    parser.add_argument("--api-key-file", default=None,
+                        help="bearer token every request needs, read from this file")
     parser.add_argument("--max-upload-mb", type=int, default=512)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     serve(args.backend, model=args.model, host=args.host, port=args.port,
-          state_dir=args.state_dir, api_key=args.api_key, max_upload_mb=args.max_upload_mb)
+          state_dir=args.state_dir, api_key=args.api_key, api_key_file=args.api_key_file,
+          max_upload_mb=args.max_upload_mb)
     return 0
 
 

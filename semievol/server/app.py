@@ -10,7 +10,9 @@ both is :func:`semievol.server.create_app`).
 Every error, unknown routes, bad bodies and auth failures included, is OpenAI's body
 ``{"error": {"message", "type", "param", "code"}}`` with the status the real API uses:
 400 for an invalid request (FastAPI's 422 is turned into 400, as OpenAI does), 401 for a
-missing or wrong key, 404 for an unknown id or model, 413 for a body over the limit.
+missing or wrong key, 404 for an unknown id or model, 413 for a body over the limit, 500
+(``server_error``) for an error no route expected, logged with its traceback, on a
+connection that stays open for the client's next request.
 
 Models served: the backend's ``default_model`` (the hf backend's ``smollm2-135m`` alias or
 ``--model``) and every fine-tuned ``ft:...`` name this server made. A name reaches the
@@ -49,7 +51,8 @@ from starlette.exceptions import HTTPException
 from .chat import choice, cut_at_stop, embedding_rows, together_dialect
 from .jobs import Trainer
 from .schemas import ChatRequest, EmbeddingRequest, Hyperparameters, JobCreate
-from .store import DamagedRecord, IdempotencyConflict, Store, new_id, now, public
+from .store import (DamagedRecord, IdempotencyConflict, Store, describe, new_id, now,
+                    public)
 from ..chatfile import MIN_EXAMPLES
 
 log = logging.getLogger("semievol.server")
@@ -61,6 +64,9 @@ DEFAULT_MAX_TOKENS = 256
 JSON_BODY_LIMIT = 16 * 2**20
 UPLOAD_PATHS = ("/v1/files", "/v1/files/upload")
 """Where a body may be as large as an upload (OpenAI's path, Together's)."""
+MAX_IDEMPOTENCY_KEY = 255
+"""The longest ``Idempotency-Key`` taken (Stripe's limit; longer ones are refused with 400)."""
+IdempotencyKey = Annotated[str | None, Header(max_length=MAX_IDEMPOTENCY_KEY)]
 
 
 class ApiError(Exception):
@@ -137,7 +143,7 @@ def create_app(backend, state_dir: str | Path, api_key: str | None = None, *,
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(DamagedRecord, _damaged)
-    app.add_exception_handler(Exception, _server_error)
+    app.add_middleware(ServerErrors)
     app.add_middleware(BodyLimit, upload_limit=server.max_upload_bytes)
     app.add_middleware(Authorize, api_key=api_key)  # the outermost: runs first
     return app
@@ -221,10 +227,38 @@ def _damaged(request: Request, exc: DamagedRecord) -> JSONResponse:
     return _error(500, f"The server's state is damaged: {exc}.", type="server_error")
 
 
-def _server_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("error serving %s %s", request.method, request.url.path)
-    return _error(500, f"The server had an error while processing your request: "
-                  f"{type(exc).__name__}: {exc}", type="server_error")
+class ServerErrors:
+    """Answer an exception that no route expected with OpenAI's 500 body, log it with its
+    traceback (an OSError, the disk's doing, in one line that names the path the client is
+    not shown), and keep the connection. (A handler for ``Exception`` would sit on
+    Starlette's ServerErrorMiddleware, which raises again after answering; uvicorn then
+    closes the keep-alive connection, and the client's next request on it is reset.)"""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watched(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as e:
+            if started:  # too late for an error body: uvicorn ends the connection
+                raise
+            if isinstance(e, OSError):  # the disk: one line that says what and where
+                log.error("%s %s failed: %s", scope["method"], scope["path"], e)
+            else:
+                log.exception("error serving %s %s", scope["method"], scope["path"])
+            response = _error(500, "The server had an error while processing your request: "
+                              f"{describe(e)}", type="server_error")
+            await response(scope, receive, send)
 
 
 class BodyLimit:
@@ -326,12 +360,8 @@ def get_file(server: ServerDep, file_id: str):
 @router.get("/files/{file_id}/content")
 def file_content(server: ServerDep, file_id: str):
     record = _file(server, file_id)
-    path = server.store.file_path(record["id"])
-    if not path.is_file():
-        log.error("the bytes of file %s are missing from the state directory", file_id)
-        raise ApiError(500, f"The content of file {file_id} is missing on the server.",
-                       param="id", type="server_error")
-    return FileResponse(path, media_type="application/octet-stream")
+    return FileResponse(server.store.file_path(record["id"]),
+                        media_type="application/octet-stream")
 
 
 @router.delete("/files/{file_id}")
@@ -344,7 +374,7 @@ def delete_file(server: ServerDep, file_id: str):
 # -- fine-tuning jobs --------------------------------------------------------------------
 @router.post("/fine_tuning/jobs")
 def create_job(server: ServerDep, body: JobCreate, background: BackgroundTasks,
-               idempotency_key: Annotated[str | None, Header()] = None):
+               idempotency_key: IdempotencyKey = None):
     """Record the job as ``validating_files`` and answer; its files are validated right
     after the response, then it waits for the worker."""
     if body.method is not None and body.method.type != "supervised":
@@ -382,7 +412,7 @@ def submit_job(server: Server, background: BackgroundTasks, *, model: str, train
     With an ``Idempotency-Key``, the first request with that key makes the job and every
     later one (concurrent, retried, after a restart) gets that same job as it was created;
     the key with another request is refused with 422, as the IETF Idempotency-Key draft
-    has it."""
+    has it. Keys are at most :data:`MAX_IDEMPOTENCY_KEY` characters (the routes check)."""
     request = {"model": model, "training_file": training_file, "validation_file":
                validation_file, "hyperparameters": hyperparameters, "seed": seed,
                "suffix": suffix, "metadata": metadata, "private": private}

@@ -35,7 +35,7 @@ import queue
 import threading
 
 from ..config import FinetuneConfig
-from .store import Store, now
+from .store import Store, describe, now
 from ..chatfile import InvalidFile, read_chat_examples
 
 log = logging.getLogger("semievol.server")
@@ -117,8 +117,7 @@ class Trainer:
             return
         except Exception as e:  # an unreadable file must not leave the job validating
             log.exception("validating fine-tuning job %s failed", job_id)
-            self._fail(job_id, "server_error", f"{type(e).__name__}: {e}",
-                       only_from={"validating_files"})
+            self._fail(job_id, "server_error", describe(e), only_from={"validating_files"})
             return
         self.store.save_examples(job_id, examples)
         hyper = resolve_hyperparameters(job["_requested_hyperparameters"], len(examples))
@@ -146,7 +145,7 @@ class Trainer:
                 self._train(job_id)
             except Exception as e:  # never let one job kill the worker
                 log.exception("fine-tuning job %s crashed the worker", job_id)
-                self._fail(job_id, "server_error", f"{type(e).__name__}: {e}",
+                self._fail(job_id, "server_error", describe(e),
                            only_from={"running", "queued"})
 
     def _train(self, job_id: str) -> None:
@@ -169,7 +168,7 @@ class Trainer:
                 ref = self.backend.finetune(job["_base_ref"], examples, config, key=job_id)
         except Exception as e:
             log.exception("fine-tuning job %s failed", job_id)
-            self._fail(job_id, "training_failed", f"Training failed: {type(e).__name__}: {e}",
+            self._fail(job_id, "training_failed", f"Training failed: {describe(e)}",
                        only_from={"running"})
             return
         name = job["_fine_tuned_model"]

@@ -5,15 +5,19 @@ Layout of ``--state-dir``::
 
     state.db        SQLite (WAL): files, jobs, events, training examples, fine-tuned
                     models, Idempotency-Key responses; one transaction per change
-    files/<id>.bin  the uploaded bytes (written to a temporary file, renamed into place)
+    files/<id>.bin  the uploaded bytes (written to a temporary file, renamed into place;
+                    a temporary or a file without its row, left by a kill, is removed
+                    when the store is next opened: one server per state directory)
     backend/        the backend's own workdir (LoRA adapters)
 
 Every state change is one SQLite transaction, so a kill at any moment leaves the old state
 or the new, never a mix; events are appended rows, never a rewritten list. Records are
-JSON objects in their rows. A record that cannot be read (edited by hand, written by a
-broken tool) raises :class:`DamagedRecord`, which names it; listings log it and leave it
-out, and everything else keeps serving. Names on disk are only ever ids this module
-generated and checked with :func:`valid_id`; a client's string never becomes a path.
+JSON objects in their rows, checked on every read against the shape the code relies on
+(:data:`RECORDS`: keys, types, known statuses). A record that cannot be read or has another
+shape (edited by hand, written by a broken tool) raises :class:`DamagedRecord`, which names
+it and says what is wrong; listings log it and leave it out, and everything else keeps
+serving. Names on disk are only ever ids this module generated and checked with
+:func:`valid_id`; a client's string never becomes a path.
 
 A state directory of the earlier layout (one JSON file per record) is imported into
 ``state.db`` the first time it is opened.
@@ -31,6 +35,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import TypeAdapter, ValidationError
+from typing_extensions import NotRequired, TypedDict  # pydantic needs these before 3.12
 
 from ..errors import SemievolError
 from ..types import ChatExample
@@ -73,6 +81,14 @@ def valid_id(prefix: str, value: str) -> bool:
     return bool(_ID_RE[prefix].fullmatch(value))
 
 
+def describe(error: BaseException) -> str:
+    """An exception in words a client may read: an OSError without its path (a client never
+    learns where the state lives), anything else as it says."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{type(error).__name__}: {error.strerror}"
+    return f"{type(error).__name__}: {error}"
+
+
 def now() -> int:
     return int(time.time())
 
@@ -107,10 +123,24 @@ class Store:
                                 f"opened ({e}); move it aside to start with an empty state") from None
         if fresh:
             _import_json_layout(self)
+        self._sweep()
 
     def close(self) -> None:
         with self.lock:
             self._db.close()
+
+    def _sweep(self) -> None:
+        """Remove what a killed server left in files/: upload temporaries, and bytes that were
+        renamed into place while their row was never committed (or was deleted)."""
+        with self.lock:
+            known = {row[0] for row in self._db.execute("SELECT id FROM files")}
+        for path in self.files_dir.iterdir():
+            if path.name.startswith(".upload-") or (
+                    path.suffix == ".bin" and valid_id("file", path.stem)
+                    and path.stem not in known):
+                log.warning("removing %s from the state directory: a stopped server left it "
+                            "behind", path.name)
+                path.unlink(missing_ok=True)
 
     # -- files --------------------------------------------------------------------------
     def add_file(self, file_id: str, data_path: Path, *, filename: str, purpose: str) -> dict:
@@ -135,16 +165,20 @@ class Store:
         return sorted(rows, key=lambda f: (f["created_at"], f["id"]), reverse=True)
 
     def file_path(self, file_id: str) -> Path:
-        """Where a known file's bytes are (call only with an id :meth:`file` returned)."""
+        """Where a known file's bytes are (call only with an id :meth:`file` returned);
+        DamagedRecord, naming the file, when they are missing."""
         assert valid_id("file", file_id)
-        return self.files_dir / f"{file_id}.bin"
+        path = self.files_dir / f"{file_id}.bin"
+        if not path.is_file():
+            raise DamagedRecord(f"the content of the stored file {file_id!r} is missing")
+        return path
 
     def delete_file(self, file_id: str) -> bool:
         if not valid_id("file", file_id):
             return False
         with self._change() as db:
             deleted = db.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount
-        self.file_path(file_id).unlink(missing_ok=True)
+        (self.files_dir / f"{file_id}.bin").unlink(missing_ok=True)
         return bool(deleted)
 
     # -- jobs ---------------------------------------------------------------------------
@@ -197,7 +231,7 @@ class Store:
 
     def examples(self, job_id: str) -> list[ChatExample]:
         found = self._one("examples of job", job_id,
-                          "SELECT data FROM examples WHERE job_id = ?", kind=list)
+                          "SELECT data FROM examples WHERE job_id = ?")
         return found or []
 
     # -- fine-tuned models --------------------------------------------------------------
@@ -215,7 +249,7 @@ class Store:
         out = {}
         for name, text in rows:
             try:
-                out[name] = _decode("model", name, text, dict)
+                out[name] = _decode("model", name, text)
             except DamagedRecord as e:
                 log.error("%s; left out of the listing", e)
         return out
@@ -232,7 +266,7 @@ class Store:
             if row is not None:
                 if row[0] != digest:
                     raise IdempotencyConflict(key)
-                return _decode("idempotent response", key, row[1], dict)
+                return _decode("idempotent response", key, row[1])
             response = make()
             db.execute("INSERT INTO idempotency VALUES (?, ?, ?, ?)",
                        (scope, key, digest, json.dumps(response)))
@@ -249,10 +283,10 @@ class Store:
         db.execute("INSERT INTO events (job_id, record) VALUES (?, ?)",
                    (job_id, json.dumps(event)))
 
-    def _one(self, what: str, name: str, sql: str, *, kind: type = dict):
+    def _one(self, what: str, name: str, sql: str):
         with self.lock:
             row = self._db.execute(sql, (name,)).fetchone()
-        return None if row is None else _decode(what, name, row[0], kind)
+        return None if row is None else _decode(what, name, row[0])
 
     def _all(self, what: str, sql: str, args: tuple = ()) -> list[dict]:
         """The readable records of a query of (name, record) rows; damaged ones are logged
@@ -262,7 +296,7 @@ class Store:
         out = []
         for name, text in rows:
             try:
-                out.append(_decode(what, name, text, dict))
+                out.append(_decode(what, name, text))
             except DamagedRecord as e:
                 log.error("%s; left out of the listing", e)
         return out
@@ -292,21 +326,53 @@ class _Transaction:
             self.store.lock.release()
 
 
-def _decode(what: str, name, text: str, kind: type):
-    """A stored JSON record of the expected kind, or DamagedRecord naming it."""
+def _decode(what: str, name, text: str):
+    """A stored JSON record that has the shape of its kind (:data:`RECORDS`), or
+    DamagedRecord naming it and what is wrong with it."""
     try:
         value = json.loads(text)
-    except (ValueError, RecursionError, TypeError):
-        value = None
-    if not isinstance(value, kind) or (kind is dict and what in _REQUIRED
-                                       and not _REQUIRED[what] <= value.keys()):
-        raise DamagedRecord(f"the stored {what} {name!r} is damaged")
+        RECORDS[what].validate_python(value, strict=True)
+    except (ValueError, RecursionError, TypeError) as e:  # ValidationError is a ValueError
+        raise DamagedRecord(f"the stored {what} {name!r} is damaged ({_why(e)})") from None
     return value
 
 
-_REQUIRED = {"file": {"id", "created_at", "purpose"}, "job": {"id", "created_at", "status"},
-             "event": {"id", "created_at", "message"}, "model": {"ref", "job", "base"}}
-"""Keys every stored record of a kind has: one without them is damaged."""
+def _why(error: Exception) -> str:
+    if not isinstance(error, ValidationError):
+        return "not valid JSON"
+    first = error.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return f"{where}: {first['msg']}" if where else first["msg"]
+
+
+JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+_Auto = Literal["auto"]
+_Hyperparameters = TypedDict("_Hyperparameters", {
+    "n_epochs": int | _Auto, "batch_size": int | _Auto,
+    "learning_rate_multiplier": float | _Auto})
+_File = TypedDict("_File", {"id": str, "created_at": int, "purpose": str,
+                            "bytes": NotRequired[int], "filename": NotRequired[str]})
+_Job = TypedDict("_Job", {
+    "id": str, "created_at": int, "status": JobStatus, "model": str, "training_file": str,
+    "validation_file": str | None, "hyperparameters": _Hyperparameters, "seed": int,
+    "metadata": dict[str, str] | None, "error": dict | None,
+    "fine_tuned_model": str | None, "finished_at": int | None, "trained_tokens": int | None,
+    "user_provided_suffix": str | None, "_requested_hyperparameters": _Hyperparameters,
+    "_base_ref": str, "_root_model": str, "_fine_tuned_model": str,
+    "_finetune": NotRequired[dict[str, Any]], "_from_checkpoint": NotRequired[str | None],
+    "_min_examples": NotRequired[int], "_resumed": NotRequired[bool]})
+_Event = TypedDict("_Event", {"id": str, "created_at": int, "message": str,
+                              "level": Literal["info", "warn", "error"]})
+_Model = TypedDict("_Model", {"ref": str, "job": str, "base": str, "created": int})
+
+RECORDS = {"file": TypeAdapter(_File), "job": TypeAdapter(_Job),
+           "event": TypeAdapter(_Event), "model": TypeAdapter(_Model),
+           "examples of job": TypeAdapter(list[ChatExample]),
+           "idempotent response": TypeAdapter(dict[str, Any])}
+"""The shape of each kind of stored record: the keys and types the server's code relies
+on (extra keys are allowed). A record of another shape is damaged: read strictly, so a
+``created_at`` of ``"yesterday"`` or a status the code does not know never reaches a sort
+or a route."""
 
 
 def _import_json_layout(store: Store) -> None:

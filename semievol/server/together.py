@@ -28,12 +28,12 @@ import re
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, BackgroundTasks, Depends, Form, Header, Query, UploadFile
+from fastapi import APIRouter, BackgroundTasks, Depends, Form, Query, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import FinetuneConfig
-from .app import (ORGANIZATION, ApiError, Server, ServerDep, authorize, job_or_404, save_upload,
-                  submit_job)
+from .app import (ORGANIZATION, ApiError, IdempotencyKey, Server, ServerDep, authorize,
+                  job_or_404, save_upload, submit_job)
 from .jobs import BASE_LEARNING_RATE
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
@@ -102,7 +102,7 @@ def upload(server: ServerDep, file: UploadFile, purpose: Annotated[str, Form()],
 # -- fine-tunes ---------------------------------------------------------------------------
 @router.post("/fine-tunes")
 def create(server: ServerDep, body: FineTuneCreate, background: BackgroundTasks,
-           idempotency_key: Annotated[str | None, Header()] = None):
+           idempotency_key: IdempotencyKey = None):
     lora = body.training_type or LoRA(type="Lora")
     if lora.type != "Lora":
         raise ApiError(400, "Full fine-tuning is not supported by this server; use "
