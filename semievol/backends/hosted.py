@@ -1,8 +1,8 @@
 """The hosted-API backends' one lifecycle: :class:`HostedBackend` implements the Backend
 protocol over any provider's job API, and each provider (``openai.py``, ``together.py``) is
 a small adapter (:class:`Provider`) it is built with: composition, no base classes. Adding a
-provider is one adapter module and one entry in :mod:`.registry`, which also holds its
-dated price list.
+provider is one adapter module (with its dated price list) and one entry in
+:mod:`.registry`.
 
 What every hosted backend promises, written here once:
 
@@ -120,7 +120,10 @@ class Provider(Protocol):
     """One hosted API, as :class:`HostedBackend` drives it. Adapters are plain classes (one
     instance per backend); each method gets the backend, for its ``client`` (made by
     ``connect``), ``records``, ``budget`` and :meth:`HostedBackend.errors`. The backend
-    wraps each call of these in its error translation."""
+    translates the errors of ``upload``, ``create``, ``retrieve``, ``find``, ``events`` and
+    of its own chat and embeddings requests; other API calls an adapter makes go through
+    ``backend.errors(what)``. An adapter may add ``quote(task, config, *, base_url,
+    api_key)``: a line of the provider's own estimate for ``--dry-run``."""
 
     name: str
     """The backend's name ("openai"), its key in :mod:`.registry`."""
@@ -136,6 +139,8 @@ class Provider(Protocol):
     default_embed_model: str
     """Embeddings on the provider's own API (with a ``base_url``, the served model)."""
     min_finetune_examples: int
+    prices: cost.PriceList
+    """Its dated price list (overridable per backend with ``prices``)."""
     embed_limits: tuple[int, int]
     """Texts and tokens per embeddings request."""
     succeeded: str
@@ -199,7 +204,7 @@ class HostedBackend:
         itself (``semievol serve`` embeds with its model). ``max_concurrency``: chat
         requests in flight at once. ``batch_mode``: generate through the provider's batch
         API (OpenAI's: half price, results within 24 h). ``prices``: overrides of the
-        provider's price list (:mod:`.registry`). ``max_cost_usd``: stop before a step that
+        provider's price list. ``max_cost_usd``: stop before a step that
         would take spending past it, counting ``spent_usd`` (an earlier part of a resumed
         run). ``timeout``: seconds per HTTP request; ``max_retries``: the SDK's retries per
         request. ``poll_interval``: first wait between polls (backing off to 12x).
@@ -209,8 +214,6 @@ class HostedBackend:
         ``extra_body``: fields added to every chat request (not in batch mode), beyond the
         API's own: vLLM's ``top_k``, ``min_p``...
         """
-        from .registry import entry
-
         self.api = api
         self.name = api.name
         self.min_finetune_examples = api.min_finetune_examples
@@ -220,7 +223,7 @@ class HostedBackend:
         self.records = Records(workdir)
         self.max_concurrency = max_concurrency
         self.batch_mode = batch_mode
-        self.prices = cost.price_table(prices, entry(api.name).prices.table)
+        self.prices = cost.price_table(prices, api.prices.table)
         self.poll_interval = poll_interval
         self.max_wait = max_wait
         self.quiet = quiet

@@ -72,6 +72,7 @@ class OpenAI:
     sdk, sdk_error = openai, openai.OpenAIError
     default_model, default_embed_model = DEFAULT_MODEL, DEFAULT_EMBED_MODEL
     min_finetune_examples = MIN_EXAMPLES
+    prices = cost.OPENAI_PRICE_LIST
     embed_limits = (EMBED_MAX_INPUTS, EMBED_MAX_TOKENS)
     succeeded, failed = "succeeded", frozenset({"failed", "cancelled"})
     output_field = "fine_tuned_model"

@@ -3,11 +3,11 @@ price list and default recipe. The command line (choices, help, ``make_backend``
 configuration's check, the dry run's estimate and ``semievol serve`` all read it, so a
 backend is added here once::
 
-    register(hosted("acme", "my_package.acme", "Acme", help="the Acme API",
-                    prices=ACME_PRICE_LIST))
+    register(hosted("acme", "my_package.acme", "Acme", help="the Acme API"))
 
-A hosted backend is :class:`~.hosted.HostedBackend` built with its provider's adapter,
-imported only when the backend is built (a missing SDK gives the install hint then).
+A hosted backend is :class:`~.hosted.HostedBackend` built with its provider's adapter (which
+carries its dated price list), imported only when it is needed (a missing SDK gives the
+install hint then).
 """
 from __future__ import annotations
 
@@ -34,8 +34,6 @@ class Entry:
     """The loader's options from ``semievol run`` / ``eval``'s parsed arguments."""
     recipe: str = "paper"
     """The recipe (:data:`semievol.config.RECIPES`) ``semievol run`` takes by default."""
-    prices: cost.PriceList | None = None
-    """Its dated price list: hosted backends only."""
     provider: Callable | None = None
     """A hosted backend's adapter (:class:`~.hosted.Provider`), made anew by each call.
     None for a backend that computes here, which ``semievol serve`` can serve."""
@@ -43,6 +41,11 @@ class Entry:
     @property
     def hosted(self) -> bool:
         return self.provider is not None
+
+    @property
+    def prices(self) -> cost.PriceList | None:
+        """Its dated price list (the adapter's): hosted backends only."""
+        return self.provider().prices if self.hosted else None
 
 
 BACKENDS: dict[str, Entry] = {}
@@ -66,13 +69,13 @@ def names(*, hosted: bool | None = None) -> list[str]:
     return [e.name for e in BACKENDS.values() if hosted is None or e.hosted == hosted]
 
 
-def hosted(name: str, module: str, adapter: str, *, help: str, prices: cost.PriceList,
+def hosted(name: str, module: str, adapter: str, *, help: str,
            extra: str | None = None) -> Entry:
     """The entry of a hosted backend whose adapter is class ``adapter`` of ``module``;
     ``extra``: the pip extra with its SDK, for the hint when it is missing."""
     provider = partial(_adapter, module, adapter, extra)
     return Entry(name, help, partial(_load_hosted, provider), _hosted_options,
-                 prices=prices, provider=provider)
+                 provider=provider)
 
 
 def _adapter(module: str, adapter: str, extra: str | None):
@@ -118,9 +121,7 @@ def _load_fake(**options):
 
 
 register(Entry("hf", "local LoRA (default)", _load_hf, _hf_options, recipe="small"))
-register(hosted("openai", "semievol.backends.openai", "OpenAI", help="the OpenAI API",
-                prices=cost.OPENAI_PRICE_LIST))
+register(hosted("openai", "semievol.backends.openai", "OpenAI", help="the OpenAI API"))
 register(hosted("together", "semievol.backends.together", "Together",
-                help="hosted open models on the Together API",
-                prices=cost.TOGETHER_PRICE_LIST, extra="together"))
+                help="hosted open models on the Together API", extra="together"))
 register(Entry("fake", "tests only", _load_fake, recipe="small"))

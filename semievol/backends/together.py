@@ -81,6 +81,7 @@ class Together:
     default_model, default_embed_model = DEFAULT_MODEL, DEFAULT_EMBED_MODEL
     min_finetune_examples = 1
     """Together's own minimum (``together.lib.constants.MIN_SAMPLES``)."""
+    prices = cost.TOGETHER_PRICE_LIST
     embed_limits = (EMBED_MAX_INPUTS, EMBED_MAX_TOKENS)
     succeeded, failed = "completed", frozenset({"error", "cancelled", "user_error"})
     output_field = "output"
