@@ -204,9 +204,9 @@ class HostedBackend:
         itself (``semievol serve`` embeds with its model). ``max_concurrency``: chat
         requests in flight at once. ``batch_mode``: generate through the provider's batch
         API (OpenAI's: half price, results within 24 h). ``prices``: overrides of the
-        provider's price list. ``max_cost_usd``: stop before a step that
-        would take spending past it, counting ``spent_usd`` (an earlier part of a resumed
-        run). ``timeout``: seconds per HTTP request; ``max_retries``: the SDK's retries per
+        provider's price list. ``max_cost_usd``: stop before a step that would take
+        spending past it, counting ``spent_usd`` (an earlier part of a resumed run).
+        ``timeout``: seconds per HTTP request; ``max_retries``: the SDK's retries per
         request. ``poll_interval``: first wait between polls (backing off to 12x).
         ``max_wait``: give up waiting on a job or batch after this many seconds (None: wait
         as long as it takes); a rerun resumes waiting on it. ``http_client``: the SDK's HTTP
