@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import ranks
+from .backends import registry
 from .config import RECIPES, VIEWS, FinetuneConfig, RunConfig
 from .errors import BackendUnavailable, ConfigError, SemievolError
 
@@ -119,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
                          description="OpenAI-compatible fine-tuning, chat (with logprobs) and "
                          "embeddings API over a local backend; Together's dialect "
                          "(/v1/files/upload, /v1/fine-tunes, integer logprobs) on the same port.")
-    srv.add_argument("--backend", default="hf", choices=["hf", "fake"])
+    srv.add_argument("--backend", default="hf", choices=registry.names(hosted=False))
     srv.add_argument("--model", help="base model (default: the embedded smollm2-135m)")
     _dtype_arg(srv)
     srv.add_argument("--host", default="127.0.0.1")
@@ -151,14 +152,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _backend_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="hf", choices=["hf", "openai", "together", "fake"],
-                   help="hf: local LoRA (default); openai: the OpenAI API; together: hosted "
-                   "open models on the Together API; fake: tests only")
+    p.add_argument("--backend", default="hf", choices=registry.names(),
+                   help="; ".join(f"{e.name}: {e.help}" for e in registry.BACKENDS.values()))
     p.add_argument("--model", help="model reference (default: the backend's default)")
-    p.add_argument("--base-url", help="API base URL of the openai or together backend (e.g. a "
-                   "`semievol serve`: http://127.0.0.1:8000/v1, which speaks both)")
-    p.add_argument("--api-key", help="API key (default: $OPENAI_API_KEY or $TOGETHER_API_KEY); "
-                   "never written anywhere")
+    p.add_argument("--base-url", help="API base URL of a hosted backend (e.g. a `semievol "
+                   "serve`: http://127.0.0.1:8000/v1, which speaks OpenAI's and Together's API)")
+    p.add_argument("--api-key", help="API key (default: the provider's variable, "
+                   "$OPENAI_API_KEY, $TOGETHER_API_KEY...); never written anywhere")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds per API request (60; raise it for a slow local server)")
     p.add_argument("--openai-batch", action="store_true",
@@ -185,27 +185,15 @@ def make_backend(args, workdir: Path | None, max_cost_usd: float | None = None,
                  spent_usd: float = 0.0):
     """The backend the flags name. ``max_cost_usd`` is the whole run's budget, of which a
     resumed run has spent ``spent_usd`` already."""
-    from .backends import load_backend
-
     if args.vllm_url and args.backend != "hf":
         raise ConfigError("--vllm-url works with --backend hf")
-    if args.backend == "hf":
-        return load_backend("hf", model=args.model, workdir=workdir, vllm_url=args.vllm_url,
-                            dtype=_dtype(args))
-    if args.backend == "openai":
-        return load_backend("openai", model=args.model, base_url=args.base_url,
-                            api_key=args.api_key, workdir=workdir, max_cost_usd=max_cost_usd,
-                            spent_usd=spent_usd, batch_mode=args.openai_batch,
-                            timeout=args.timeout)
-    if args.backend == "together":
-        return load_backend("together", model=args.model, base_url=args.base_url,
-                            api_key=args.api_key, workdir=workdir, max_cost_usd=max_cost_usd,
-                            spent_usd=spent_usd, timeout=args.timeout)
-    return load_backend("fake", workdir=workdir)
+    entry = registry.entry(args.backend)
+    budget = {"max_cost_usd": max_cost_usd, "spent_usd": spent_usd} if entry.hosted else {}
+    return entry.load(workdir=workdir, **entry.options(args), **budget)
 
 
 def _run_config(args) -> RunConfig:
-    recipe = RECIPES[args.recipe or ("small" if args.backend in ("hf", "fake") else "paper")]
+    recipe = RECIPES[args.recipe or registry.entry(args.backend).recipe]
     flags = {**recipe, "lr": recipe["learning_rate"],
              "selection": "per-class" if recipe["per_class"] else "global"}
     for name in ("epochs", "evolve_epochs", "lr", "prompt_style", "justify", "selection",
@@ -241,25 +229,7 @@ def _cmd_run(args) -> int:
         config = config.replace(generation_batch=1_000_000)
     task = load_task(config.data, limits=pipeline.limits(config))
     if args.dry_run:
-        from .estimate import print_estimate
-
-        if args.backend != "together":
-            from .backends import openai
-
-            model = config.model or openai.DEFAULT_MODEL
-            print_estimate(task, config, model=model, batch=args.openai_batch,
-                           embed_model=model if args.base_url else openai.DEFAULT_EMBED_MODEL,
-                           min_finetune_examples=openai.OpenAIBackend.min_finetune_examples)
-            return 0
-        from .backends import together_module
-
-        together = together_module()
-        model = config.model or together.DEFAULT_MODEL
-        print_estimate(task, config, provider="together", model=model,
-                       embed_model=model if args.base_url else together.DEFAULT_EMBED_MODEL,
-                       min_finetune_examples=together.TogetherBackend.min_finetune_examples)
-        print(together.ask_price(task, config, base_url=args.base_url, api_key=args.api_key))
-        return 0
+        return _dry_run(args, task, config)
     out = Path(args.out or f"runs/{task.name}-{args.backend}")
     if ranks.world_size() > 1 and args.backend != "hf":
         raise ConfigError(f"a data-parallel launch (WORLD_SIZE={ranks.world_size()}) needs "
@@ -275,6 +245,26 @@ def _cmd_run(args) -> int:
     if ranks.rank() == 0:
         print(report.summary(results))
         print(f"\nrun directory: {out}   (semievol report {out})")
+    return 0
+
+
+def _dry_run(args, task, config) -> int:
+    """Print what the run would cost at its backend's list prices (and the provider's own
+    quote, where it gives one)."""
+    from .estimate import print_estimate
+
+    entry = registry.entry(args.backend)
+    if not entry.hosted:
+        hosted = ", ".join(registry.names(hosted=True))
+        raise ConfigError(f"--dry-run prices a hosted backend ({hosted}); {args.backend} "
+                          "runs here and has no price list")
+    api = entry.provider()
+    model = config.model or api.default_model
+    print_estimate(task, config, provider=entry.name, model=model, batch=args.openai_batch,
+                   embed_model=model if args.base_url else api.default_embed_model,
+                   min_finetune_examples=api.min_finetune_examples)
+    if hasattr(api, "quote"):
+        print(api.quote(task, config, base_url=args.base_url, api_key=args.api_key))
     return 0
 
 

@@ -7,11 +7,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .backends import registry
 from .errors import ConfigError
 
 
 VIEWS = ("shared", "mixed", "diverse")
-BACKENDS = ("hf", "openai", "together", "fake")
 
 SCHEMA = 1
 """The version of config.json's layout (written as ``"schema"``)."""
@@ -137,7 +137,8 @@ class RunConfig:
     """Questions per generation call (each with its n samples)."""
 
     def __post_init__(self):
-        _check(self.backend in BACKENDS, f"unknown backend {self.backend!r}")
+        _check(self.backend in registry.BACKENDS, f"unknown backend {self.backend!r}: "
+               f"choose {', '.join(registry.names())}")
         _check(1 <= self.n <= 16, "n must be between 1 and 16")
         _check(0 <= self.k <= 16, "k must be between 0 and 16")
         _check(0 < self.theta <= 1, "theta must be in (0, 1]")

@@ -4,7 +4,7 @@ Three uses, one set of numbers:
 
 * **Before the run** (``semievol run --dry-run``): :mod:`semievol.estimate` counts the
   tokens the pipeline's own steps would send and prices them here.
-* **During the run**: the OpenAI backend prices each step before it spends and asks a
+* **During the run**: a hosted backend prices each step before it spends and asks a
   :class:`Budget` whether the step fits under ``--max-cost-usd``; it raises
   :class:`~semievol.errors.BudgetExceeded` before any money is spent on a step that would not.
 * **After the run**: the backend prices what the API reported it used (response ``usage``
@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Price", "PRICES", "price_of", "count_tokens", "count_chat_tokens", "Budget",
            "chat_cost", "embedding_cost", "training_cost", "base_of", "match_model", "format_usd",
-           "price_table", "exact_counts", "TOGETHER_PRICES", "PRICE_LISTS"]
+           "price_table", "exact_counts", "TOGETHER_PRICES", "PriceList", "OPENAI_PRICE_LIST",
+           "TOGETHER_PRICE_LIST"]
 
 PRICES_AS_OF = "2025-06"
 """When the table below was read from https://openai.com/api/pricing (standard tier)."""
@@ -99,9 +100,22 @@ TOGETHER_PRICES: dict[str, Price] = {
     "intfloat/multilingual-e5-large-instruct": Price(input=0.02),
 }
 
-PRICE_LISTS = {"openai": (PRICES, PRICES_AS_OF, "OpenAI"),
-               "together": (TOGETHER_PRICES, TOGETHER_PRICES_AS_OF, "Together")}
-"""provider -> (its price table, the month it was read, the provider's name)."""
+
+
+@dataclass(frozen=True)
+class PriceList:
+    """A provider's prices as published on a date (a backend's, in
+    :mod:`semievol.backends.registry`)."""
+
+    seller: str
+    """Whose prices ("OpenAI")."""
+    as_of: str
+    """When they were read."""
+    table: Mapping[str, Price]
+
+
+OPENAI_PRICE_LIST = PriceList("OpenAI", PRICES_AS_OF, PRICES)
+TOGETHER_PRICE_LIST = PriceList("Together", TOGETHER_PRICES_AS_OF, TOGETHER_PRICES)
 
 BATCH_DISCOUNT = 0.5
 """The Batch API bills input and output at half the standard price."""
@@ -116,10 +130,10 @@ def base_of(model: str) -> str:
 
 
 def price_table(overrides: Mapping[str, Price | Mapping] | None = None,
-                provider: str = "openai") -> dict[str, Price]:
-    """The ``provider``'s table (:data:`PRICE_LISTS`) with ``overrides`` laid over it; an
-    override is a :class:`Price` or a dict of its fields (``{"input": 0.15, "output": 0.6}``)."""
-    table = dict(PRICE_LISTS[provider][0])
+                prices: Mapping[str, Price] = PRICES) -> dict[str, Price]:
+    """A provider's table (``prices``: OpenAI's by default) with ``overrides`` laid over it;
+    an override is a :class:`Price` or a dict of its fields (``{"input": 0.15, "output": 0.6}``)."""
+    table = dict(prices)
     for name, value in (overrides or {}).items():
         if isinstance(value, Mapping):
             try:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import cost, pipeline, prompts
+from .backends import registry
 from .cost import Price
 from .rundir import slug
 from .types import (LETTERS, ChatExample, Embeddings, Example, Generation, Generations, Message,
@@ -71,7 +72,7 @@ class Estimate:
     total_usd: float | None = None
     """Sum of the step costs; None when any step has no price."""
     provider: str = "openai"
-    """Whose price list (:data:`semievol.cost.PRICE_LISTS`) priced the steps."""
+    """The backend whose price list (:mod:`semievol.backends.registry`) priced the steps."""
     approximate: bool = False
     """Token counts were guessed as bytes/4 (no tokenizer could be loaded)."""
 
@@ -87,10 +88,10 @@ class Estimate:
         lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w)
                            for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
         lines.insert(1, "-" * len(lines[0]))
-        _, as_of, name = cost.PRICE_LISTS[self.provider]
-        note = (f"Estimate at {name} list prices as of {as_of}, from the pipeline's own steps; "
-                "it assumes every question's inferences disagree and answers as long as the "
-                "task's (semievol.estimate says why).")
+        listed = registry.entry(self.provider).prices
+        note = (f"Estimate at {listed.seller} list prices as of {listed.as_of}, from the "
+                "pipeline's own steps; it assumes every question's inferences disagree and "
+                "answers as long as the task's (semievol.estimate says why).")
         if self.approximate:
             note += " APPROXIMATE: no tokenizer could be loaded, tokens counted as bytes/4."
         return "\n".join(lines + [note])
@@ -105,8 +106,9 @@ class Estimate:
 
 def estimate_run(steps: Sequence[Step], prices: Mapping[str, Price | Mapping] | None = None,
                  provider: str = "openai") -> Estimate:
-    """Price each step (with ``prices`` laid over the provider's table) and sum them."""
-    table = cost.price_table(prices, provider)
+    """Price each step (with ``prices`` laid over the price list of the backend
+    ``provider``) and sum them."""
+    table = cost.price_table(prices, registry.entry(provider).prices.table)
     priced = tuple((s, step_cost(s, table)) for s in steps)
     costs = [usd for _, usd in priced]
     total = None if any(c is None for c in costs) else sum(costs)

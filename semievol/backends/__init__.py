@@ -3,15 +3,15 @@
 Four backends implement it and never inherit from each other:
 ``hf`` (transformers + peft LoRA, local), ``openai`` (the official SDK: fine-tuning jobs,
 chat completions with logprobs, embeddings), ``together`` (the official together SDK: LoRA
-jobs on hosted open models) and ``fake`` (deterministic, in-process, for tests). Pick one
-by name with :func:`load_backend`.
+jobs on hosted open models) and ``fake`` (deterministic, in-process, for tests). The two
+hosted ones are one lifecycle (:mod:`.hosted`) with a small adapter each. Pick one by name
+with :func:`load_backend`; :mod:`.registry` lists them.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from ..errors import BackendUnavailable, ConfigError
 from ..types import ChatExample, Embeddings, Generations, Message, ModelRef
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ LIBRARIES = ("semievol", "torch", "transformers", "peft", "accelerate", "openai"
 @runtime_checkable
 class Backend(Protocol):
     name: str
-    """"hf", "openai", "together" or "fake"."""
+    """Its name in :mod:`.registry` ("hf", "openai", "together", "fake"...)."""
     default_model: str
     """The model reference used when none is named."""
     min_finetune_examples: int
@@ -77,36 +77,9 @@ def library_versions() -> dict[str, str]:
 
 
 def load_backend(name: str, **options) -> Backend:
-    """Build a backend by name. Options are the backend's own (``workdir`` for all: where it
-    keeps adapters or job records; ``base_url`` / ``api_key`` for openai; ...)."""
-    if name == "fake":
-        from .fake import FakeBackend
+    """Build a backend by name (:mod:`.registry`). Options are the backend's own
+    (``workdir`` for all: where it keeps adapters or job records; ``base_url`` /
+    ``api_key`` for the hosted ones; ...)."""
+    from .registry import entry
 
-        return FakeBackend(**options)
-    if name == "hf":
-        try:
-            from .hf import HFBackend
-        except ImportError as e:
-            raise BackendUnavailable(
-                f"the hf backend needs torch, transformers and peft ({e.name} is missing): "
-                'pip install "semievol[hf]"') from e
-        return HFBackend(**options)
-    if name == "openai":
-        from .openai import OpenAIBackend
-
-        return OpenAIBackend(**options)
-    if name == "together":
-        return together_module().TogetherBackend(**options)
-    raise ConfigError(f"unknown backend {name!r}: choose hf, openai, together or fake")
-
-
-def together_module():
-    """``semievol.backends.together``, or BackendUnavailable with the install hint when the
-    together SDK is missing."""
-    try:
-        from . import together
-    except ImportError as e:
-        raise BackendUnavailable(
-            f"the together backend needs the together SDK ({e.name} is missing): "
-            'pip install "semievol[together]"') from e
-    return together
+    return entry(name).load(**options)

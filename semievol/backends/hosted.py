@@ -1,30 +1,455 @@
-"""What the two hosted-API backends (``openai``, ``together``) share, in one home: the job
-records that keep a crashed run from paying twice, polling with tenacity, the translation of
-SDK errors into semievol's, and the small pure helpers (digests, file names, JSONL, request
-batches, normalised embedding rows).
+"""The hosted-API backends' one lifecycle: :class:`HostedBackend` implements the Backend
+protocol over any provider's job API, and each provider (``openai.py``, ``together.py``) is
+a small adapter (:class:`Provider`) it is built with: composition, no base classes. Adding a
+provider is one adapter module (with its dated price list) and one entry in
+:mod:`.registry`.
 
-Nothing here imports a provider SDK: both SDKs are generated from the same template and
-raise the same exception classes, each from its own module, which is passed in.
+What every hosted backend promises, written here once:
+
+* **Never pay twice.** A fine-tune is found again by its idempotency ``key``: first in the
+  record ``workdir/jobs/<slug>.json`` (written atomically the moment the file id and the job
+  id exist), then among the account's jobs that carry the key (the adapter's ``find``:
+  OpenAI's metadata, Together's suffix). A job that succeeded is reused, one still going is
+  waited on, and only when neither exists is a file uploaded and a job created. Failed or
+  cancelled jobs are left behind: a rerun is a deliberate new attempt (``attempt``).
+* **Validated and priced before anything is uploaded** (the adapter's ``prepare``), each
+  step checked against ``max_cost_usd``; each call's result carries what the API reported
+  it used (``.usage``), and their running total (``spending``) feeds the budget.
+* **Polled** with tenacity, backing off; the job's events on a progress bar on stderr.
+* **The API key** comes from the argument or the provider's variable and lives only inside
+  the SDK client: never in the workdir, a log line or an error message. A server on
+  loopback (``semievol serve`` without ``--api-key``) needs none: :data:`LOCAL_API_KEY`.
+* **Faults.** The SDK retries connection errors and 408/409/429/5xx ``max_retries`` times
+  (honouring Retry-After), each request limited to ``timeout`` seconds. What still fails is
+  translated in :meth:`HostedBackend.errors` only (the SDKs are generated from one
+  template and raise the same classes, each from its own module); every step resumes when
+  run again::
+
+      APIConnectionError, APITimeoutError ──┐
+      AuthenticationError, PermissionDenied ├─> BackendError  (says what to do)
+      RateLimitError, other APIStatusError ─┘
+      the SDK's own checks of a request (ValueError) ──> ConfigError
+      job failed or cancelled ─────────────────────────> FinetuneFailed (the job's reason)
+      job still running after max_wait ────────────────> BackendError (run again to resume)
+      a step that would pass max_cost_usd ─────────────> BudgetExceeded
+      no API key, fractional epochs ───────────────────> ConfigError
+
+  Adapters add their own: invalid training data is a DataError, a hyperparameter outside
+  the provider's limits a ConfigError, OpenAI's closed fine-tuning a BackendError that
+  names the other backends.
 """
 from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Protocol
 from urllib.parse import urlparse
 
 import numpy as np
 from tenacity import Retrying, retry_if_result, stop_after_delay, stop_never, wait_exponential
+from tqdm.auto import tqdm
 
 from .. import cost
-from ..errors import BackendError, ConfigError
+from ..errors import BackendError, ConfigError, FinetuneFailed, SemievolError
 from ..rundir import atomic_write_json, slug
-from ..types import Embeddings, Usage
+from ..types import ChatExample, Embeddings, Generation, Generations, Message, ModelRef, Usage
+
+LOCAL_API_KEY = "semievol-local"
+"""What the SDK is given as key for a loopback server when no key is set."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """A fine-tuning job as the lifecycle sees it, whatever the provider calls its fields."""
+
+    id: str
+    status: str
+    """The provider's own word ("validating_files", "completed"...), as recorded."""
+    output: str | None
+    """The model the job made, once it has."""
+    file_id: str | None
+    created_at: object
+    """Sortable: the newest of several jobs for one key wins."""
+    base: str
+    """The model it trains from."""
+    root: str
+    """The base model at the root of a chain of fine-tunes: its limits and price."""
+    trained_tokens: int = 0
+    billed_usd: float | None = None
+    """What the provider says the job cost, where it says (else the price list's)."""
+    error: str | None = None
+    """Why it failed, where the job itself says."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event of a job, for the progress bar."""
+
+    mark: object
+    """Tells events apart (seen once each)."""
+    message: str
+    step: int | None = None
+    total: int | None = None
+    error: bool = False
+    """An error event: the last one is the failure's reason where the job gives none."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A fine-tune validated and ready to upload (the adapter's ``prepare``)."""
+
+    data: bytes
+    """The training file, as it will be uploaded."""
+    stats: TrainingStats
+    root: str
+    """What the trained tokens are priced as (see :attr:`Job.root`)."""
+    request: dict
+    """The provider's own arguments for creating the job (all but the file)."""
+
+
+class Provider(Protocol):
+    """One hosted API, as :class:`HostedBackend` drives it. Adapters are plain classes (one
+    instance per backend); each method gets the backend, for its ``client`` (made by
+    ``connect``), ``records``, ``budget`` and :meth:`HostedBackend.errors`. The backend
+    translates the errors of ``upload``, ``create``, ``retrieve``, ``find``, ``events`` and
+    of its own chat and embeddings requests; other API calls an adapter makes go through
+    ``backend.errors(what)``. An adapter may add ``quote(task, config, *, base_url,
+    api_key)``: a line of the provider's own estimate for ``--dry-run``."""
+
+    name: str
+    """The backend's name ("openai"), its key in :mod:`.registry`."""
+    title: str
+    """How messages name the provider ("OpenAI")."""
+    key_env: str
+    """The environment variable the API key is read from."""
+    sdk: ModuleType
+    """The SDK module whose exception classes :meth:`HostedBackend.errors` translates;
+    ``sdk_error`` is its root exception."""
+    sdk_error: type[Exception]
+    default_model: str
+    default_embed_model: str
+    """Embeddings on the provider's own API (with a ``base_url``, the served model)."""
+    min_finetune_examples: int
+    prices: cost.PriceList
+    """Its dated price list (overridable per backend with ``prices``)."""
+    embed_limits: tuple[int, int]
+    """Texts and tokens per embeddings request."""
+    succeeded: str
+    """The status of a job that made its model; ``failed``: those that never will."""
+    failed: frozenset[str]
+    output_field: str
+    """The job record's field for the model a job made (as earlier versions wrote it, so
+    their run directories resume)."""
+
+    def connect(self, *, api_key: str, base_url: str | None, timeout: float,
+                max_retries: int, http_client): ...
+
+    def prepare(self, backend: HostedBackend, base: str, examples: Sequence[ChatExample],
+                config, *, epochs: int, key: str) -> Plan:
+        """Validate a fine-tune as the provider would, before anything is uploaded."""
+
+    def upload(self, backend: HostedBackend, name: str, data: bytes) -> str:
+        """Upload a training file; its id."""
+
+    def create(self, backend: HostedBackend, plan: Plan, record: dict) -> Job:
+        """Create the job on ``record["file_id"]``; ``record["attempt"]`` counts reruns
+        after failures."""
+
+    def retrieve(self, backend: HostedBackend, job_id: str) -> Job: ...
+
+    def find(self, backend: HostedBackend, key: str) -> list[Job]:
+        """The account's jobs that carry ``key``, whatever their status."""
+
+    def events(self, backend: HostedBackend, job_id: str) -> list[Event]:
+        """The job's events, oldest first."""
+
+    def chat_body(self, model: str, messages: list[Message], *, n: int, temperature: float,
+                  max_tokens: int, seed: int | None) -> dict:
+        """A chat completion request asking for ``n`` choices with token logprobs."""
+
+    def generation(self, choice, model: str) -> Generation:
+        """One choice of a completion, with its tokens' logprobs (BackendError without)."""
+
+    def embed_body(self, model: str, texts: list[str]) -> dict: ...
+
+    def batches(self, backend: HostedBackend):
+        """The provider's batch API (``generate(bodies)``), or None."""
+
+
+class HostedBackend:
+    """The Backend protocol over a hosted API; ``api`` is the provider's adapter (see the
+    module docstring). ``OpenAIBackend(...)`` and ``TogetherBackend(...)`` build one."""
+
+    def __init__(self, api: Provider, model: str | None = None, *,
+                 base_url: str | None = None, api_key: str | None = None,
+                 workdir: str | Path | None = None, max_concurrency: int = 8,
+                 batch_mode: bool = False, prices: dict | None = None,
+                 max_cost_usd: float | None = None, spent_usd: float = 0.0,
+                 embed_model: str | None = None, timeout: float = 60.0, max_retries: int = 5,
+                 poll_interval: float = 5.0, max_wait: float | None = None,
+                 quiet: bool = False, http_client=None, extra_body: dict | None = None):
+        """
+        ``workdir``: where job and batch records are kept (the run directory's own folder);
+        None keeps none, and only the API's job list protects against paying twice.
+        ``embed_model``: None means the provider's, or with a ``base_url`` the served model
+        itself (``semievol serve`` embeds with its model). ``max_concurrency``: chat
+        requests in flight at once. ``batch_mode``: generate through the provider's batch
+        API (OpenAI's: half price, results within 24 h). ``prices``: overrides of the
+        provider's price list. ``max_cost_usd``: stop before a step that would take
+        spending past it, counting ``spent_usd`` (an earlier part of a resumed run).
+        ``timeout``: seconds per HTTP request; ``max_retries``: the SDK's retries per
+        request. ``poll_interval``: first wait between polls (backing off to 12x).
+        ``max_wait``: give up waiting on a job or batch after this many seconds (None: wait
+        as long as it takes); a rerun resumes waiting on it. ``http_client``: the SDK's HTTP
+        client (proxies, test transports). ``quiet``: no progress on stderr.
+        ``extra_body``: fields added to every chat request (not in batch mode), beyond the
+        API's own: vLLM's ``top_k``, ``min_p``...
+        """
+        self.api = api
+        self.name = api.name
+        self.min_finetune_examples = api.min_finetune_examples
+        self.default_model = model or api.default_model
+        self.embed_model = embed_model or (self.default_model if base_url
+                                           else api.default_embed_model)
+        self.records = Records(workdir)
+        self.max_concurrency = max_concurrency
+        self.batch_mode = batch_mode
+        self.prices = cost.price_table(prices, api.prices.table)
+        self.poll_interval = poll_interval
+        self.max_wait = max_wait
+        self.quiet = quiet
+        self.extra_body = extra_body
+        self.spending = Spending(max_cost_usd, spent_usd)
+        self.budget = self.spending.budget
+        key = api_key or os.environ.get(api.key_env)
+        if not key:
+            if not (base_url and is_loopback(base_url)):
+                raise ConfigError(f"no {api.title} API key: set {api.key_env} "
+                                  "(or pass --api-key)")
+            key = LOCAL_API_KEY
+        self._secret = key
+        self.client = api.connect(api_key=key, base_url=base_url, timeout=timeout,
+                                  max_retries=max_retries, http_client=http_client)
+        self.batches = api.batches(self)
+        """The provider's batch API, or None."""
+        if batch_mode and self.batches is None:
+            raise ConfigError(f"{api.title} has no batch API here: drop --openai-batch")
+
+    def __repr__(self) -> str:
+        return f"HostedBackend({self.name}, model={self.default_model!r}, " \
+               f"base_url={self.base_url!r})"
+
+    @property
+    def base_url(self) -> str:
+        return str(self.client.base_url)
+
+    # -- fine-tuning --------------------------------------------------------------------
+    def finetune(self, base: str, examples: Sequence[ChatExample], config, *,
+                 key: str) -> ModelRef:
+        """A job on ``base`` (a model, or one fine-tuned earlier, to continue training);
+        returns the model it made. Reuses or resumes the job of ``key``."""
+        epochs = whole_epochs(config.epochs, self.api.title)
+        record = self.records.read("jobs", key) or {"key": key}
+        job = self._find_job(record)
+        if job is None:
+            plan = self.api.prepare(self, base, examples, config, epochs=epochs, key=key)
+            stats = plan.stats
+            trained = stats.total_tokens * epochs
+            estimate = cost.training_cost(plan.root, trained, prices=self.prices)
+            self.say(f"fine-tuning {base}: {stats.n_examples} examples, {stats.total_tokens:,}"
+                     f" tokens x {epochs} epochs = {trained:,} trained tokens"
+                     + (f", about {cost.format_usd(estimate)}" if estimate is not None else ""))
+            self.budget.check(f"fine-tuning {base} on {stats.n_examples} examples", estimate)
+            if not record.get("file_id"):
+                with self.errors("uploading the training file"):
+                    record["file_id"] = self.api.upload(self, f"{slug(key)}.jsonl", plan.data)
+                self.records.write("jobs", key, record)
+            with self.errors("creating the fine-tuning job"):
+                job = self.api.create(self, plan, record)
+            record.update(job_id=job.id, status=job.status, base=base, root=plan.root,
+                          examples=stats.n_examples, training_tokens=stats.total_tokens)
+            self.records.write("jobs", key, record)
+            self.say(f"fine-tuning job {job.id} created ({job.status})")
+        job = self._wait_for_job(job, record)
+        usd = job.billed_usd if job.billed_usd is not None else cost.training_cost(
+            record.get("root") or job.root, job.trained_tokens, prices=self.prices)
+        return ModelRef(job.output, self.spending.add(Usage(trained_tokens=job.trained_tokens,
+                                                            cost_usd=usd)))
+
+    def _find_job(self, record: dict) -> Job | None:
+        """The job already made for this key, if it succeeded or is still going: the one in
+        the record, else one the API lists for the key. A failed one is left behind (a
+        rerun is a new attempt, with a fresh upload)."""
+        if record.get("job_id"):
+            with self.errors("looking up the recorded fine-tuning job"):
+                job = self.api.retrieve(self, record["job_id"])
+            if job.status not in self.api.failed:
+                self.say(f"resuming fine-tuning job {job.id} ({job.status})")
+                return job
+            record.update(job_id=None, file_id=None, status=job.status,
+                          attempt=record.get("attempt", 0) + 1)
+        with self.errors("listing fine-tuning jobs"):
+            found = [job for job in self.api.find(self, record["key"])
+                     if job.status not in self.api.failed]
+        if not found:
+            return None
+        job = max(found, key=lambda j: (j.status == self.api.succeeded, j.created_at))
+        record.update(job_id=job.id, file_id=job.file_id, status=job.status,
+                      base=record.get("base") or job.base, root=record.get("root") or job.root)
+        self.records.write("jobs", record["key"], record)
+        self.say(f"found fine-tuning job {job.id} ({job.status}) for this step; not creating "
+                 "another")
+        return job
+
+    def _wait_for_job(self, job: Job, record: dict) -> Job:
+        """Poll until the job is done, its events on a progress bar; the job that made its
+        model, or FinetuneFailed with the job's own reason (else its last error event)."""
+        api, seen, errors = self.api, set(), []
+        done = lambda j: j.status == api.succeeded or j.status in api.failed  # noqa: E731
+        bar = tqdm(desc=f"fine-tune {job.id}", unit="step", disable=self.quiet,
+                   file=sys.stderr, leave=False)
+
+        def fetch() -> Job:
+            with self.errors(f"checking fine-tuning job {job.id}"):
+                current = api.retrieve(self, job.id)
+                events = api.events(self, job.id)
+            for event in events:
+                if event.mark in seen:
+                    continue
+                seen.add(event.mark)
+                bar.set_postfix_str(f"{current.status}: {event.message}"[:80])
+                if event.error:
+                    errors.append(event.message)
+                if event.total:
+                    bar.total = event.total
+                if event.step:
+                    bar.update(max(0, event.step - bar.n))
+            if current.status != record.get("status"):
+                record.update(status=current.status, **{api.output_field: current.output})
+                self.records.write("jobs", record["key"], record)
+            return current
+
+        try:
+            job = fetch() if done(job) else self.poll(fetch, done)
+        finally:
+            bar.close()
+        if not done(job):
+            raise BackendError(
+                f"fine-tuning job {job.id} is still {job.status} after {self.max_wait:g} s; "
+                "run again to resume waiting on it (no second job is created)")
+        record.update(status=job.status, **{api.output_field: job.output})
+        self.records.write("jobs", record["key"], record)
+        if job.status != api.succeeded:
+            reason = job.error or (errors[-1] if errors else "no reason given")
+            raise FinetuneFailed(f"fine-tuning job {job.id} {job.status}: {self.scrub(reason)}")
+        if not job.output:
+            raise BackendError(f"fine-tuning job {job.id} {job.status} without an output model")
+        self.say(f"fine-tuning job {job.id} {job.status}: {job.output}")
+        return job
+
+    def made(self, model: str) -> dict | None:
+        """The record of the job here that made ``model``, if one did."""
+        return next((r for r in self.records.all("jobs")
+                     if r.get(self.api.output_field) == model and r.get("root")), None)
+
+    # -- generation ---------------------------------------------------------------------
+    def generate_with_logprobs(self, model: str, prompts: Sequence[list[Message]], *,
+                               n: int = 1, temperature: float = 0.0, max_tokens: int = 64,
+                               seed: int | None = None) -> Generations:
+        """One chat completion per prompt with ``n`` choices and token logprobs (the prompt
+        is billed once, not n times); ``max_concurrency`` requests at a time, or through the
+        batch API in batch mode."""
+        record = self.made(model)
+        priced = f"ft:{record['root']}" if record else model
+        if self.budget.limit_usd is not None:
+            prompt_tokens = sum(cost.count_chat_tokens(p, priced) for p in prompts)
+            self.budget.check(
+                f"generating {n} x {len(prompts)} responses with {model}",
+                cost.chat_cost(priced, prompt_tokens, len(prompts) * n * max_tokens,
+                               batch=self.batch_mode, prices=self.prices))
+        bodies = [self.api.chat_body(model, p, n=n, temperature=temperature,
+                                     max_tokens=max_tokens, seed=seed) for p in prompts]
+        if self.batch_mode:
+            answers = self.batches.generate(bodies)
+        else:
+            def chat(body: dict):
+                with self.errors(f"chat completion with {body['model']}"):
+                    completion = self.client.chat.completions.create(
+                        **body, extra_body=self.extra_body)
+                return self.generations(completion, body, priced=priced)
+
+            with ThreadPoolExecutor(self.max_concurrency) as pool:
+                answers = list(pool.map(chat, bodies))
+        return Generations.of(answers)
+
+    def generations(self, completion, body: dict, *, priced: str | None = None,
+                    batch: bool = False) -> tuple[list[Generation], Usage]:
+        """The n choices of a completion as Generations, and what it used (counted in the
+        budget's total), priced as ``priced`` (default: the model asked)."""
+        used = Usage()
+        if (usage := completion.usage) is not None:
+            details = getattr(usage, "prompt_tokens_details", None)
+            cached = (getattr(details, "cached_tokens", 0) or 0) if details else 0
+            used.add(prompt=usage.prompt_tokens, completion=usage.completion_tokens,
+                     cost=cost.chat_cost(priced or body["model"], usage.prompt_tokens,
+                                         usage.completion_tokens, cached_tokens=cached,
+                                         batch=batch, prices=self.prices))
+        self.spending.add(used)
+        choices = sorted(completion.choices, key=lambda c: c.index or 0)
+        if len(choices) != body["n"]:
+            raise BackendError(f"asked {completion.model or body['model']} for {body['n']} "
+                               f"samples, the server returned {len(choices)} choices")
+        return [self.api.generation(c, body["model"]) for c in choices], used
+
+    # -- embeddings ---------------------------------------------------------------------
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        """L2-normalised embeddings with ``embed_model``, in requests within the provider's
+        ``embed_limits``."""
+
+        def request(batch: list[str]):
+            with self.errors(f"embedding with {self.embed_model}"):
+                return self.client.embeddings.create(**self.api.embed_body(self.embed_model,
+                                                                           batch))
+
+        max_inputs, max_tokens = self.api.embed_limits
+        return embed_in_batches(texts, request, model=self.embed_model, prices=self.prices,
+                                spending=self.spending, max_inputs=max_inputs,
+                                max_tokens=max_tokens)
+
+    def runtime(self) -> dict:
+        """A hosted API: the provider's devices and number types are not known here."""
+        from . import library_versions
+
+        return {"world_size": 1, "device": "remote", "dtype": "unknown",
+                "generation_engine": "api", "versions": library_versions()}
+
+    # -- plumbing -----------------------------------------------------------------------
+    @contextmanager
+    def errors(self, what: str):
+        """The one place the SDK's errors become semievol's (see the module docstring)."""
+        with sdk_errors(self.api.sdk, what, where=self.base_url, client=self.client,
+                        secret=self._secret, key_env=self.api.key_env, base=self.api.sdk_error):
+            yield
+
+    def poll(self, fetch: Callable, done: Callable):
+        """Poll every poll_interval, backing off, for at most max_wait seconds."""
+        return poll(fetch, done, interval=self.poll_interval, max_wait=self.max_wait)
+
+    def say(self, message: str) -> None:
+        say(message, quiet=self.quiet)
+
+    def scrub(self, text: str) -> str:
+        """``text`` without the API key."""
+        return scrub(text, self._secret)
 
 
 class Records:
@@ -173,12 +598,12 @@ def scrub(text: str, secret: str) -> str:
     return text.replace(secret, "***") if len(secret) >= 8 else text
 
 
-def server_message(error, secret: str) -> str:
+def server_message(error) -> str:
     """The server's own words in an SDK status error: the ``message`` of its body (or of the
-    body's ``error``), the key removed."""
+    body's ``error``). Scrub the key from it."""
     body = error.body if isinstance(error.body, dict) else {}
     inner = body.get("error") if isinstance(body.get("error"), dict) else body
-    return scrub(str(inner.get("message") or error.message), secret)
+    return str(inner.get("message") or error.message)
 
 
 @contextmanager
@@ -186,11 +611,13 @@ def sdk_errors(sdk, what: str, *, where: str, client, secret: str, key_env: str,
                base: type[Exception]):
     """The one place an SDK's errors become :class:`~semievol.errors.BackendError`, each
     saying what failed, where, and whether running again resumes. ``sdk`` is the
-    ``openai`` or ``together`` module, ``base`` its root exception; the SDK has already
-    retried what is worth it."""
+    provider's SDK module (``openai``, ``together``), ``base`` its root exception; the SDK
+    has already retried what is worth it. semievol's own errors pass through."""
     retries = client.max_retries
     try:
         yield
+    except SemievolError:
+        raise
     except sdk.APITimeoutError:
         raise BackendError(f"{what}: {where} did not answer within {client.timeout} s "
                            f"({retries} retries); run again to resume") from None
@@ -200,14 +627,16 @@ def sdk_errors(sdk, what: str, *, where: str, client, secret: str, key_env: str,
                            ) from None
     except (sdk.AuthenticationError, sdk.PermissionDeniedError) as e:
         raise BackendError(f"{what}: {where} refused the API key (HTTP {e.status_code}): "
-                           f"{server_message(e, secret)}. Set {key_env}.") from None
+                           f"{scrub(server_message(e), secret)}. Set {key_env}.") from None
     except sdk.RateLimitError as e:
         raise BackendError(f"{what}: rate-limited or out of quota or credit (HTTP 429) after "
-                           f"{retries} retries: {server_message(e, secret)}; run again later "
-                           "to resume") from None
+                           f"{retries} retries: {scrub(server_message(e), secret)}; run again "
+                           "later to resume") from None
     except sdk.APIStatusError as e:
         hint = "; run again to resume" if e.status_code >= 500 else ""
         raise BackendError(f"{what}: HTTP {e.status_code} from {where}: "
-                           f"{server_message(e, secret)}{hint}") from None
+                           f"{scrub(server_message(e), secret)}{hint}") from None
     except base as e:
         raise BackendError(f"{what}: {scrub(str(e), secret)}") from None
+    except ValueError as e:  # the SDK's own checks of a request
+        raise ConfigError(f"{what}: {scrub(str(e), secret)}") from None

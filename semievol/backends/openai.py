@@ -1,76 +1,47 @@
-"""The OpenAI backend: fine-tuning jobs, chat completions with logprobs, embeddings — through
+"""The OpenAI backend: fine-tuning jobs, chat completions with logprobs, embeddings, through
 the official ``openai`` SDK only, against api.openai.com or any server that speaks its API
 (``semievol serve`` with ``base_url="http://127.0.0.1:PORT/v1"``).
 
-What it promises beyond the Backend protocol:
+:class:`OpenAI` is the provider's adapter; the lifecycle it plugs into (never paying twice,
+budgets, polling, error translation, keys) is :class:`~.hosted.HostedBackend`'s, and
+``OpenAIBackend(...)`` builds one. What OpenAI adds:
 
-* **Never pay twice.** A fine-tune is found again by its idempotency ``key``: first in the
-  record ``workdir/jobs/<slug>.json`` (written atomically the moment the file id and the job
-  id exist), then among the organisation's jobs by ``metadata["semievol_key"]``. A job that
-  succeeded is reused, one still running is waited on; only when neither exists is a job
-  created, with an ``Idempotency-Key`` header. Batch-mode generation
-  (:mod:`.openai_batch`) keeps its batch ids in ``workdir/batches/`` the same way, and
-  resubmits only the requests that failed or expired.
+* **Found again by metadata.** A job carries its key in ``metadata["semievol_key"]``, and
+  is created with an ``Idempotency-Key`` header (a new one per attempt after a failure).
+  Batch-mode generation (:mod:`.openai_batch`) keeps its batch ids in ``workdir/batches/``
+  the same way, and resubmits only the requests that failed or expired.
 * **Validated before upload**, as OpenAI's file validation and the cookbook's data-prep
   check do (:func:`validate_training_data`): roles, string contents, an assistant message per
   example, at least 10 examples, the per-example token limit of the target model.
-* **Costs are known.** Each spending step is priced first (:mod:`semievol.cost`) and checked
-  against ``max_cost_usd``; each call's result carries the tokens and dollars the API
-  reported for it (``.usage``), and their running total (``spending``) feeds the budget.
-* **Faults.** The SDK retries 408/409/429/5xx and connection errors (honouring Retry-After)
-  ``max_retries`` times, each request limited to ``timeout`` seconds; we poll jobs and
-  batches with tenacity. What still fails is translated, in :meth:`OpenAIBackend._api`
-  only, into the semievol tree; every step is resumable by running again::
-
-      openai.APIConnectionError, APITimeoutError ─┐
-      openai.AuthenticationError, PermissionDenied├─> BackendError  (message says what to do)
-      openai.RateLimitError, other APIStatusError ┘
-      jobs.create refused: no fine-tuning access ───> BackendError naming --backend together
-                                                      and --backend hf
-      job status failed / cancelled ─────────────────> FinetuneFailed (the job's own error)
-      invalid training examples ─────────────────────> DataError
-      a step that would pass max_cost_usd ───────────> BudgetExceeded
-      no API key, fractional epochs ─────────────────> ConfigError
-
-* **The API key** comes from the argument or ``OPENAI_API_KEY`` and lives only inside the
-  SDK client: it is never written to the workdir, logged, or left in an error message. A
-  server on loopback (``semievol serve`` without ``--api-key``) needs none; the SDK is then
-  given the placeholder ``"semievol-local"``.
+* **Evolve continues the warm-up model**: an ``ft:`` model is simply the job's base.
+* **Closing fine-tuning**: a refused ``jobs.create`` that means the organisation may no
+  longer fine-tune (:func:`lost_finetuning_access`) is a BackendError that says so and
+  names ``--backend together`` and ``--backend hf``; invalid examples are a DataError.
 
 Embeddings: ``text-embedding-3-small`` on OpenAI; with a ``base_url`` the served model itself
 (``semievol serve`` embeds with the model it serves), unless ``embed_model`` names another.
 """
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Sequence
 from functools import partial
-from pathlib import Path
 
 import openai
-from openai.types.chat import ChatCompletion
 
 from .. import cost
 from ..chatfile import MIN_EXAMPLES, example_problem
-from ..errors import BackendError, ConfigError, DataError, FinetuneFailed
-from ..rundir import digest, slug
-from ..types import ChatExample, Embeddings, Generation, Generations, Message, ModelRef, Usage
-from . import library_versions
-from .hosted import (Records, Spending, TrainingStats, embed_in_batches, is_loopback, jsonl,
-                     poll, say, scrub, sdk_errors, server_message, whole_epochs)
+from ..errors import BackendError, DataError
+from ..rundir import digest
+from ..types import ChatExample, Generation, Message
+from .hosted import Event, HostedBackend, Job, Plan, TrainingStats, jsonl, server_message
 from .openai_batch import BatchAPI
 
-__all__ = ["OpenAIBackend", "validate_training_data", "TrainingStats"]
+__all__ = ["OpenAIBackend", "OpenAI", "validate_training_data", "TrainingStats"]
 
 DEFAULT_MODEL = "gpt-4o-mini-2024-07-18"
 
 DEFAULT_EMBED_MODEL = "text-embedding-3-small"
-
-LOCAL_API_KEY = "semievol-local"
-"""What the SDK is given as key for a loopback server when no key is set."""
 
 TRAINING_TOKEN_LIMITS = {"gpt-4o-mini": 65_536, "gpt-4o": 65_536, "gpt-4.1": 65_536,
                          "gpt-4.1-mini": 65_536, "gpt-4.1-nano": 65_536,
@@ -83,295 +54,127 @@ EMBED_MAX_TOKENS = 270_000
 """Per embeddings request: the API allows 2048 inputs and 300k tokens; 10% margin because
 offline the tokens may be counted with a neighbouring tokenizer."""
 
-
 JOB_LIST_PAGES = 10
 """Pages of 100 jobs searched for one carrying the key (the metadata filter makes it one)."""
-JOB_DONE = {"succeeded", "failed", "cancelled"}
 
 
-class OpenAIBackend:
-    """The Backend protocol over the OpenAI API (see the module docstring)."""
+def OpenAIBackend(model: str | None = None, **options) -> HostedBackend:
+    """The Backend protocol over the OpenAI API: ``HostedBackend(OpenAI(), model,
+    **options)`` (the options are :class:`~.hosted.HostedBackend`'s; ``batch_mode`` sends
+    generation through the Batch API, at half price)."""
+    return HostedBackend(OpenAI(), model, **options)
 
-    name = "openai"
+
+class OpenAI:
+    """The OpenAI API as a :class:`~.hosted.Provider` (see the module docstring)."""
+
+    name, title, key_env = "openai", "OpenAI", "OPENAI_API_KEY"
+    sdk, sdk_error = openai, openai.OpenAIError
+    default_model, default_embed_model = DEFAULT_MODEL, DEFAULT_EMBED_MODEL
     min_finetune_examples = MIN_EXAMPLES
+    prices = cost.OPENAI_PRICE_LIST
+    embed_limits = (EMBED_MAX_INPUTS, EMBED_MAX_TOKENS)
+    succeeded, failed = "succeeded", frozenset({"failed", "cancelled"})
+    output_field = "fine_tuned_model"
 
-    def __init__(self, model: str | None = None, *, base_url: str | None = None,
-                 api_key: str | None = None, workdir: str | Path | None = None,
-                 max_concurrency: int = 8, batch_mode: bool = False,
-                 prices: dict | None = None, max_cost_usd: float | None = None,
-                 spent_usd: float = 0.0,
-                 embed_model: str | None = None, timeout: float = 60.0,
-                 max_retries: int = 5, poll_interval: float = 5.0,
-                 max_wait: float | None = None, quiet: bool = False, http_client=None,
-                 extra_body: dict | None = None):
-        """
-        ``workdir``: where job and batch records are kept (the run directory's own folder);
-        None keeps none, and only the API's job list protects against paying twice.
-        ``embed_model``: None means OpenAI's ``text-embedding-3-small``, or with a
-        ``base_url`` the served model itself (``semievol serve`` embeds with its model).
-        ``max_concurrency``: chat requests in flight at once. ``batch_mode``: generate
-        through the Batch API (half price, results within 24 h). ``prices``: overrides of
-        :data:`semievol.cost.PRICES`. ``max_cost_usd``: stop before a step that would take
-        spending past it, counting ``spent_usd`` (an earlier part of a resumed run). ``timeout``: seconds per HTTP request;
-        ``max_retries``: the SDK's retries per request. ``poll_interval``: first wait between
-        job/batch polls (backing off to 12x). ``max_wait``: give up waiting on a job or batch
-        after this many seconds (None: wait as long as it takes); the run resumes waiting on
-        it when run again. ``http_client``: an ``httpx2.Client`` for the SDK (proxies, test
-        hooks). ``quiet``: no progress lines on stderr. ``extra_body``: fields added to every
-        chat request (not in batch mode), beyond the API's own: vLLM's ``top_k``, ``min_p``...
-        """
-        self.default_model = model or DEFAULT_MODEL
-        self.embed_model = embed_model or (self.default_model if base_url
-                                           else DEFAULT_EMBED_MODEL)
-        self.workdir = Path(workdir) if workdir is not None else None
-        self.records = Records(workdir)
-        self.max_concurrency = max_concurrency
-        self.batch_mode = batch_mode
-        self.prices = cost.price_table(prices)
-        self.poll_interval = poll_interval
-        self.max_wait = max_wait
-        self.quiet = quiet
-        self.extra_body = extra_body
-        self.spending = Spending(max_cost_usd, spent_usd)
-        self.budget = self.spending.budget
-        key = api_key or os.environ.get("OPENAI_API_KEY")
-        if not key:
-            if not (base_url and is_loopback(base_url)):
-                raise ConfigError("no OpenAI API key: set OPENAI_API_KEY (or pass --api-key)")
-            key = LOCAL_API_KEY
-        self._secret = key
-        self.client = openai.OpenAI(api_key=key, base_url=base_url, timeout=timeout,
-                                    max_retries=max_retries, http_client=http_client)
-        self.batches = BatchAPI(self.client, self.records, errors=self._api, say=self._say,
-                                poll=self._poll, parse=partial(self._generations, batch=True))
-        """Batch-mode generation (:mod:`.openai_batch`)."""
+    def connect(self, **options):
+        return openai.OpenAI(**options)
 
-    def __repr__(self) -> str:
-        return f"OpenAIBackend(model={self.default_model!r}, base_url={self.base_url!r})"
+    def batches(self, backend: HostedBackend) -> BatchAPI:
+        return BatchAPI(backend.client, backend.records, errors=backend.errors,
+                        say=backend.say, poll=backend.poll,
+                        parse=partial(backend.generations, batch=True))
 
-    @property
-    def base_url(self) -> str:
-        return str(self.client.base_url)
+    # -- fine-tuning jobs ----------------------------------------------------------------
+    def prepare(self, backend, base: str, examples: Sequence[ChatExample], config, *,
+                epochs: int, key: str) -> Plan:
+        stats = validate_training_data(examples, base)
+        data = jsonl({"messages": list(ex)} for ex in examples)
+        hyperparameters = {"n_epochs": epochs, "batch_size": config.batch_size}
+        if config.learning_rate_multiplier is not None:
+            hyperparameters["learning_rate_multiplier"] = config.learning_rate_multiplier
+        return Plan(data, stats, cost.base_of(base), {
+            "model": base, "seed": config.seed, "suffix": _suffix(key),
+            "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+            "metadata": {"semievol_key": _tag(key), "semievol_data": digest(data)[:16]}})
 
-    # -- fine-tuning --------------------------------------------------------------------
-    def finetune(self, base: str, examples: Sequence[ChatExample], config, *,
-                 key: str) -> ModelRef:
-        """Supervised fine-tuning job on ``base`` (a model or an ``ft:`` model, to continue
-        training); returns the ``fine_tuned_model``. Reuses or resumes the job of ``key``."""
-        epochs = whole_epochs(config.epochs, "OpenAI")
-        record = self.records.read("jobs", key) or {"key": key}
-        tag = _tag(key)
-        job = self._find_job(record, tag)
-        if job is None:
-            stats = validate_training_data(examples, base)
-            trained = stats.total_tokens * epochs
-            estimate = cost.training_cost(base, trained, prices=self.prices)
-            self._say(f"fine-tuning {base}: {stats.n_examples} examples, {stats.total_tokens:,}"
-                      f" tokens x {epochs} epochs = {trained:,} trained tokens"
-                      + (f", about {cost.format_usd(estimate)}" if estimate is not None else ""))
-            self.budget.check(f"fine-tuning {base} on {stats.n_examples} examples", estimate)
-            data = jsonl({"messages": list(ex)} for ex in examples)
-            if not record.get("file_id"):
-                with self._api("uploading the training file"):
-                    upload = self.client.files.create(
-                        file=(f"{slug(key)}.jsonl", data, "application/jsonl"),
-                        purpose="fine-tune")
-                record["file_id"] = upload.id
-                self.records.write("jobs", key, record)
-            hyperparameters = {"n_epochs": epochs, "batch_size": config.batch_size}
-            if config.learning_rate_multiplier is not None:
-                hyperparameters["learning_rate_multiplier"] = config.learning_rate_multiplier
-            attempt = record.get("attempt", 0)
-            with self._api("creating the fine-tuning job"), self._finetuning_access():
-                job = self.client.fine_tuning.jobs.create(
-                    model=base, training_file=record["file_id"],
-                    method={"type": "supervised",
-                            "supervised": {"hyperparameters": hyperparameters}},
-                    seed=config.seed, suffix=_suffix(key),
-                    metadata={"semievol_key": tag, "semievol_data": digest(data)[:16]},
-                    extra_headers={"Idempotency-Key": f"semievol-{digest(key)[:32]}-{attempt}"})
-            record.update(job_id=job.id, status=job.status, base=base,
-                          examples=stats.n_examples, training_tokens=stats.total_tokens)
-            self.records.write("jobs", key, record)
-            self._say(f"fine-tuning job {job.id} created ({job.status})")
-        job = self._wait_for_job(job, record)
-        trained = job.trained_tokens or 0
-        return ModelRef(job.fine_tuned_model, self.spending.add(Usage(
-            trained_tokens=trained, cost_usd=cost.training_cost(base, trained,
-                                                                prices=self.prices))))
+    def upload(self, backend, name: str, data: bytes) -> str:
+        return backend.client.files.create(file=(name, data, "application/jsonl"),
+                                           purpose="fine-tune").id
 
-    def _find_job(self, record: dict, tag: str):
-        """The job already made for this key, if it succeeded or is still going: the one in
-        the record, else one carrying the key in its metadata. Failed or cancelled jobs are
-        left behind (a rerun is a deliberate new attempt)."""
-        if record.get("job_id"):
-            with self._api("looking up the recorded fine-tuning job"):
-                job = self.client.fine_tuning.jobs.retrieve(record["job_id"])
-            if job.status not in ("failed", "cancelled"):
-                self._say(f"resuming fine-tuning job {job.id} ({job.status})")
-                return job
-            # a rerun after a failure is a new attempt, with a fresh upload
-            record.update(job_id=None, file_id=None, status=job.status,
-                          attempt=record.get("attempt", 0) + 1)
-        found = []
-        with self._api("listing fine-tuning jobs"):
-            page = self.client.fine_tuning.jobs.list(metadata={"semievol_key": tag}, limit=100)
-            for _ in range(JOB_LIST_PAGES):
-                # check the metadata again: a server may ignore the filter
-                found += [job for job in page.data
-                          if (job.metadata or {}).get("semievol_key") == tag
-                          and job.status not in ("failed", "cancelled")]
-                if not page.has_next_page():
-                    break
-                page = page.get_next_page()
-        if not found:
-            return None
-        job = max(found, key=lambda j: (j.status == "succeeded", j.created_at))
-        record.update(job_id=job.id, file_id=job.training_file, status=job.status)
-        self.records.write("jobs", record["key"], record)
-        self._say(f"found fine-tuning job {job.id} ({job.status}) for this step; not creating "
-                  "another")
-        return job
-
-    def _wait_for_job(self, job, record: dict):
-        """Poll until the job is done, printing its new events; the job that succeeded, or
-        FinetuneFailed with the job's own error."""
-        seen: set[str] = set()
-
-        def fetch():
-            with self._api(f"checking fine-tuning job {job.id}"):
-                current = self.client.fine_tuning.jobs.retrieve(job.id)
-                events = self.client.fine_tuning.jobs.list_events(job.id, limit=10).data
-            if current.status != record.get("status"):
-                self._say(f"  {job.id}: status {current.status}")
-                record.update(status=current.status, fine_tuned_model=current.fine_tuned_model)
-                self.records.write("jobs", record["key"], record)
-            for event in reversed(events):          # the API lists the newest first
-                if event.id not in seen:
-                    seen.add(event.id)
-                    self._say(f"  {job.id}: {event.message}")
-            return current
-
-        job = job if job.status in JOB_DONE else self._poll(fetch, lambda j: j.status in JOB_DONE)
-        if job.status not in JOB_DONE:
-            raise BackendError(
-                f"fine-tuning job {job.id} is still {job.status} after {self.max_wait:g} s; "
-                "run again to resume waiting on it (no second job is created)")
-        record.update(status=job.status, fine_tuned_model=job.fine_tuned_model)
-        self.records.write("jobs", record["key"], record)
-        if job.status != "succeeded":
-            reason = (f"{job.error.code}: {job.error.message}" if job.error and job.error.message
-                      else "no reason given")
-            raise FinetuneFailed(f"fine-tuning job {job.id} {job.status}: "
-                                 f"{scrub(reason, self._secret)}")
-        self._say(f"fine-tuning job {job.id} succeeded: {job.fine_tuned_model}")
-        return job
-
-    # -- generation ---------------------------------------------------------------------
-    def generate_with_logprobs(self, model: str, prompts: Sequence[list[Message]], *,
-                               n: int = 1, temperature: float = 0.0, max_tokens: int = 64,
-                               seed: int | None = None) -> Generations:
-        """One chat completion per prompt with ``n`` choices and token logprobs (the prompt
-        is billed once, not n times); ``max_concurrency`` requests at a time, or one Batch
-        API job per 50,000 prompts in batch mode."""
-        if self.budget.limit_usd is not None:
-            prompt_tokens = sum(cost.count_chat_tokens(p, model) for p in prompts)
-            self.budget.check(
-                f"generating {n} x {len(prompts)} responses with {model}",
-                cost.chat_cost(model, prompt_tokens, len(prompts) * n * max_tokens,
-                               batch=self.batch_mode, prices=self.prices))
-        bodies = [_chat_body(model, p, n=n, temperature=temperature, max_tokens=max_tokens,
-                             seed=seed) for p in prompts]
-        if self.batch_mode:
-            answers = self.batches.generate(bodies)
-        else:
-            with ThreadPoolExecutor(self.max_concurrency) as pool:
-                answers = list(pool.map(self._chat, bodies))
-        return Generations.of(answers)
-
-    def _chat(self, body: dict) -> tuple[list[Generation], Usage]:
-        with self._api(f"chat completion with {body['model']}"):
-            completion = self.client.chat.completions.create(**body, extra_body=self.extra_body)
-        return self._generations(completion, body)
-
-    def _generations(self, completion: ChatCompletion, body: dict, *,
-                     batch: bool = False) -> tuple[list[Generation], Usage]:
-        """The n choices of a completion as Generations (tokens and logprobs from
-        ``choices[i].logprobs.content``), and what the completion used (counted in the
-        budget's total)."""
-        used = Usage()
-        if (usage := completion.usage) is not None:
-            details = usage.prompt_tokens_details
-            cached = (details.cached_tokens or 0) if details else 0
-            used.add(prompt=usage.prompt_tokens, completion=usage.completion_tokens,
-                     cost=cost.chat_cost(body["model"], usage.prompt_tokens,
-                                         usage.completion_tokens, cached_tokens=cached,
-                                         batch=batch, prices=self.prices))
-        self.spending.add(used)
-        choices = sorted(completion.choices, key=lambda c: c.index)
-        if len(choices) != body["n"]:
-            raise BackendError(f"asked {completion.model or body['model']} for {body['n']} "
-                               f"samples, the server returned {len(choices)} choices")
-        generations = []
-        for choice in choices:
-            text = choice.message.content or ""
-            content = (choice.logprobs.content if choice.logprobs else None) or []
-            if text and not content:
-                raise BackendError(f"{body['model']} returned no token logprobs "
-                                   "(the server must support logprobs=true)")
-            generations.append(Generation(
-                text=text, tokens=tuple(t.token for t in content),
-                logprobs=tuple(t.logprob for t in content),
-                finish_reason=choice.finish_reason or "stop"))
-        return generations, used
-
-    # -- embeddings ---------------------------------------------------------------------
-    def embed(self, texts: Sequence[str]) -> Embeddings:
-        """L2-normalised embeddings with ``embed_model``, in requests of at most 2048 inputs
-        and the API's token limit."""
-
-        def request(batch: list[str]):
-            with self._api(f"embedding with {self.embed_model}"):
-                return self.client.embeddings.create(model=self.embed_model, input=batch,
-                                                     encoding_format="float")
-
-        return embed_in_batches(texts, request, model=self.embed_model, prices=self.prices,
-                                spending=self.spending, max_inputs=EMBED_MAX_INPUTS,
-                                max_tokens=EMBED_MAX_TOKENS)
-
-    def runtime(self) -> dict:
-        """A hosted API: the provider's devices and number types are not known here."""
-        return {"world_size": 1, "device": "remote", "dtype": "unknown",
-                "generation_engine": "api", "versions": library_versions()}
-
-    # -- plumbing -----------------------------------------------------------------------
-    @contextmanager
-    def _api(self, what: str):
-        """SDK errors as semievol's (:func:`~semievol.backends.hosted.sdk_errors`)."""
-        with sdk_errors(openai, what, where=self.base_url, client=self.client,
-                        secret=self._secret, key_env="OPENAI_API_KEY", base=openai.OpenAIError):
-            yield
-
-    @contextmanager
-    def _finetuning_access(self):
-        """Around ``jobs.create``: a refusal for lost fine-tuning access
+    def create(self, backend, plan: Plan, record: dict) -> Job:
+        """``jobs.create``; a refusal for lost fine-tuning access
         (:func:`lost_finetuning_access`) becomes the message that says so and what to use
-        instead; anything else goes on to :meth:`_api`."""
+        instead."""
+        attempt = f"semievol-{digest(record['key'])[:32]}-{record.get('attempt', 0)}"
         try:
-            yield
+            job = backend.client.fine_tuning.jobs.create(
+                training_file=record["file_id"], **plan.request,
+                extra_headers={"Idempotency-Key": attempt})
         except openai.APIStatusError as e:
             if not lost_finetuning_access(e):
                 raise
-            reason = f"HTTP {e.status_code}: {server_message(e, self._secret)}"
+            reason = f"HTTP {e.status_code}: {backend.scrub(server_message(e))}"
             raise BackendError(FINETUNING_CLOSED.format(reason=reason)) from None
+        return _job(job)
 
-    def _poll(self, fetch: Callable, done: Callable):
-        """Poll every poll_interval, backing off, for at most max_wait seconds."""
-        return poll(fetch, done, interval=self.poll_interval, max_wait=self.max_wait)
+    def retrieve(self, backend, job_id: str) -> Job:
+        return _job(backend.client.fine_tuning.jobs.retrieve(job_id))
 
-    def _say(self, message: str) -> None:
-        say(message, quiet=self.quiet)
+    def find(self, backend, key: str) -> list[Job]:
+        tag, found = _tag(key), []
+        page = backend.client.fine_tuning.jobs.list(metadata={"semievol_key": tag}, limit=100)
+        for _ in range(JOB_LIST_PAGES):
+            # check the metadata again: a server may ignore the filter
+            found += [_job(job) for job in page.data
+                      if (job.metadata or {}).get("semievol_key") == tag]
+            if not page.has_next_page():
+                break
+            page = page.get_next_page()
+        return found
 
+    def events(self, backend, job_id: str) -> list[Event]:
+        listed = backend.client.fine_tuning.jobs.list_events(job_id, limit=10).data
+        return [_event(e) for e in reversed(listed)]    # the API lists the newest first
+
+    # -- generation and embeddings --------------------------------------------------------
+    def chat_body(self, model: str, messages: list[Message], *, n: int, temperature: float,
+                  max_tokens: int, seed: int | None) -> dict:
+        body = {"model": model, "messages": [dict(m) for m in messages], "n": n,
+                "temperature": temperature, "max_completion_tokens": max_tokens,
+                "logprobs": True}
+        if seed is not None:
+            body["seed"] = seed
+        return body
+
+    def generation(self, choice, model: str) -> Generation:
+        """Tokens and logprobs from ``choice.logprobs.content``."""
+        text = choice.message.content or ""
+        content = (choice.logprobs.content if choice.logprobs else None) or []
+        if text and not content:
+            raise BackendError(f"{model} returned no token logprobs "
+                               "(the server must support logprobs=true)")
+        return Generation(text=text, tokens=tuple(t.token for t in content),
+                          logprobs=tuple(t.logprob for t in content),
+                          finish_reason=choice.finish_reason or "stop")
+
+    def embed_body(self, model: str, texts: list[str]) -> dict:
+        return {"model": model, "input": texts, "encoding_format": "float"}
+
+
+def _event(event) -> Event:
+    """A metrics event carries the step in its ``data``."""
+    data = event.data if isinstance(event.data, dict) else {}
+    return Event(event.id, event.message, data.get("step"), data.get("total_steps"),
+                 error=event.level == "error")
+
+
+def _job(job) -> Job:
+    error = f"{job.error.code}: {job.error.message}" if job.error and job.error.message \
+        else None
+    return Job(job.id, job.status, job.fine_tuned_model, job.training_file, job.created_at,
+               base=job.model, root=cost.base_of(job.model),
+               trained_tokens=job.trained_tokens or 0, error=error)
 
 
 # -- OpenAI closing fine-tuning ------------------------------------------------------------
@@ -438,15 +241,6 @@ def validate_training_data(examples: Sequence[ChatExample], model: str) -> Train
 
 
 # -- small pure helpers ---------------------------------------------------------------
-
-def _chat_body(model: str, messages: list[Message], *, n: int, temperature: float,
-               max_tokens: int, seed: int | None) -> dict:
-    body = {"model": model, "messages": [dict(m) for m in messages], "n": n,
-            "temperature": temperature, "max_completion_tokens": max_tokens, "logprobs": True}
-    if seed is not None:
-        body["seed"] = seed
-    return body
-
 
 def _suffix(key: str) -> str:
     """The job's model-name suffix (OpenAI allows up to 64 characters)."""

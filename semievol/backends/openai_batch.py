@@ -24,7 +24,7 @@ BATCH_DONE = {"completed", "failed", "expired", "cancelled"}
 
 
 class BatchAPI:
-    """The Batch API over an OpenAI ``client``, for :class:`~.openai.OpenAIBackend`, which
+    """The Batch API over an OpenAI ``client``, for the openai adapter (:mod:`.openai`), which
     hands over how it translates errors (``errors(what)``, a context manager), prints
     progress (``say``), polls (``poll(fetch, done)``) and reads a completion (``parse``)."""
 

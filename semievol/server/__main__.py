@@ -4,13 +4,14 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..backends import registry
 from . import serve
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m semievol.server",
                                      description="OpenAI-compatible API over a local backend")
-    parser.add_argument("--backend", default="hf", choices=["hf", "fake"])
+    parser.add_argument("--backend", default="hf", choices=registry.names(hosted=False))
     parser.add_argument("--model", default=None, help="base model (default: the backend's)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)

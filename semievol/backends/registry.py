@@ -1,0 +1,127 @@
+"""The backends semievol knows, in one table: each one's name, loader, command-line options,
+price list and default recipe. The command line (choices, help, ``make_backend``), the run
+configuration's check, the dry run's estimate and ``semievol serve`` all read it, so a
+backend is added here once::
+
+    register(hosted("acme", "my_package.acme", "Acme", help="the Acme API"))
+
+A hosted backend is :class:`~.hosted.HostedBackend` built with its provider's adapter (which
+carries its dated price list), imported only when it is needed (a missing SDK gives the
+install hint then).
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+from .. import cost
+from ..errors import BackendUnavailable, ConfigError
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One backend."""
+
+    name: str
+    help: str
+    """One line for ``--backend``'s help."""
+    load: Callable
+    """Builds the backend from its options (``workdir`` for all); imports its module only
+    then."""
+    options: Callable = field(default=lambda args: {})
+    """The loader's options from ``semievol run`` / ``eval``'s parsed arguments."""
+    recipe: str = "paper"
+    """The recipe (:data:`semievol.config.RECIPES`) ``semievol run`` takes by default."""
+    provider: Callable | None = None
+    """A hosted backend's adapter (:class:`~.hosted.Provider`), made anew by each call.
+    None for a backend that computes here, which ``semievol serve`` can serve."""
+
+    @property
+    def hosted(self) -> bool:
+        return self.provider is not None
+
+    @property
+    def prices(self) -> cost.PriceList | None:
+        """Its dated price list (the adapter's): hosted backends only."""
+        return self.provider().prices if self.hosted else None
+
+
+BACKENDS: dict[str, Entry] = {}
+
+
+def register(entry: Entry) -> Entry:
+    """Add (or replace) a backend."""
+    BACKENDS[entry.name] = entry
+    return entry
+
+
+def entry(name: str) -> Entry:
+    """The backend called ``name``, or ConfigError naming those there are."""
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown backend {name!r}: choose {', '.join(BACKENDS)}")
+    return BACKENDS[name]
+
+
+def names(*, hosted: bool | None = None) -> list[str]:
+    """The backends' names (only the hosted, or only the local, ones if asked)."""
+    return [e.name for e in BACKENDS.values() if hosted is None or e.hosted == hosted]
+
+
+def hosted(name: str, module: str, adapter: str, *, help: str,
+           extra: str | None = None) -> Entry:
+    """The entry of a hosted backend whose adapter is class ``adapter`` of ``module``;
+    ``extra``: the pip extra with its SDK, for the hint when it is missing."""
+    provider = partial(_adapter, module, adapter, extra)
+    return Entry(name, help, partial(_load_hosted, provider), _hosted_options,
+                 provider=provider)
+
+
+def _adapter(module: str, adapter: str, extra: str | None):
+    try:
+        return getattr(importlib.import_module(module), adapter)()
+    except ImportError as e:
+        if extra is None:
+            raise
+        raise BackendUnavailable(f"the {extra} backend needs its SDK ({e.name} is missing): "
+                                 f'pip install "semievol[{extra}]"') from e
+
+
+def _load_hosted(provider: Callable, model: str | None = None, **options):
+    from .hosted import HostedBackend
+
+    return HostedBackend(provider(), model, **options)
+
+
+def _hosted_options(args) -> dict:
+    return {"model": args.model, "base_url": args.base_url, "api_key": args.api_key,
+            "timeout": args.timeout, "batch_mode": args.openai_batch}
+
+
+def _load_hf(**options):
+    try:
+        from .hf import HFBackend
+    except ImportError as e:
+        raise BackendUnavailable(
+            f"the hf backend needs torch, transformers and peft ({e.name} is missing): "
+            'pip install "semievol[hf]"') from e
+    return HFBackend(**options)
+
+
+def _hf_options(args) -> dict:
+    return {"model": args.model, "vllm_url": args.vllm_url,
+            "dtype": None if args.dtype == "auto" else args.dtype}
+
+
+def _load_fake(**options):
+    from .fake import FakeBackend
+
+    return FakeBackend(**options)
+
+
+register(Entry("hf", "local LoRA (default)", _load_hf, _hf_options, recipe="small"))
+register(hosted("openai", "semievol.backends.openai", "OpenAI", help="the OpenAI API"))
+register(hosted("together", "semievol.backends.together", "Together",
+                help="hosted open models on the Together API", extra="together"))
+register(Entry("fake", "tests only", _load_fake, recipe="small"))
