@@ -15,7 +15,9 @@ and 28 steps take two thirds of it): the base model mostly talks around the ques
 leave many phrases unseen, which the 64 unlabeled tickets cover, and the pseudo-labels the
 warm model is surest of are right far more often than the rest (90% against 62% of all), so
 evolving on them helps (SemiEvol 79%). 8 of the 32 labels are the guard's validation slice;
-the summary says what it decided.
+the summary says what it decided and why: SemiEvol kept, having put 0.97 probability on the
+right answer of those 8 against SFT's 0.71 (16 samples a question, about 25 s more on a
+busy machine).
 """
 from __future__ import annotations
 
