@@ -281,7 +281,7 @@ def _cmd_eval(args) -> int:
     scores = evaluate.metrics(records, items)
     if ranks.rank() == 0:
         print(json.dumps({"model": args.model or backend.default_model, "split": args.split,
-                          **scores}))
+                          **scores}, allow_nan=False))
     return 0
 
 

@@ -135,3 +135,14 @@ def test_dtype_reaches_the_hf_backend(flag, dtype, tmp_path):
         backend = make_backend(args, tmp_path)  # builds the backend; loads no model yet
         assert backend.runtime()["dtype"] == dtype
     assert _parser().parse_args(["serve", *flag]).dtype == (flag[1] if flag else "auto")
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--temperature", "--max-cost-usd", "--epochs"])
+def test_non_finite_numbers_are_refused(tmp_path, flag, capsys):
+    """Issue 25, break 7: `--lr inf` passed `lr > 0` and config.json then held Infinity."""
+    data = make_task(tmp_path / "data")
+    for value in ("inf", "-inf", "nan"):
+        assert main(["run", "--data", str(data), "--backend", "fake", "--out",
+                     str(tmp_path / "r"), f"{flag}={value}", "--quiet"]) == 2
+        assert "must be a finite number" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "config.json").exists()

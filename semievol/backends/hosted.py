@@ -575,7 +575,7 @@ def whole_epochs(epochs: float, provider: str) -> int:
 
 
 def jsonl(rows: Iterable) -> bytes:
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
+    return "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows).encode()
 
 
 def is_loopback(address: str) -> bool:
