@@ -146,3 +146,30 @@ def test_non_finite_numbers_are_refused(tmp_path, flag, capsys):
                      str(tmp_path / "r"), f"{flag}={value}", "--quiet"]) == 2
         assert "must be a finite number" in capsys.readouterr().err
     assert not (tmp_path / "r" / "config.json").exists()
+
+
+def test_a_resume_on_data_changed_in_place_is_refused_naming_the_split(tmp_path, capsys):
+    """Issue 25, break 1: a resume compared only the --data path, so a run on changed data
+    reused stages made on the old data. The same data by another path is no change."""
+    data = make_task(tmp_path / "data")
+    out = tmp_path / "run"
+    args = ["run", "--backend", "fake", "--out", str(out), "--limit-unlabeled", "20",
+            "--limit-test", "10", "--quiet"]
+    assert main([*args, "--data", str(data)]) == 0
+    (tmp_path / "link").symlink_to(data)
+    for same in (f"{data}/", str(tmp_path / "link")):
+        (out / "results.json").unlink()
+        assert main([*args, "--data", same]) == 0
+    labeled = (data / "labeled.jsonl").read_text().splitlines()
+    (data / "labeled.jsonl").write_text("\n".join(labeled[:10]) + "\n")
+    rows = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["answer"] = "ABC"[("ABC".index(row["answer"]) + 1) % 3]
+    (data / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (out / "results.json").unlink()
+    capsys.readouterr()
+    assert main([*args, "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert f"labeled ({len(labeled)} rows then, 10 now)" in err
+    assert "test (10 rows then, 10 now, other content)" in err and "unlabeled" not in err
+    assert not (out / "results.json").exists()
