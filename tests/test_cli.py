@@ -1,21 +1,48 @@
 """The command line on the fake backend: run, report, compare, help, and bad input."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from semievol import ConfigError, RunConfig
 from semievol.cli import main
 from semievol.demo import make_task
-from conftest import need  # noqa: E402
+from conftest import need, require  # noqa: E402
 
 
-def semievol(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "semievol", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=120)
+def semievol(*args, cwd=None, read_only: Path | None = None):
+    """The command line in a process of its own; ``read_only``: with that folder read-only
+    (a read-only bind mount for root, whom file modes do not stop; else file modes)."""
+    command = [sys.executable, "-m", "semievol", *args]
+    if read_only is None:
+        return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=120)
+    if os.geteuid() == 0:
+        require(shutil.which("unshare") is not None, "needs unshare to mount a folder read-only")
+        command = ["unshare", "-m", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$@"',
+                   str(read_only), *command]
+        return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=120)
+    with _without_write_permission(read_only):
+        return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+@contextlib.contextmanager
+def _without_write_permission(folder: Path):
+    modes = {p: p.stat().st_mode for p in [folder, *folder.rglob("*")]}
+    for p, mode in modes.items():
+        p.chmod(mode & ~0o222)
+    try:
+        yield
+    finally:
+        for p, mode in modes.items():
+            p.chmod(mode)
 
 
 @pytest.mark.parametrize("command", ["run", "eval", "report", "compare", "serve", "demo"])
@@ -173,3 +200,53 @@ def test_a_resume_on_data_changed_in_place_is_refused_naming_the_split(tmp_path,
     assert f"labeled ({len(labeled)} rows then, 10 now)" in err
     assert "test (10 rows then, 10 now, other content)" in err and "unlabeled" not in err
     assert not (out / "results.json").exists()
+
+
+def _files(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in folder.rglob("*")}
+
+
+def test_a_finished_run_resumes_and_reports_on_a_read_only_directory(tmp_path, capsys):
+    """Issue 25, break 6: every resume rewrote config.json, so a read-only run directory
+    failed with nothing left to do; `semievol report` failed the same way."""
+    data, out = make_task(tmp_path / "data"), tmp_path / "run"
+    args = ["run", "--data", str(data), "--backend", "fake", "--out", str(out),
+            "--limit-unlabeled", "20", "--limit-test", "10", "--quiet"]
+    assert main(args) == 0
+    before = _files(out)
+    result = semievol(*args, read_only=out)
+    assert result.returncode == 0, result.stderr
+    assert "SemiEvol" in result.stdout and _files(out) == before
+    result = semievol("report", str(out), read_only=out)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "--out" in result.stderr
+    assert str(out) in result.stderr
+    result = semievol("report", str(out), "--out", str(tmp_path / "report"), read_only=out)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "report" / "report.md").exists() and _files(out) == before
+
+
+def test_a_full_disk_is_one_line_that_says_where_and_that_running_again_resumes(
+        tmp_path, capsys, monkeypatch):
+    """Issue 25, break 5: a full disk ended in a chained traceback."""
+    from semievol import rundir
+
+    data, out = make_task(tmp_path / "data"), tmp_path / "run"
+    args = ["run", "--data", str(data), "--backend", "fake", "--out", str(out),
+            "--limit-unlabeled", "20", "--limit-test", "10", "--quiet"]
+    fsync, calls = os.fsync, []
+
+    def full(fd):
+        calls.append(fd)
+        if len(calls) > 12:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    monkeypatch.setattr(rundir.os, "fsync", full)
+    assert main(args) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and str(out) in err[0]
+    assert "run the same command again" in err[0]
+    monkeypatch.setattr(rundir.os, "fsync", fsync)
+    assert main(args) == 0 and (out / "results.json").exists()
