@@ -139,10 +139,11 @@ class _Run:
             self.rd.add_time(name, time.perf_counter() - start)
 
     def persist(self, name: str, records: list[Mined] | list[Prediction], usage: Usage) -> None:
-        """Append a finished batch's records, and count the tokens (and dollars) it used,
-        so a kill loses no record of spending (and a resumed ``--max-cost-usd`` sees it)."""
-        self.rd.append(name, [rec.to_json() for rec in records])
+        """Count the tokens (and dollars) a finished batch used, then append its records: a
+        kill between the two has the batch made and counted again (it was paid for twice),
+        so no spending goes uncounted (and a resumed ``--max-cost-usd`` sees it all)."""
         self.rd.add_usage(name, usage)
+        self.rd.append(name, [rec.to_json() for rec in records])
 
     def hold_out(self, labeled: list[Example]) -> tuple[list[Example], list[Example]]:
         """(train, validation): the validation slice (see guard.py), chosen once and kept

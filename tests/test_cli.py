@@ -250,3 +250,33 @@ def test_a_full_disk_is_one_line_that_says_where_and_that_running_again_resumes(
     assert "run the same command again" in err[0]
     monkeypatch.setattr(rundir.os, "fsync", fsync)
     assert main(args) == 0 and (out / "results.json").exists()
+
+
+def test_a_run_killed_and_resumed_on_the_fake_backend_gives_the_same_results(tmp_path):
+    """Issue 25, break 8: the fake backend forgot its fine-tunes when its process died, so
+    a kill and resume through the command line gave other results."""
+    data = make_task(tmp_path / "data")
+
+    def args(out):
+        return ["run", "--data", str(data), "--backend", "fake", "--out", str(tmp_path / out),
+                "--generation-batch", "1", "--quiet"]
+
+    assert semievol(*args("whole")).returncode == 0
+    killed = subprocess.Popen([sys.executable, "-m", "semievol", *args("killed")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    mined = tmp_path / "killed" / "collaborate_r1.jsonl"
+    while killed.poll() is None and not (mined.exists() and mined.stat().st_size > 0):
+        pass
+    killed.kill()
+    killed.wait()
+    assert not (tmp_path / "killed" / "results.json").exists()  # it stopped part-way
+    assert semievol(*args("killed")).returncode == 0
+    whole, resumed = (json.loads((tmp_path / out / "results.json").read_text())
+                      for out in ("whole", "killed"))
+    for run in (whole, resumed):  # model references carry the run's id
+        for r in run["rounds"]:
+            del r["model"]
+    for key in ("eval", "unlabeled", "rounds", "validation", "final"):
+        assert resumed[key] == whole[key], key
+    for name, spent in whole["usage"].items():  # a batch cut by the kill is made again
+        assert (resumed["usage"][name] or 0) >= (spent or 0), name
