@@ -185,6 +185,10 @@ def _backend_args(p: argparse.ArgumentParser) -> None:
                    "$OPENAI_API_KEY, $TOGETHER_API_KEY...); never written anywhere")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds per API request (60; raise it for a slow local server)")
+    p.add_argument("--price", action="append", metavar="MODEL=IN,OUT,TRAIN",
+                   help="a hosted model's price in USD per 1M tokens (input, output, "
+                   "training), over the built-in list; --max-cost-usd needs one for a model "
+                   "the list lacks (repeatable)")
     p.add_argument("--openai-batch", action="store_true",
                    help="use the OpenAI Batch API for inference (half price, up to 24 h)")
     p.add_argument("--vllm-url", help=VLLM_HELP)

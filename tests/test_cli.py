@@ -280,3 +280,22 @@ def test_a_run_killed_and_resumed_on_the_fake_backend_gives_the_same_results(tmp
         assert resumed[key] == whole[key], key
     for name, spent in whole["usage"].items():  # a batch cut by the kill is made again
         assert (resumed["usage"][name] or 0) >= (spent or 0), name
+
+
+def test_a_budget_on_a_model_without_a_price_is_refused_and_a_price_can_be_given(tmp_path):
+    """Issue 25: --max-cost-usd on a model the price list lacks was silently not kept."""
+    from semievol.cli import _parser, make_backend
+
+    def backend(*flags):
+        args = _parser().parse_args(["run", "--data", "d", "--backend", "openai", "--model",
+                                     "my-model", "--base-url", "http://127.0.0.1:9/v1", *flags])
+        return make_backend(args, tmp_path, max_cost_usd=1.0)
+
+    with pytest.raises(ConfigError, match="my-model's price.*--price MODEL=INPUT,OUTPUT,TRAINING"):
+        backend()
+    with pytest.raises(ConfigError, match="my-model's training price"):
+        backend("--price", "my-model=0.1,0.2")
+    assert backend("--price", "my-model=0.1,0.2,3").budget.limit_usd == 1.0
+    for bad in ("my-model=cheap", "my-model=1,2,3,4", "=1", "my-model=-1", "my-model=inf"):
+        with pytest.raises(ConfigError, match="--price"):
+            backend("--price", bad)
