@@ -273,6 +273,8 @@ def _options(raw, fail) -> tuple[str, ...] | None:
             raw = json.loads(raw)
         except json.JSONDecodeError as e:
             raise fail("options", f"not a JSON list: {e}") from None
+        except RecursionError:
+            raise fail("options", "JSON nested too deeply") from None
     if raw is None or raw == []:
         return None
     if not isinstance(raw, list):
