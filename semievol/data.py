@@ -107,8 +107,8 @@ def fingerprint(task: Task) -> dict[str, dict]:
         rows = [[ex.id, ex.question, ex.options, ex.answer, ex.meta]
                 for ex in getattr(task, split)]
         text = json.dumps(rows, sort_keys=True, ensure_ascii=False, default=str)
-        prints[split] = {"rows": len(rows),
-                         "sha256": hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()}
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass"))  # JSON may hold "\udc80"
+        prints[split] = {"rows": len(rows), "sha256": digest.hexdigest()}
     return prints
 
 

@@ -3,7 +3,8 @@ loses no finished work.
 
     RUN_DIR/
       config.json          the RunConfig (written once, atomically)
-      manifest.json        run id, stage status, model references, usage, timings (atomic)
+      manifest.json        run id, stage status, model references, usage, timings, each
+                           split's fingerprint (atomic)
       <stage>.jsonl        one record per finished item, appended and flushed as it finishes
       <stage>.json         whole-stage outputs (atomic)
       results.json         written last, atomically

@@ -3,8 +3,9 @@
 No model and no network. Answers come from a ``rule`` you give it (scripted per prompt,
 sample and model), or by default from what it was "trained" on: a fine-tuned reference
 answers a training prompt with that example's answer, and anything else with the answer
-it was trained on most often (the base model with ``default_answer``). Token logprobs are derived from a hash of the text (or given by the
-rule), embeddings are hashed bags of words, and every call is recorded in ``calls``.
+it was trained on most often (the base model with ``default_answer``). Token logprobs are
+derived from a hash of the text (or given by the rule), embeddings are hashed bags of
+words, and every call is recorded in ``calls``.
 With a ``workdir`` its fine-tunes are kept there (one JSON file each), so a run killed and
 resumed through the command line answers as one that was never stopped.
 """

@@ -481,7 +481,8 @@ class Records:
         return [json.loads(p.read_text()) for p in sorted((self.workdir / kind).glob("*.json"))]
 
 
-def _check_priced(prices: dict[str, cost.Price], title: str, model: str, embed_model: str) -> None:
+def _check_priced(prices: dict[str, cost.Price], title: str, model: str,
+                  embed_model: str) -> None:
     """A budget sees only priced steps (one without a price passes it): refuse a budget the
     run could not keep, rather than quietly not keep it."""
     missing = []
@@ -594,7 +595,8 @@ def whole_epochs(epochs: float, provider: str) -> int:
 
 
 def jsonl(rows: Iterable) -> bytes:
-    return "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows).encode()
+    return "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n"
+                   for row in rows).encode()
 
 
 def is_loopback(address: str) -> bool:
