@@ -433,7 +433,8 @@ def _check_config(rd: RunDir, config: RunConfig, task: Task) -> None:
     changes, so a finished run resumes on a read-only directory."""
     path = rd.path / "config.json"
     saved = RunConfig.load(path) if path.exists() else None
-    _check_data(rd, task, moved=saved is not None and
+    data = fingerprint(task)
+    _check_data(rd, data, moved=saved is not None and
                 Path(saved.data).resolve() != Path(config.data).resolve())
     if saved is not None:
         config = config.replace(data=saved.data)  # the path it was made with; same content
@@ -443,21 +444,22 @@ def _check_config(rd: RunDir, config: RunConfig, task: Task) -> None:
             raise ConfigError(f"{rd.path} was made with a different configuration "
                               f"({', '.join(changed)} differ): resume it with the same "
                               "options, or choose a new --out")
+    if "data" not in rd.manifest:
+        rd.manifest["data"] = data
+        rd.save()
     if config != saved:
         config.save(path)
 
 
-def _check_data(rd: RunDir, task: Task, *, moved: bool) -> None:
-    """Refuse a resume on data whose content changed, naming the splits that did. A run
-    made before fingerprints were kept is resumed only from the same directory, and takes
-    its fingerprint now."""
-    now, then = fingerprint(task), rd.manifest.get("data")
+def _check_data(rd: RunDir, now: dict, *, moved: bool) -> None:
+    """Refuse a resume on data whose content changed (``now``: its fingerprint), naming
+    the splits that did. A run made before fingerprints were kept is resumed only from the
+    same directory, and takes its fingerprint then."""
+    then = rd.manifest.get("data")
     if then is None:
         if moved:
             raise ConfigError(f"{rd.path} was made on other --data: resume it with the "
                               "same data, or choose a new --out")
-        rd.manifest["data"] = now
-        rd.save()
         return
     changed = [f"{split} ({then[split]['rows']} rows then, {now[split]['rows']} now"
                + (")" if then[split]["rows"] != now[split]["rows"] else ", other content)")
