@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -25,6 +26,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("semievol: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        print(f"semievol: error: {_disk_error(e, args)}", file=sys.stderr)
+        return 1
+
+
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+"""What a full, read-only or forbidden disk raises: said in one line, not a traceback."""
+
+
+def _disk_error(e: OSError, args) -> str:
+    """What failed, on which path, and what to do next."""
+    where = e.filename or getattr(args, "out", None) or getattr(args, "run_dir", None)
+    what = f"{e.strerror or e}: {where}" if where else str(e.strerror or e)
+    if args.command == "run":
+        return (f"{what}. Make room (or make it writable) and run the same command again: "
+                "the run resumes where it stopped")
+    if args.command == "report":
+        return f"{what}. Give --out DIR to write the report in a folder you can write to"
+    return what
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -107,6 +129,8 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="write report.md and figures for a run",
                          description="Write RUN_DIR/report.md with PNG figures.")
     rep.add_argument("run_dir")
+    rep.add_argument("--out", help="where to write the report (default: RUN_DIR; give "
+                     "another folder when RUN_DIR is read-only)")
     rep.set_defaults(func=_cmd_report)
 
     cmp_ = sub.add_parser("compare", help="several runs side by side",
@@ -161,6 +185,10 @@ def _backend_args(p: argparse.ArgumentParser) -> None:
                    "$OPENAI_API_KEY, $TOGETHER_API_KEY...); never written anywhere")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds per API request (60; raise it for a slow local server)")
+    p.add_argument("--price", action="append", metavar="MODEL=IN,OUT,TRAIN",
+                   help="a hosted model's price in USD per 1M tokens (input, output, "
+                   "training), over the built-in list; --max-cost-usd needs one for a model "
+                   "the list lacks (repeatable)")
     p.add_argument("--openai-batch", action="store_true",
                    help="use the OpenAI Batch API for inference (half price, up to 24 h)")
     p.add_argument("--vllm-url", help=VLLM_HELP)
@@ -281,14 +309,14 @@ def _cmd_eval(args) -> int:
     scores = evaluate.metrics(records, items)
     if ranks.rank() == 0:
         print(json.dumps({"model": args.model or backend.default_model, "split": args.split,
-                          **scores}))
+                          **scores}, allow_nan=False))
     return 0
 
 
 def _cmd_report(args) -> int:
     from . import report
 
-    path = report.write_report(Path(args.run_dir))
+    path = report.write_report(Path(args.run_dir), Path(args.out) if args.out else None)
     print(f"wrote {path}")
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +66,7 @@ class FinetuneConfig:
     """OpenAI fine-tuning only; None lets the API choose."""
 
     def __post_init__(self):
+        _check_finite(self)
         _check(self.epochs > 0, "epochs must be > 0")
         _check(self.learning_rate > 0, "learning_rate must be > 0")
         _check(self.lora_rank >= 1, "lora_rank must be >= 1")
@@ -137,6 +139,7 @@ class RunConfig:
     """Questions per generation call (each with its n samples)."""
 
     def __post_init__(self):
+        _check_finite(self)
         _check(self.backend in registry.BACKENDS, f"unknown backend {self.backend!r}: "
                f"choose {', '.join(registry.names())}")
         _check(1 <= self.n <= 16, "n must be between 1 and 16")
@@ -199,11 +202,21 @@ class RunConfig:
     def save(self, path: Path) -> None:
         from .rundir import atomic_write_text
 
-        atomic_write_text(path, json.dumps({"schema": SCHEMA, **self.to_dict()}, indent=2) + "\n")
+        atomic_write_text(path, json.dumps({"schema": SCHEMA, **self.to_dict()}, indent=2,
+                                           allow_nan=False) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> "RunConfig":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _check_finite(config) -> None:
+    """No inf or NaN in a number field: every check below would pass inf (``lr > 0``), and
+    config.json must stay JSON."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        _check(not isinstance(value, float) or math.isfinite(value),
+               f"{f.name} must be a finite number, not {value}")
 
 
 def _check(ok: bool, message: str) -> None:

@@ -27,6 +27,7 @@ import codecs
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -92,6 +93,23 @@ def load_split(path: str | Path, *, split: str | None = None,
     an answer that is there is still checked and normalised.
     """
     return list(_read_split(path, split=split, require_answer=require_answer))
+
+
+def fingerprint(task: Task) -> dict[str, dict]:
+    """Each split's row count and the SHA-256 of its rows as loaded (ids, questions,
+    options, answers, the other columns), after limits: what a run directory records so
+    that a resume on data changed in place is refused. It is of the content, so the same
+    data under another path (a trailing slash, a symlink, a copy) has the same fingerprint.
+    The hidden unlabeled answers are left out: no stage reads them (the report's
+    pseudo-label accuracy is worked out again on every run)."""
+    prints = {}
+    for split in SPLITS:
+        rows = [[ex.id, ex.question, ex.options, ex.answer, ex.meta]
+                for ex in getattr(task, split)]
+        text = json.dumps(rows, sort_keys=True, ensure_ascii=False, default=str)
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass"))  # JSON may hold "\udc80"
+        prints[split] = {"rows": len(rows), "sha256": digest.hexdigest()}
+    return prints
 
 
 def _read_split(path: str | Path, *, split: str | None,
@@ -255,6 +273,8 @@ def _options(raw, fail) -> tuple[str, ...] | None:
             raw = json.loads(raw)
         except json.JSONDecodeError as e:
             raise fail("options", f"not a JSON list: {e}") from None
+        except RecursionError:
+            raise fail("options", "JSON nested too deeply") from None
     if raw is None or raw == []:
         return None
     if not isinstance(raw, list):

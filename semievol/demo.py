@@ -60,7 +60,7 @@ def make_task(directory: Path, seed: int = 0, sizes: dict[str, int] | None = Non
     for split, size in (sizes or SIZES).items():
         with open(directory / f"{split}.jsonl", "w", encoding="utf-8") as f:
             for _ in range(size):
-                f.write(json.dumps(_ticket(rng, number)) + "\n")
+                f.write(json.dumps(_ticket(rng, number), allow_nan=False) + "\n")
                 number += 1
     return directory
 

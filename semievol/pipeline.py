@@ -18,7 +18,7 @@ from pathlib import Path
 from . import collaborate, evaluate, evolve, guard, propagate, selection
 from .backends import Backend
 from .config import EXTENDABLE, RESUMABLE, RunConfig
-from .data import load_task
+from .data import SPLITS, fingerprint, load_task
 from .errors import ConfigError
 from .rundir import RunDir
 from .collaborate import Mined
@@ -32,8 +32,8 @@ def run(config: RunConfig, backend: Backend, run_dir: str | Path, *, task: Task 
         quiet: bool = False) -> dict:
     """Run (or resume) SemiEvol; return the results also written to results.json."""
     rd = RunDir(run_dir)
-    _check_config(rd, config)
     task = task or load_task(config.data, limits=limits(config))
+    _check_config(rd, config, task)
     stages = _Run(config, backend, rd, quiet)
     base = config.model or backend.default_model
 
@@ -139,10 +139,11 @@ class _Run:
             self.rd.add_time(name, time.perf_counter() - start)
 
     def persist(self, name: str, records: list[Mined] | list[Prediction], usage: Usage) -> None:
-        """Append a finished batch's records, and count the tokens (and dollars) it used,
-        so a kill loses no record of spending (and a resumed ``--max-cost-usd`` sees it)."""
-        self.rd.append(name, [rec.to_json() for rec in records])
+        """Count the tokens (and dollars) a finished batch used, then append its records: a
+        kill between the two has the batch made and counted again (it was paid for twice),
+        so no spending goes uncounted (and a resumed ``--max-cost-usd`` sees it all)."""
         self.rd.add_usage(name, usage)
+        self.rd.append(name, [rec.to_json() for rec in records])
 
     def hold_out(self, labeled: list[Example]) -> tuple[list[Example], list[Example]]:
         """(train, validation): the validation slice (see guard.py), chosen once and kept
@@ -421,20 +422,49 @@ def limits(config: RunConfig) -> dict:
             "test": config.limit_test}
 
 
-def _check_config(rd: RunDir, config: RunConfig) -> None:
-    """A run directory belongs to one configuration: resuming with another is refused,
-    except for the options that cannot change results (``RESUMABLE``: the budget, batch
-    sizes) and the number of rounds (``EXTENDABLE``: given more, a finished run goes on
-    from its last round; given fewer, it reports those), which take their new values. A
+def _check_config(rd: RunDir, config: RunConfig, task: Task) -> None:
+    """A run directory belongs to one configuration and one data: resuming with another is
+    refused, except for the options that cannot change results (``RESUMABLE``: the budget,
+    batch sizes) and the number of rounds (``EXTENDABLE``: given more, a finished run goes
+    on from its last round; given fewer, it reports those), which take their new values. A
     field added to RunConfig after the run was made reads as its default, so a newer
-    semievol resumes an older run."""
+    semievol resumes an older run. The data is compared by content (the manifest's
+    ``data``: each split's fingerprint), not by path; config.json is written only when it
+    changes, so a finished run resumes on a read-only directory."""
     path = rd.path / "config.json"
-    if path.exists():
-        saved = RunConfig.load(path).to_dict()
+    saved = RunConfig.load(path) if path.exists() else None
+    data = fingerprint(task)
+    _check_data(rd, data, moved=saved is not None and
+                Path(saved.data).resolve() != Path(config.data).resolve())
+    if saved is not None:
+        config = config.replace(data=saved.data)  # the path it was made with; same content
         changed = sorted(k for k, v in config.to_dict().items()
-                         if k not in RESUMABLE | EXTENDABLE and saved[k] != v)
+                         if k not in RESUMABLE | EXTENDABLE and saved.to_dict()[k] != v)
         if changed:
             raise ConfigError(f"{rd.path} was made with a different configuration "
                               f"({', '.join(changed)} differ): resume it with the same "
                               "options, or choose a new --out")
-    config.save(path)
+    if "data" not in rd.manifest:
+        rd.manifest["data"] = data
+        rd.save()
+    if config != saved:
+        config.save(path)
+
+
+def _check_data(rd: RunDir, now: dict, *, moved: bool) -> None:
+    """Refuse a resume on data whose content changed (``now``: its fingerprint), naming
+    the splits that did. A run made before fingerprints were kept is resumed only from the
+    same directory, and takes its fingerprint then."""
+    then = rd.manifest.get("data")
+    if then is None:
+        if moved:
+            raise ConfigError(f"{rd.path} was made on other --data: resume it with the "
+                              "same data, or choose a new --out")
+        return
+    changed = [f"{split} ({then[split]['rows']} rows then, {now[split]['rows']} now"
+               + (")" if then[split]["rows"] != now[split]["rows"] else ", other content)")
+               for split in SPLITS if then.get(split) != now[split]]
+    if changed:
+        raise ConfigError(f"{rd.path} was made on other data: the {'; '.join(changed)} "
+                          "changed since. Its stages hold answers to the data it was made on: "
+                          "run on that data, or choose a new --out for this one")

@@ -101,25 +101,28 @@ def _verdict(c: dict, n: int, name) -> str:
     return f"kept {cand}: {numbers}; no evidence of harm (p = {c['p_harm']:.2f})"
 
 
-def write_report(run_dir: Path) -> Path:
+def write_report(run_dir: Path, out: Path | None = None) -> Path:
     """report.md plus accuracy.png, entropy.png, (with hidden answers) pseudo_accuracy.png
-    and (with a validation slice) validation.png, the guard's evidence."""
+    and (with a validation slice) validation.png, the guard's evidence; in ``out`` (the run
+    directory by default: one that is read-only is only read)."""
+    out = out or run_dir
+    out.mkdir(parents=True, exist_ok=True)
     results = json.loads((run_dir / "results.json").read_text())
     plt = _pyplot()
-    figures = [_accuracy_figure(plt, results, run_dir / "accuracy.png")]
+    figures = [_accuracy_figure(plt, results, out / "accuracy.png")]
     records, selected = _mined(run_dir, results)
     if records:
-        figures.append(_entropy_figure(plt, records, selected, run_dir / "entropy.png"))
+        figures.append(_entropy_figure(plt, records, selected, out / "entropy.png"))
     pseudo = run_dir / "pseudo_labels.json"
     if pseudo.exists():
         figures.append(_bucket_figure(plt, json.loads(pseudo.read_text()),
-                                      run_dir / "pseudo_accuracy.png"))
+                                      out / "pseudo_accuracy.png"))
     if (results.get("validation") or {}).get("comparisons"):
-        figures.append(_evidence_figure(plt, results, run_dir / "validation.png"))
+        figures.append(_evidence_figure(plt, results, out / "validation.png"))
     text = ["# SemiEvol run report", "", "```", summary(results), "```", ""]
     text += _validation_table(results)
     text += [f"![{p.stem}]({p.name})" for p in figures if p]
-    path = run_dir / "report.md"
+    path = out / "report.md"
     atomic_write_text(path, "\n".join(text) + "\n")
     return path
 

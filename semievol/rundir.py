@@ -3,7 +3,8 @@ loses no finished work.
 
     RUN_DIR/
       config.json          the RunConfig (written once, atomically)
-      manifest.json        run id, stage status, model references, usage, timings (atomic)
+      manifest.json        run id, stage status, model references, usage, timings, each
+                           split's fingerprint (atomic)
       <stage>.jsonl        one record per finished item, appended and flushed as it finishes
       <stage>.json         whole-stage outputs (atomic)
       results.json         written last, atomically
@@ -17,6 +18,7 @@ backend returns the finished model instead of training or paying again.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -42,12 +44,17 @@ def slug(key: str) -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a whole file so readers see the old content or the new, never a mix."""
+    """Write a whole file so readers see the old content or the new, never a mix. A file
+    that holds ``text`` already is left alone, so a finished run resumes (and rewrites
+    nothing) on a read-only directory."""
     path = Path(path)
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if path.read_text(encoding="utf-8") == text:
+            return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with naming(path), os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -57,8 +64,20 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+@contextlib.contextmanager
+def naming(path: Path):
+    """Give an OSError that names no file (a write or fsync on a full disk) ``path``, so
+    the error a person reads says where."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+
+
 def atomic_write_json(path: Path, data) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 class RunDir:
@@ -152,9 +171,9 @@ class RunDir:
         if name not in self._appending:
             _drop_torn_tail(path)
             self._appending.add(name)
-        with open(path, "a", encoding="utf-8") as f:
+        with naming(path), open(path, "a", encoding="utf-8") as f:
             for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                f.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
 

@@ -1,21 +1,48 @@
 """The command line on the fake backend: run, report, compare, help, and bad input."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from semievol import ConfigError, RunConfig
 from semievol.cli import main
 from semievol.demo import make_task
-from conftest import need  # noqa: E402
+from conftest import need, require  # noqa: E402
 
 
-def semievol(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "semievol", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=120)
+def semievol(*args, cwd=None, read_only: Path | None = None):
+    """The command line in a process of its own; ``read_only``: with that folder read-only
+    (a read-only bind mount for root, whom file modes do not stop; else file modes)."""
+    command = [sys.executable, "-m", "semievol", *args]
+    if read_only is None:
+        return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=120)
+    if os.geteuid() == 0:
+        require(shutil.which("unshare") is not None, "needs unshare to mount a folder read-only")
+        command = ["unshare", "-m", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$@"',
+                   str(read_only), *command]
+        return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=120)
+    with _without_write_permission(read_only):
+        return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+@contextlib.contextmanager
+def _without_write_permission(folder: Path):
+    modes = {p: p.stat().st_mode for p in [folder, *folder.rglob("*")]}
+    for p, mode in modes.items():
+        p.chmod(mode & ~0o222)
+    try:
+        yield
+    finally:
+        for p, mode in modes.items():
+            p.chmod(mode)
 
 
 @pytest.mark.parametrize("command", ["run", "eval", "report", "compare", "serve", "demo"])
@@ -135,3 +162,140 @@ def test_dtype_reaches_the_hf_backend(flag, dtype, tmp_path):
         backend = make_backend(args, tmp_path)  # builds the backend; loads no model yet
         assert backend.runtime()["dtype"] == dtype
     assert _parser().parse_args(["serve", *flag]).dtype == (flag[1] if flag else "auto")
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--temperature", "--max-cost-usd", "--epochs"])
+def test_non_finite_numbers_are_refused(tmp_path, flag, capsys):
+    """Issue 25, break 7: `--lr inf` passed `lr > 0` and config.json then held Infinity."""
+    data = make_task(tmp_path / "data")
+    for value in ("inf", "-inf", "nan"):
+        assert main(["run", "--data", str(data), "--backend", "fake", "--out",
+                     str(tmp_path / "r"), f"{flag}={value}", "--quiet"]) == 2
+        assert "must be a finite number" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "config.json").exists()
+
+
+def test_a_resume_on_data_changed_in_place_is_refused_naming_the_split(tmp_path, capsys):
+    """Issue 25, break 1: a resume compared only the --data path, so a run on changed data
+    reused stages made on the old data. The same data by another path is no change."""
+    data = make_task(tmp_path / "data")
+    out = tmp_path / "run"
+    args = ["run", "--backend", "fake", "--out", str(out), "--limit-unlabeled", "20",
+            "--limit-test", "10", "--quiet"]
+    assert main([*args, "--data", str(data)]) == 0
+    (tmp_path / "link").symlink_to(data)
+    for same in (f"{data}/", str(tmp_path / "link")):
+        (out / "results.json").unlink()
+        assert main([*args, "--data", same]) == 0
+    labeled = (data / "labeled.jsonl").read_text().splitlines()
+    (data / "labeled.jsonl").write_text("\n".join(labeled[:10]) + "\n")
+    rows = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["answer"] = "ABC"[("ABC".index(row["answer"]) + 1) % 3]
+    (data / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (out / "results.json").unlink()
+    capsys.readouterr()
+    assert main([*args, "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert f"labeled ({len(labeled)} rows then, 10 now)" in err
+    assert "test (10 rows then, 10 now, other content)" in err and "unlabeled" not in err
+    assert not (out / "results.json").exists()
+
+
+def _files(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in folder.rglob("*")}
+
+
+def test_a_finished_run_resumes_and_reports_on_a_read_only_directory(tmp_path, capsys):
+    """Issue 25, break 6: every resume rewrote config.json, so a read-only run directory
+    failed with nothing left to do; `semievol report` failed the same way."""
+    data, out = make_task(tmp_path / "data"), tmp_path / "run"
+    args = ["run", "--data", str(data), "--backend", "fake", "--out", str(out),
+            "--limit-unlabeled", "20", "--limit-test", "10", "--quiet"]
+    assert main(args) == 0
+    before = _files(out)
+    result = semievol(*args, read_only=out)
+    assert result.returncode == 0, result.stderr
+    assert "SemiEvol" in result.stdout and _files(out) == before
+    result = semievol("report", str(out), read_only=out)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "--out" in result.stderr
+    assert str(out) in result.stderr
+    result = semievol("report", str(out), "--out", str(tmp_path / "report"), read_only=out)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "report" / "report.md").exists() and _files(out) == before
+
+
+def test_a_full_disk_is_one_line_that_says_where_and_that_running_again_resumes(
+        tmp_path, capsys, monkeypatch):
+    """Issue 25, break 5: a full disk ended in a chained traceback."""
+    from semievol import rundir
+
+    data, out = make_task(tmp_path / "data"), tmp_path / "run"
+    args = ["run", "--data", str(data), "--backend", "fake", "--out", str(out),
+            "--limit-unlabeled", "20", "--limit-test", "10", "--quiet"]
+    fsync, calls = os.fsync, []
+
+    def full(fd):
+        calls.append(fd)
+        if len(calls) > 12:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    monkeypatch.setattr(rundir.os, "fsync", full)
+    assert main(args) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and str(out) in err[0]
+    assert "run the same command again" in err[0]
+    monkeypatch.setattr(rundir.os, "fsync", fsync)
+    assert main(args) == 0 and (out / "results.json").exists()
+
+
+def test_a_run_killed_and_resumed_on_the_fake_backend_gives_the_same_results(tmp_path):
+    """Issue 25, break 8: the fake backend forgot its fine-tunes when its process died, so
+    a kill and resume through the command line gave other results."""
+    data = make_task(tmp_path / "data")
+
+    def args(out):
+        return ["run", "--data", str(data), "--backend", "fake", "--out", str(tmp_path / out),
+                "--generation-batch", "1", "--quiet"]
+
+    assert semievol(*args("whole")).returncode == 0
+    killed = subprocess.Popen([sys.executable, "-m", "semievol", *args("killed")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    mined = tmp_path / "killed" / "collaborate_r1.jsonl"
+    while killed.poll() is None and not (mined.exists() and mined.stat().st_size > 0):
+        pass
+    killed.kill()
+    killed.wait()
+    assert not (tmp_path / "killed" / "results.json").exists()  # it stopped part-way
+    assert semievol(*args("killed")).returncode == 0
+    whole, resumed = (json.loads((tmp_path / out / "results.json").read_text())
+                      for out in ("whole", "killed"))
+    for run in (whole, resumed):  # model references carry the run's id
+        for r in run["rounds"]:
+            del r["model"]
+    for key in ("eval", "unlabeled", "rounds", "validation", "final"):
+        assert resumed[key] == whole[key], key
+    for name, spent in whole["usage"].items():  # a batch cut by the kill is made again
+        assert (resumed["usage"][name] or 0) >= (spent or 0), name
+
+
+def test_a_budget_on_a_model_without_a_price_is_refused_and_a_price_can_be_given(tmp_path):
+    """Issue 25: --max-cost-usd on a model the price list lacks was silently not kept."""
+    from semievol.cli import _parser, make_backend
+
+    def backend(*flags):
+        args = _parser().parse_args(["run", "--data", "d", "--backend", "openai", "--model",
+                                     "my-model", "--base-url", "http://127.0.0.1:9/v1", *flags])
+        return make_backend(args, tmp_path, max_cost_usd=1.0)
+
+    with pytest.raises(ConfigError, match="my-model's price.*--price MODEL=INPUT,OUTPUT,TRAINING"):
+        backend()
+    with pytest.raises(ConfigError, match="my-model's training price"):
+        backend("--price", "my-model=0.1,0.2")
+    assert backend("--price", "my-model=0.1,0.2,3").budget.limit_usd == 1.0
+    for bad in ("my-model=cheap", "my-model=1,2,3,4", "=1", "my-model=-1", "my-model=inf"):
+        with pytest.raises(ConfigError, match="--price"):
+            backend("--price", bad)

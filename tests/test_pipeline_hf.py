@@ -102,3 +102,57 @@ def test_killed_during_inference_resumes_without_loss_or_repeats(shared, tmp_pat
     adapters = sorted(p.name for p in (out / "backend" / "adapters").iterdir() if not p.name.startswith("."))
     assert len(adapters) == 2  # one warm-up, one evolve
     check_schema(json.loads((out / "results.json").read_text()))
+
+
+TINY = ["--limit-labeled", "8", "--limit-unlabeled", "8", "--limit-test", "8", "--validation",
+        "0", "--n", "2", "--max-tokens", "6", "--generation-batch", "4"]
+"""Over SLICE (the last value of a flag wins): a run of a minute or two on two CPU cores."""
+
+
+def test_killed_at_random_points_resumes_to_an_uninterrupted_runs_results(shared, tmp_path):
+    """Issue 25: kill -9 at random points of a real run, then resume: the results equal an
+    uninterrupted run's, no item is recorded twice, and no adapter is trained twice (nor
+    any stage done twice: a stage done before a kill takes no more time after it). The
+    kill times are printed, to replay one."""
+    import random
+
+    start = time.time()
+    result = run_cli(shared, tmp_path / "whole", *TINY)
+    assert result.returncode == 0, result.stdout + result.stderr
+    took = time.time() - start
+    out = tmp_path / "killed"
+    adapters = out / "backend" / "adapters"
+    seed = int(os.environ.get("SEMIEVOL_KILL_SEED", random.randrange(1 << 30)))
+    rng = random.Random(seed)
+    kills = sorted(rng.uniform(0.1, 0.9) * took for _ in range(2))
+    print(f"SEMIEVOL_KILL_SEED={seed}: kills {kills} s into runs of {took:.0f} s")
+    done: dict[str, float] = {}  # stage -> its time, once it is done
+    for after in kills:
+        proc = run_cli(shared, out, *TINY, wait=False)
+        try:
+            proc.wait(timeout=after)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        manifest = json.loads((out / "manifest.json").read_text()) \
+            if (out / "manifest.json").exists() else {"stages": {}}
+        for stage, info in manifest["stages"].items():
+            if info["status"] == "done" and stage in manifest["timings_s"]:
+                done.setdefault(stage, manifest["timings_s"][stage])
+    result = run_cli(shared, out, *TINY)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    whole, resumed = (json.loads((tmp_path / d / "results.json").read_text())
+                      for d in ("whole", "killed"))
+    for run in (whole, resumed):  # model references name the run's own directory
+        for r in run["rounds"]:
+            del r["model"]
+    for key in ("eval", "unlabeled", "rounds", "sizes", "final"):
+        assert resumed[key] == whole[key], key
+    for jsonl in out.glob("*.jsonl"):
+        ids = [json.loads(line)["id"] for line in jsonl.read_text().splitlines()]
+        assert len(ids) == len(set(ids)), jsonl.name
+    names = sorted(p.name for p in adapters.iterdir() if not p.name.startswith("."))
+    assert len(names) == 2  # one warm-up, one evolve
+    timings = json.loads((out / "manifest.json").read_text())["timings_s"]
+    assert {stage: timings[stage] for stage in done} == done

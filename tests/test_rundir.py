@@ -27,3 +27,14 @@ def test_a_file_that_is_all_torn_is_emptied(tmp_path):
     rd = RunDir(tmp_path)
     rd.append("stage", [{"id": "1"}])
     assert rd.records("stage") == [{"id": "1"}]
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_json_is_written_strict(tmp_path, value):
+    """Issue 25, break 7: NaN and Infinity are not JSON; writing one is refused, not done."""
+    rd = RunDir(tmp_path)
+    with pytest.raises(ValueError):
+        rd.write_json("x.json", {"x": value})
+    with pytest.raises(ValueError):
+        rd.append("stage", [{"x": value}])
+    assert not (tmp_path / "x.json").exists() and rd.records("stage") == []

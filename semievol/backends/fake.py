@@ -2,20 +2,26 @@
 
 No model and no network. Answers come from a ``rule`` you give it (scripted per prompt,
 sample and model), or by default from what it was "trained" on: a fine-tuned reference
-answers a training prompt with that example's answer, and everything else with
-``default_answer``. Token logprobs are derived from a hash of the text (or given by the
-rule), embeddings are hashed bags of words, and every call is recorded in ``calls``.
+answers a training prompt with that example's answer, and anything else with the answer
+it was trained on most often (the base model with ``default_answer``). Token logprobs are
+derived from a hash of the text (or given by the rule), embeddings are hashed bags of
+words, and every call is recorded in ``calls``.
+With a ``workdir`` its fine-tunes are kept there (one JSON file each), so a run killed and
+resumed through the command line answers as one that was never stopped.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..rundir import atomic_write_json, slug
 from ..types import ChatExample, Embeddings, Generation, Generations, Message, ModelRef, Usage
 from . import library_versions
 
@@ -56,13 +62,20 @@ class FakeBackend:
         self.calls: list[tuple[str, dict]] = []
         self.trained: dict[str, tuple[str, tuple[ChatExample, ...]]] = {}
         """reference -> (its base, the examples it was fine-tuned on)."""
+        self.saved = Path(workdir) / "finetunes" if workdir is not None else None
+        for path in sorted(self.saved.glob("*.json")) if self.saved else []:
+            record = json.loads(path.read_text())
+            self.trained[record["ref"]] = (record["base"], _examples(record["examples"]))
 
     # -- Backend protocol ---------------------------------------------------------------
     def finetune(self, base, examples, config, *, key):
         ref = f"fake-ft:{key}"
         self.calls.append(("finetune", {"base": base, "n_examples": len(examples), "key": key}))
         if ref not in self.trained:
-            self.trained[ref] = (base, tuple(tuple(dict(m) for m in ex) for ex in examples))
+            self.trained[ref] = (base, _examples(examples))
+            if self.saved is not None:
+                atomic_write_json(self.saved / f"{slug(key)}.json",
+                                  {"ref": ref, "base": base, "examples": self.trained[ref][1]})
         _, trained = self.trained[ref]
         words = sum(_count(m["content"]) for ex in trained for m in ex)
         return ModelRef(ref, Usage(trained_tokens=round(words * config.epochs)))
@@ -111,10 +124,15 @@ class FakeBackend:
         for example in reversed(call.trained):
             if example[-2]["content"] == call.user:
                 return example[-1]["content"]
-        return self.default_answer
+        answers = Counter(example[-1]["content"] for example in call.trained)
+        return answers.most_common(1)[0][0] if answers else self.default_answer
 
     def calls_of(self, method: str) -> list[dict]:
         return [kwargs for name, kwargs in self.calls if name == method]
+
+
+def _examples(examples) -> tuple[ChatExample, ...]:
+    return tuple(tuple(dict(m) for m in ex) for ex in examples)
 
 
 def _generation(text: str) -> Generation:

@@ -228,6 +228,8 @@ class HostedBackend:
         self.max_wait = max_wait
         self.quiet = quiet
         self.extra_body = extra_body
+        if max_cost_usd is not None:
+            _check_priced(self.prices, api.title, self.default_model, self.embed_model)
         self.spending = Spending(max_cost_usd, spent_usd)
         self.budget = self.spending.budget
         key = api_key or os.environ.get(api.key_env)
@@ -479,6 +481,24 @@ class Records:
         return [json.loads(p.read_text()) for p in sorted((self.workdir / kind).glob("*.json"))]
 
 
+def _check_priced(prices: dict[str, cost.Price], title: str, model: str,
+                  embed_model: str) -> None:
+    """A budget sees only priced steps (one without a price passes it): refuse a budget the
+    run could not keep, rather than quietly not keep it."""
+    missing = []
+    price = cost.price_of(model, prices)
+    if price is None or price.training is None:
+        missing.append(f"{model}'s {'price' if price is None else 'training price'}")
+    if embed_model != model and cost.price_of(embed_model, prices) is None:
+        missing.append(f"{embed_model}'s price")
+    if missing:
+        raise ConfigError(f"--max-cost-usd cannot be kept: {title}'s price list lacks "
+                          f"{' and '.join(missing)}. Give it in USD per 1M tokens with "
+                          "--price MODEL=INPUT,OUTPUT,TRAINING (in Python: prices={MODEL: "
+                          "{'input': ..., 'output': ..., 'training': ...}}), or drop "
+                          "--max-cost-usd")
+
+
 class Spending:
     """A hosted backend's running total of what its calls used, and the budget that reads
     it. Calls run in threads, hence the lock. Each call also hands its own usage back with
@@ -575,7 +595,8 @@ def whole_epochs(epochs: float, provider: str) -> int:
 
 
 def jsonl(rows: Iterable) -> bytes:
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
+    return "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n"
+                   for row in rows).encode()
 
 
 def is_loopback(address: str) -> bool:

@@ -12,6 +12,7 @@ install hint then).
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -96,7 +97,25 @@ def _load_hosted(provider: Callable, model: str | None = None, **options):
 
 def _hosted_options(args) -> dict:
     return {"model": args.model, "base_url": args.base_url, "api_key": args.api_key,
-            "timeout": args.timeout, "batch_mode": args.openai_batch}
+            "timeout": args.timeout, "batch_mode": args.openai_batch,
+            "prices": prices(args.price or [])}
+
+
+def prices(given: list[str]) -> dict[str, cost.Price]:
+    """``--price MODEL=INPUT,OUTPUT[,TRAINING]`` (USD per 1M tokens), each as a Price."""
+    table = {}
+    for text in given:
+        model, _, numbers = text.rpartition("=")
+        try:
+            values = [float(v) for v in numbers.split(",")]
+        except ValueError:
+            values = []
+        if not model or not 1 <= len(values) <= 3 or \
+                not all(math.isfinite(v) and v >= 0 for v in values):
+            raise ConfigError(f"--price {text!r}: expected MODEL=INPUT,OUTPUT,TRAINING, "
+                              "in USD per 1M tokens (OUTPUT and TRAINING may be left out)")
+        table[model] = cost.Price(**dict(zip(("input", "output", "training"), values)))
+    return table
 
 
 def _load_hf(**options):

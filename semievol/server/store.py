@@ -151,7 +151,7 @@ class Store:
                   "created_at": now(), "filename": filename, "purpose": purpose,
                   "status": "processed"}
         with self._change() as db:
-            db.execute("INSERT INTO files VALUES (?, ?)", (file_id, json.dumps(record)))
+            db.execute("INSERT INTO files VALUES (?, ?)", (file_id, _json(record)))
         return record
 
     def file(self, file_id: str) -> dict | None:
@@ -184,7 +184,7 @@ class Store:
     # -- jobs ---------------------------------------------------------------------------
     def add_job(self, record: dict) -> dict:
         with self._change() as db:
-            db.execute("INSERT INTO jobs VALUES (?, ?)", (record["id"], json.dumps(record)))
+            db.execute("INSERT INTO jobs VALUES (?, ?)", (record["id"], _json(record)))
         return record
 
     def job(self, job_id: str) -> dict | None:
@@ -208,7 +208,7 @@ class Store:
             if record is None or (only_from is not None and record["status"] not in set(only_from)):
                 return None
             record.update(changes)
-            db.execute("UPDATE jobs SET record = ? WHERE id = ?", (json.dumps(record), job_id))
+            db.execute("UPDATE jobs SET record = ? WHERE id = ?", (_json(record), job_id))
             if event:
                 self._insert_event(db, job_id, event, level, None)
             return record
@@ -227,7 +227,7 @@ class Store:
     def save_examples(self, job_id: str, examples: list[ChatExample]) -> None:
         with self._change() as db:
             db.execute("INSERT OR REPLACE INTO examples VALUES (?, ?)",
-                       (job_id, json.dumps(examples)))
+                       (job_id, _json(examples)))
 
     def examples(self, job_id: str) -> list[ChatExample]:
         found = self._one("examples of job", job_id,
@@ -238,7 +238,7 @@ class Store:
     def add_model(self, name: str, ref: str, *, job_id: str, base: str) -> None:
         record = {"ref": ref, "job": job_id, "base": base, "created": now()}
         with self._change() as db:
-            db.execute("INSERT OR REPLACE INTO models VALUES (?, ?)", (name, json.dumps(record)))
+            db.execute("INSERT OR REPLACE INTO models VALUES (?, ?)", (name, _json(record)))
 
     def model(self, name: str) -> dict | None:
         return self._one("model", name, "SELECT record FROM models WHERE name = ?")
@@ -269,7 +269,7 @@ class Store:
                 return _decode("idempotent response", key, row[1])
             response = make()
             db.execute("INSERT INTO idempotency VALUES (?, ?, ?, ?)",
-                       (scope, key, digest, json.dumps(response)))
+                       (scope, key, digest, _json(response)))
             return response
 
     # -- plumbing -----------------------------------------------------------------------
@@ -281,7 +281,7 @@ class Store:
                  "created_at": now(), "level": level, "message": message,
                  "data": data or {}, "type": "metrics" if data else "message"}
         db.execute("INSERT INTO events (job_id, record) VALUES (?, ?)",
-                   (job_id, json.dumps(event)))
+                   (job_id, _json(event)))
 
     def _one(self, what: str, name: str, sql: str):
         with self.lock:
@@ -389,21 +389,26 @@ def _import_json_layout(store: Store) -> None:
     with store._change() as db:
         for path in sorted(store.files_dir.glob("file-*.json")):
             if valid_id("file", path.stem) and isinstance(record := read(path), dict):
-                db.execute("INSERT OR IGNORE INTO files VALUES (?, ?)", (path.stem, json.dumps(record)))
+                db.execute("INSERT OR IGNORE INTO files VALUES (?, ?)", (path.stem, _json(record)))
         for path in sorted(jobs_dir.glob("ftjob-*.json")):
             job_id = path.name.split(".")[0]
             if not valid_id("ftjob", job_id):
                 continue
             record = read(path)
             if path.name == f"{job_id}.json" and isinstance(record, dict):
-                db.execute("INSERT OR IGNORE INTO jobs VALUES (?, ?)", (job_id, json.dumps(record)))
+                db.execute("INSERT OR IGNORE INTO jobs VALUES (?, ?)", (job_id, _json(record)))
             elif path.name.endswith(".events.json") and isinstance(record, list):
                 for event in record:
                     db.execute("INSERT INTO events (job_id, record) VALUES (?, ?)",
-                               (job_id, json.dumps(event)))
+                               (job_id, _json(event)))
             elif path.name.endswith(".examples.json") and isinstance(record, list):
-                db.execute("INSERT OR IGNORE INTO examples VALUES (?, ?)", (job_id, json.dumps(record)))
+                db.execute("INSERT OR IGNORE INTO examples VALUES (?, ?)", (job_id, _json(record)))
         models = store.root / "models.json"
         if models.exists() and isinstance(record := read(models), dict):
             for name, entry in record.items():
-                db.execute("INSERT OR IGNORE INTO models VALUES (?, ?)", (name, json.dumps(entry)))
+                db.execute("INSERT OR IGNORE INTO models VALUES (?, ?)", (name, _json(entry)))
+
+
+def _json(value) -> str:
+    """A record as strict JSON (no NaN or Infinity, which other readers refuse)."""
+    return json.dumps(value, allow_nan=False)

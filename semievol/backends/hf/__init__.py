@@ -208,7 +208,7 @@ class HFBackend:
             record = {"base": base_ref, "parent": parent, "key": key,
                       "examples": len(features), "trained_tokens": trained,
                       "config": dataclasses.asdict(config)}
-            (saved / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+            (saved / RECORD).write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
             publish(saved, final)
         except Exception as e:
             if isinstance(self._model, PeftModel) and name in self._model.peft_config:
