@@ -16,8 +16,8 @@ OpenAI is closing self-serve fine-tuning (no new jobs for anyone from 2027-01-06
 already refuses your organisation, the openai run stops and says so.
 
 Give BASE_URL and MODEL (a `semievol serve` address and the model it serves) to run both
-backends, each in its own API dialect, against that one local server for free: the tests do
-so with `semievol serve --backend fake`.
+backends, each in its own API dialect, against that one local server for free (so without a
+budget: a local model has no price): the tests do so with `semievol serve --backend fake`.
 """
 import sys
 from pathlib import Path
@@ -36,7 +36,7 @@ def main(data: str, out: Path, base_url: str | None = None, model: str | None = 
     for backend_name, hosted in HOSTED.items():
         run_dir = out / f"compare-{backend_name}"
         config = RunConfig(data=data, backend=backend_name, model=model or hosted,
-                           base_url=base_url, max_cost_usd=5.0)
+                           base_url=base_url, max_cost_usd=None if base_url else 5.0)
         backend = load_backend(backend_name, model=config.model, base_url=base_url,
                                workdir=run_dir / "backend", max_cost_usd=config.max_cost_usd,
                                quiet=quiet)
