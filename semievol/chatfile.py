@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 
+from .errors import FinetuneFailed
 from .types import ChatExample
 
 MIN_EXAMPLES = 10
@@ -124,3 +125,24 @@ def example_problem(example, roles: frozenset[str] = ROLES,
     if not any(m["role"] == "assistant" for m in example):
         return "no assistant message"
     return None
+
+
+def encode_example(tok, example: ChatExample, max_length: int) -> dict:
+    """Token ids of a whole chat, labels only on the final assistant message.
+
+    The prompt is tokenized exactly as generation tokenizes it (chat template with the
+    generation prompt) and the answer's text after it, so training and inference see the
+    same tokens. Cut on the right to ``max_length``."""
+    if not example or example[-1].get("role") != "assistant":
+        raise FinetuneFailed("a training example must end with an assistant message")
+    prompt = tok.apply_chat_template(list(example[:-1]), tokenize=False,
+                                     add_generation_prompt=True)
+    full = tok.apply_chat_template(list(example), tokenize=False)
+    if not full.startswith(prompt):
+        raise FinetuneFailed("the chat template renders the prompt differently inside the "
+                             "full conversation; cannot mask it")
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tok(full[len(prompt):].rstrip("\n"), add_special_tokens=False)["input_ids"]
+    ids = (prompt_ids + answer_ids)[:max_length]
+    labels = ([-100] * len(prompt_ids) + answer_ids)[:max_length]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}

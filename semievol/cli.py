@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import argparse
 import errno
+import itertools
 import json
 import logging
 import sys
 from pathlib import Path
 
-from . import ranks
+from . import ranks, track
 from .backends import registry
 from .config import RECIPES, VIEWS, FinetuneConfig, RunConfig
+from .annotation import FORMATS
 from .errors import BackendUnavailable, ConfigError, SemievolError
+from .suggest import DEFAULT_STRATEGY, STRATEGIES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +63,9 @@ def _parser() -> argparse.ArgumentParser:
                          "collaborative pseudo-labelling, entropy selection, evolve, evaluate. "
                          "Running again on the same --out resumes.")
     run.add_argument("--data", required=True, help="directory with labeled, unlabeled and test "
-                     "files (.csv or .jsonl: question, options, answer)")
+                     "files (.csv, .jsonl or .parquet: question, options, answer), a "
+                     "Hugging Face datasets folder (save_to_disk) with those splits, or "
+                     "hf://datasets/NAME[:CONFIG] (from the datasets cache)")
     _backend_args(run)
     run.add_argument("--out", help="run directory (default: runs/<task>-<backend>)")
     run.add_argument("--n", type=int, default=4, help="collaborating inferences per question (4)")
@@ -102,6 +107,10 @@ def _parser() -> argparse.ArgumentParser:
                         ("cl", "collaborative learning (one greedy inference instead)"),
                         ("as", "adaptive selection (keep every pseudo-label)")]:
         run.add_argument(f"--no-{stage}", action="store_true", help=f"ablation: without {what}")
+    run.add_argument("--columns", metavar="FIELD=COLUMN,...",
+                     help="the data's own column names: question=text,answer=label,"
+                     "options=choices (an integer label with a ClassLabel feature reads as "
+                     "its class name)")
     for split in ("labeled", "unlabeled", "test"):
         run.add_argument(f"--limit-{split}", type=int, metavar="N", help=f"use the first N {split} items")
     run.add_argument("--validation", type=int, metavar="N", help="labeled examples held out to "
@@ -114,6 +123,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-cost-usd", type=float, help="stop before a step that would pass this cost")
     run.add_argument("--dry-run", action="store_true", help="print the estimated cost and stop")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--report-to", default="none", metavar="TRACKERS",
+                     help="also log to these experiment trackers, comma-separated: "
+                     "mlflow, tensorboard, trackio, wandb (none); each is configured by its "
+                     "own environment variables (MLFLOW_TRACKING_URI, WANDB_MODE...) and "
+                     'installed with its extra: pip install "semievol[mlflow]"')
     run.set_defaults(func=_cmd_run)
 
     ev = sub.add_parser("eval", help="evaluate one model on a split",
@@ -139,11 +153,13 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--figure", default="compare.png", help="where to write the figure")
     cmp_.set_defaults(func=_cmd_compare)
 
-    srv = sub.add_parser("serve", help="serve an OpenAI- and Together-compatible API over a "
-                         "local backend",
+    srv = sub.add_parser("serve", help="serve an OpenAI-, Together- and Tinker-compatible "
+                         "API over a local backend",
                          description="OpenAI-compatible fine-tuning, chat (with logprobs) and "
                          "embeddings API over a local backend; Together's dialect "
-                         "(/v1/files/upload, /v1/fine-tunes, integer logprobs) on the same port.")
+                         "(/v1/files/upload, /v1/fine-tunes, integer logprobs) and, on the hf "
+                         "backend, the Tinker API (/api/v1/..., for the tinker SDK) on the "
+                         "same port.")
     srv.add_argument("--backend", default="hf", choices=registry.names(hosted=False))
     srv.add_argument("--model", help="base model (default: the embedded smollm2-135m)")
     _dtype_arg(srv)
@@ -155,16 +171,61 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key-file", help="require the bearer token this file holds")
     srv.add_argument("--max-upload-mb", type=int, default=512, help="largest accepted upload (512)")
     srv.add_argument("--vllm-url", help=VLLM_HELP)
+    srv.add_argument("--dedicated-lora", action="store_true",
+                     help="serve the fine-tunes of Together's dialect only on dedicated "
+                     "endpoints (/v1/endpoints), as api.together.ai does for some models")
     srv.set_defaults(func=_cmd_serve)
 
-    exp = sub.add_parser("export", help="write a base model as a plain Hugging Face folder",
-                         description="Write a base model (e.g. the embedded smollm2-135m, read "
-                         "from its GGUF file) as a Hugging Face folder that vLLM and other "
-                         "engines load.")
-    exp.add_argument("model", help="base model reference (smollm2-135m, a hub id or a folder)")
-    exp.add_argument("out", help="the folder to write")
-    exp.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    exp = sub.add_parser("export", help="a run's model as an adapter (or merged) folder with "
+                         "a model card; or a base model as a plain Hugging Face folder",
+                         description="semievol export RUN_DIR --out DIR [--model final] "
+                         "[--merge] [--push-to-hub REPO]: the run's model as a PEFT adapter "
+                         "folder (or merged weights) with a model card (README.md); for a "
+                         "hosted run, the card and the provider's model id. "
+                         "semievol export MODEL DIR [--dtype D]: a base model (e.g. the "
+                         "embedded smollm2-135m, read from its GGUF file) as a Hugging Face "
+                         "folder that vLLM and other engines load.")
+    exp.add_argument("source", metavar="RUN_DIR|MODEL",
+                     help="a run directory, or a base model reference (smollm2-135m, a hub "
+                     "id or a folder)")
+    exp.add_argument("dest", nargs="?", metavar="DIR", help="the folder to write (or --out)")
+    exp.add_argument("--out", help="the folder to write")
+    exp.add_argument("--model", default="final", choices=["final", "semievol", "sft"],
+                     help="which of the run's models (final: the one the guard chose)")
+    exp.add_argument("--merge", action="store_true",
+                     help="merge the adapter into the base model's weights")
+    exp.add_argument("--push-to-hub", metavar="REPO",
+                     help="then upload the folder to this Hugging Face Hub repository")
+    exp.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                     help="number type of written weights (bfloat16 for a base model, "
+                     "float32 for --merge)")
     exp.set_defaults(func=_cmd_export)
+
+    sug = sub.add_parser("suggest", help="which unlabeled items to label next",
+                         description="Rank a run's unlabeled items by how much a human label "
+                         "would help, and write them with the run's pseudo-label as a "
+                         "pre-annotation for Label Studio, Argilla or a spreadsheet.")
+    sug.add_argument("run_dir")
+    sug.add_argument("-k", type=int, required=True, help="how many items")
+    sug.add_argument("--strategy", choices=STRATEGIES, default=DEFAULT_STRATEGY,
+                     help=f"how to rank them ({DEFAULT_STRATEGY}; see semievol.suggest)")
+    sug.add_argument("--format", choices=FORMATS, default="label-studio")
+    sug.add_argument("--out", help="the file to write (default: RUN_DIR/suggested.<ext>)")
+    sug.add_argument("--data", help="the task directory (default: the run's); items labeled "
+                     "since the run are skipped")
+    sug.add_argument("--seed", type=int, default=0, help="the random strategy's seed")
+    _backend_args(sug)
+    sug.set_defaults(func=_cmd_suggest, backend=None)
+
+    imp = sub.add_parser("import-labels", help="human labels from an annotation tool into a "
+                         "task directory",
+                         description="Read a Label Studio JSON export, an Argilla export or "
+                         "the suggestion CSV, and move the answered items from the unlabeled "
+                         "split to the labeled one (checked first, both splits replaced "
+                         "together, the old ones kept in DIR/.backup/).")
+    imp.add_argument("export")
+    imp.add_argument("--data", required=True, help="the task directory to change")
+    imp.set_defaults(func=_cmd_import_labels)
 
     demo = sub.add_parser("demo", help="the embedded default end to end on a synthetic task",
                           description="Generate a small synthetic task and run SemiEvol on the "
@@ -180,7 +241,8 @@ def _backend_args(p: argparse.ArgumentParser) -> None:
                    help="; ".join(f"{e.name}: {e.help}" for e in registry.BACKENDS.values()))
     p.add_argument("--model", help="model reference (default: the backend's default)")
     p.add_argument("--base-url", help="API base URL of a hosted backend (e.g. a `semievol "
-                   "serve`: http://127.0.0.1:8000/v1, which speaks OpenAI's and Together's API)")
+                   "serve`: http://127.0.0.1:8000/v1, which speaks OpenAI's and Together's API; "
+                   "for tinker the server root, http://127.0.0.1:8000)")
     p.add_argument("--api-key", help="API key (default: the provider's variable, "
                    "$OPENAI_API_KEY, $TOGETHER_API_KEY...); never written anywhere")
     p.add_argument("--timeout", type=float, default=60.0,
@@ -191,6 +253,11 @@ def _backend_args(p: argparse.ArgumentParser) -> None:
                    "the list lacks (repeatable)")
     p.add_argument("--openai-batch", action="store_true",
                    help="use the OpenAI Batch API for inference (half price, up to 24 h)")
+    p.add_argument("--together-endpoint", metavar="HARDWARE",
+                   help="together: serve a fine-tune Together will not serve serverless on a "
+                   "dedicated endpoint on this hardware (e.g. 1x_nvidia_h100_80gb_sxm, or "
+                   "auto: the cheapest listed), billed by the minute and deleted when the run "
+                   "ends; without it the run stops there and lists the hardware and prices")
     p.add_argument("--vllm-url", help=VLLM_HELP)
     _dtype_arg(p)
 
@@ -235,6 +302,7 @@ def _run_config(args) -> RunConfig:
         theta=args.theta, rounds=args.rounds, iwp=not args.no_iwp, icp=args.icp,
         cl=not args.no_cl, adaptive_selection=not args.no_as, limit_labeled=args.limit_labeled,
         limit_unlabeled=args.limit_unlabeled, limit_test=args.limit_test, seed=args.seed,
+        columns=args.columns,
         temperature=args.temperature, max_tokens=args.max_tokens, prompt_style=args.prompt_style,
         justify=args.justify, per_class=args.selection == "per-class",
         views=args.views, replay_labeled=args.replay_labeled, validation=args.validation,
@@ -253,12 +321,14 @@ def _cmd_run(args) -> int:
     from .data import load_task
 
     config = _run_config(args)
+    registry.entry(args.backend).check(config)
+    trackers = track.parse(args.report_to)
     if args.openai_batch:  # one Batch API job per stage, not one per generation call
         config = config.replace(generation_batch=1_000_000)
-    task = load_task(config.data, limits=pipeline.limits(config))
+    task = load_task(config.data, limits=pipeline.limits(config), columns=config.columns)
     if args.dry_run:
         return _dry_run(args, task, config)
-    out = Path(args.out or f"runs/{task.name}-{args.backend}")
+    out = Path(args.out) if args.out else default_out(task, args.backend)
     if ranks.world_size() > 1 and args.backend != "hf":
         raise ConfigError(f"a data-parallel launch (WORLD_SIZE={ranks.world_size()}) needs "
                           "--backend hf")
@@ -268,12 +338,34 @@ def _cmd_run(args) -> int:
         if ranks.world_size() > 1:
             ranks.mirror(out, here)
             backend.barrier()  # every copy is taken before rank 0 writes
-        results = pipeline.run(config, backend, here, task=task,
-                               quiet=args.quiet or ranks.rank() > 0)
+        try:
+            results = pipeline.run(config, backend, here, task=task,
+                                   quiet=args.quiet or ranks.rank() > 0,
+                                   report_to=trackers if ranks.rank() == 0 else ())
+        finally:
+            if hasattr(backend, "close"):  # a hosted backend's dedicated endpoints
+                backend.close()
     if ranks.rank() == 0:
         print(report.summary(results))
         print(f"\nrun directory: {out}   (semievol report {out})")
     return 0
+
+
+def default_out(task, backend: str) -> Path:
+    """``runs/<task>-<backend>``, or the first ``...-2``, ``-3``... that is new or was made
+    on this very data: a run on data grown since (``semievol import-labels``) starts a new
+    run directory rather than being refused by the earlier one, which stays as it was."""
+    from .data import fingerprint
+
+    data, base = fingerprint(task), Path("runs") / f"{task.name}-{backend}"
+    for n in itertools.count(1):
+        out = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        manifest = out / "manifest.json"
+        if not manifest.exists() or json.loads(manifest.read_text()).get("data") in (None, data):
+            if n > 1:
+                print(f"{base} was made on other data: this run goes to {out}", file=sys.stderr)
+            return out
+    raise AssertionError("unreachable")
 
 
 def _dry_run(args, task, config) -> int:
@@ -333,17 +425,67 @@ def _cmd_serve(args) -> int:
 
     serve(backend=args.backend, model=args.model, host=args.host, port=args.port,
           state_dir=args.state_dir, api_key=args.api_key, api_key_file=args.api_key_file,
-          max_upload_mb=args.max_upload_mb, vllm_url=args.vllm_url, dtype=_dtype(args))
+          max_upload_mb=args.max_upload_mb, vllm_url=args.vllm_url, dtype=_dtype(args),
+          dedicated_lora=args.dedicated_lora)
     return 0
 
 
 def _cmd_export(args) -> int:
+    from . import export
+
+    out = args.out or args.dest
+    if not out:
+        raise ConfigError("semievol export: give the folder to write (--out DIR)")
+    if export.is_run_dir(args.source):
+        path = export.export(args.source, out, model=args.model, merge=args.merge,
+                             dtype=args.dtype or "float32")
+        print(path)
+        if args.push_to_hub:
+            print(export.push_to_hub(path, args.push_to_hub))
+        return 0
+    if args.merge or args.push_to_hub:
+        raise ConfigError(f"{args.source} is not a run directory (no results.json): --merge "
+                          "and --push-to-hub export a run's model")
     try:
         from .backends.hf import export_model
     except ImportError as e:
         raise BackendUnavailable(f"exporting a model needs torch, transformers and peft "
                                  f'({e.name} is missing): pip install "semievol[hf]"') from e
-    print(export_model(args.model, Path(args.out), dtype=args.dtype))
+    print(export_model(args.source, Path(out), dtype=args.dtype or "bfloat16"))
+    return 0
+
+
+def _cmd_suggest(args) -> int:
+    from . import annotation, suggest
+
+    run_dir = Path(args.run_dir)
+    backend = None
+    if args.strategy == "combined":  # the questions' embeddings, from the run's backend
+        config = RunConfig.load(run_dir / "config.json") if (run_dir / "config.json").exists() else None
+        if config is not None:
+            args.backend = args.backend or config.backend
+            args.base_url = args.base_url or config.base_url
+            args.model = args.model or config.model
+        backend = make_backend(args, run_dir / "backend")
+    chosen, run_id = suggest.suggest(run_dir, args.k, args.strategy, backend=backend,
+                                     data=args.data, seed=args.seed)
+    ext = {"label-studio": "json", "argilla": "jsonl", "csv": "csv"}[args.format]
+    out = Path(args.out or run_dir / f"suggested.{ext}")
+    for path in annotation.write(chosen, run_id, args.format, out):
+        print(f"wrote {path}")
+    print(f"{len(chosen)} items ({args.strategy}); label them, export, then: "
+          f"semievol import-labels EXPORT --data DIR")
+    return 0
+
+
+def _cmd_import_labels(args) -> int:
+    from .labels import import_labels
+
+    done = import_labels(args.export, args.data)
+    print(f"added {len(done.added)} labeled items, {len(done.already)} were labeled already"
+          + (f"; the old splits are in {done.backup}" if done.backup else "; nothing changed"))
+    if done.added:
+        print("the data changed: the next `semievol run` on it needs a new --out (a new run)")
     return 0
 
 

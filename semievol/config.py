@@ -120,6 +120,9 @@ class RunConfig:
     """After the guard's decision, give the validation slice back: run again on every label
     (in ``RUN_DIR/refit``, without a slice) and hand back that run's model of the kind the
     guard chose. It was not itself validated, and it costs a second run."""
+    columns: str | None = None
+    """Which columns hold question, answer, options and id when the data names them
+    otherwise: "question=text,answer=label,options=choices" (see data.load_task)."""
     limit_labeled: int | None = None
     limit_unlabeled: int | None = None
     limit_test: int | None = None

@@ -40,7 +40,8 @@ from .errors import ConfigError, DataError
 from .types import LETTERS, Example, Task
 
 SPLITS = ("labeled", "unlabeled", "test")
-EXTENSIONS = (".csv", ".jsonl")
+EXTENSIONS = (".csv", ".jsonl", ".parquet")
+HF_PREFIX = "hf://datasets/"
 
 _KNOWN = ("id", "question", "options", "answer")
 MAX_FIELD_CHARS = 1_000_000
@@ -49,7 +50,8 @@ semievol runs, so a longer field is a broken file rather than a long question.""
 _SURROGATE = re.compile("[\udc80-\udcff]")  # an undecodable byte under surrogateescape
 
 
-def load_task(directory: str | Path, *, limits: dict[str, int | None] | None = None) -> Task:
+def load_task(directory: str | Path, *, limits: dict[str, int | None] | None = None,
+              columns: str | dict | None = None) -> Task:
     """Load ``labeled``, ``unlabeled`` and ``test`` (each ``.csv`` or ``.jsonl``) from a directory.
 
     Labeled and test rows must have answers. Unlabeled answers (optional) go to
@@ -59,20 +61,34 @@ def load_task(directory: str | Path, *, limits: dict[str, int | None] | None = N
 
     ``limits`` maps a split name to N (or None for all): the first N rows of that file are
     kept, after the whole file has been validated.
+
+    ``directory`` may also be a Hugging Face ``datasets`` folder (``save_to_disk``) or
+    ``hf://datasets/NAME[:CONFIG]`` (``load_dataset``, offline from its cache), each with
+    splits named ``labeled``, ``unlabeled`` and ``test``; split files may be Parquet.
+    ``columns`` ("question=text,answer=label,options=choices", or a dict) names the
+    columns that hold semievol's fields; an integer answer with a ``ClassLabel`` feature
+    reads as its class name.
     """
-    directory = Path(directory)
+    mapping = parse_columns(columns)
     limits = _check_limits(limits or {})
+    if is_hf_source(directory):
+        return _hf_task(str(directory), limits, mapping)
+    directory = Path(directory)
     splits, lines = {}, {}
     for split in SPLITS:
         lines[split] = _read_split(find_split(directory, split), split=split,
-                                   require_answer=split != "unlabeled")
+                                   require_answer=split != "unlabeled", columns=mapping)
         splits[split] = list(lines[split])[:limits.get(split)]
+    return _task(directory.resolve().name, splits, lines, str(find_split(directory, "unlabeled")))
+
+
+def _task(name: str, splits: dict, lines: dict, unlabeled_file: str) -> Task:
     labeled = {ex.id for ex in lines["labeled"]}
     for ex, line in lines["unlabeled"].items():
         if ex.id in labeled:
             raise DataError(f"id {ex.id!r} is also a labeled id; ids must differ across the "
                             "labeled and unlabeled splits",
-                            file=str(find_split(directory, "unlabeled")), line=line, field="id")
+                            file=unlabeled_file, line=line, field="id")
 
     hidden = {ex.id: ex.answer for ex in splits["unlabeled"] if ex.answer is not None}
     leaks = _answer_columns(splits["unlabeled"])
@@ -81,7 +97,79 @@ def load_task(directory: str | Path, *, limits: dict[str, int | None] | None = N
                             meta={k: v for k, v in ex.meta.items() if k not in leaks})
         for ex in splits["unlabeled"]
     ]
-    return Task(name=directory.resolve().name, hidden=hidden, **splits)
+    return Task(name=name, hidden=hidden, **splits)
+
+
+def is_hf_source(source: str | Path) -> bool:
+    """A ``datasets`` folder (``save_to_disk``) or an ``hf://datasets/`` name."""
+    return str(source).startswith(HF_PREFIX) or (Path(source) / "dataset_dict.json").is_file()
+
+
+def parse_columns(columns: str | dict | None) -> dict[str, str]:
+    """``"question=text,answer=label"`` -> {"text": "question", "label": "answer"}: each
+    source column's semievol field."""
+    if not columns:
+        return {}
+    pairs = columns.items() if isinstance(columns, dict) else \
+        (part.split("=", 1) if "=" in part else (part, "") for part in columns.split(","))
+    mapping = {}
+    for field_, source in pairs:
+        field_, source = field_.strip(), source.strip()
+        if field_ not in _KNOWN or not source:
+            raise ConfigError(f"--columns: {field_}={source} is not FIELD=COLUMN with FIELD "
+                              f"one of {', '.join(_KNOWN)}")
+        mapping[source] = field_
+    return mapping
+
+
+def _hf_task(source: str, limits: dict, mapping: dict[str, str]) -> Task:
+    """A task from a ``datasets`` folder or an ``hf://datasets/NAME[:CONFIG]`` dataset,
+    read row by row (a ``ClassLabel`` answer as its class name)."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise ConfigError(f'{source}: reading Hugging Face datasets needs the datasets '
+                          'package: pip install "semievol[datasets]"') from e
+    try:
+        if source.startswith(HF_PREFIX):
+            name, _, config = source[len(HF_PREFIX):].partition(":")
+            data = datasets.load_dataset(name, config or None)
+        else:
+            data = datasets.load_from_disk(source)
+    except (OSError, ValueError, ConnectionError) as e:
+        raise DataError(f"cannot load the dataset: {e}", file=source) from e
+    splits, lines = {}, {}
+    for split in SPLITS:
+        if split not in data:
+            raise DataError(f"no {split} split (it has {', '.join(data)})", file=source)
+        part = data[split]
+        names = _class_names(part.features)
+        records = ((row + 1, _decode_labels(record, names)) for row, record in enumerate(part))
+        lines[split] = _read_split(f"{source}[{split}]", split=split, records=records,
+                                   require_answer=split != "unlabeled", columns=mapping)
+        splits[split] = list(lines[split])[:limits.get(split)]
+    name = source[len(HF_PREFIX):] if source.startswith(HF_PREFIX) else Path(source).resolve().name
+    return _task(name.replace("/", "_").replace(":", "_"), splits, lines, f"{source}[unlabeled]")
+
+
+def _class_names(features) -> dict[str, list[str]]:
+    """Each ``ClassLabel`` column's class names (from ``datasets`` features, or the
+    features a Parquet file written by ``datasets`` keeps in its schema metadata)."""
+    out = {}
+    for column, feature in (features or {}).items():
+        names = getattr(feature, "names", None) if not isinstance(feature, dict) else (
+            feature.get("names") if feature.get("_type") == "ClassLabel" else None)
+        if names:
+            out[column] = list(names)
+    return out
+
+
+def _decode_labels(record: dict, names: dict[str, list[str]]) -> dict:
+    for column, classes in names.items():
+        value = record.get(column)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(classes):
+            record = {**record, column: classes[value]}
+    return record
 
 
 def load_split(path: str | Path, *, split: str | None = None,
@@ -112,19 +200,45 @@ def fingerprint(task: Task) -> dict[str, dict]:
     return prints
 
 
-def _read_split(path: str | Path, *, split: str | None,
-                require_answer: bool) -> dict[Example, int]:
-    """The examples of a split file, in file order, each with the line where it starts."""
+def read_rows(path: str | Path) -> list[dict]:
+    """A split file's rows as written, every column kept and nothing checked but the file
+    format: what ``semievol import-labels`` rewrites (after :func:`load_split` checked it)."""
     path = Path(path)
-    if path.suffix.lower() not in EXTENSIONS:
-        raise DataError(f"unknown file type {path.suffix!r}; expected .csv or .jsonl",
-                        file=str(path))
     text = _read_text(path)
-    required = ("question", "answer") if require_answer else ("question",)
     if path.suffix.lower() == ".csv":
-        records = _csv_records(text, str(path), required)
-    else:
-        records = _jsonl_records(text, str(path))
+        return [record for _, record in _csv_records(text, str(path), ())]
+    return [record for _, record in _jsonl_records(text, str(path))]
+
+
+def normalise_answer(raw, options: tuple[str, ...] | None, fail) -> str | None:
+    """An answer as the splits store it (see the module docstring); ``fail(field,
+    message)`` makes the error raised for one that is not an option."""
+    return _answer(raw, options, fail)
+
+
+def _read_split(path: str | Path, *, split: str | None, require_answer: bool,
+                columns: dict[str, str] | None = None, records=None) -> dict[Example, int]:
+    """The examples of a split file, in file order, each with the line (row, for Parquet
+    and datasets) where it starts. ``records``: (line, record) pairs read already (a
+    ``datasets`` split), ``path`` then only names them in errors."""
+    path = Path(path)
+    required = ("question", "answer") if require_answer else ("question",)
+    if records is None:
+        suffix = path.suffix.lower()
+        if suffix not in EXTENSIONS:
+            raise DataError(f"unknown file type {path.suffix!r}; expected .csv, .jsonl or "
+                            ".parquet", file=str(path))
+        if suffix == ".parquet":
+            records = _parquet_records(path)
+        elif suffix == ".csv":
+            names = {field_: source for source, field_ in (columns or {}).items()}
+            records = _csv_records(_read_text(path), str(path),
+                                   tuple(names.get(f, f) for f in required))
+        else:
+            records = _jsonl_records(_read_text(path), str(path))
+    if columns:
+        records = ((line, {columns.get(k, k): v for k, v in record.items()})
+                   for line, record in records)
 
     prefix = split or path.stem
     examples: dict[Example, int] = {}
@@ -142,6 +256,28 @@ def _read_split(path: str | Path, *, split: str | None,
 
 
 # --- reading files --------------------------------------------------------------------
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """A Parquet file's rows, one row group at a time (row numbers from 1); an integer
+    column that ``datasets`` wrote as a ``ClassLabel`` reads as its class name."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise DataError('reading Parquet needs pyarrow: pip install "semievol[datasets]"',
+                        file=str(path)) from e
+    try:
+        reader = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow's errors, said with the file
+        raise DataError(f"not a readable Parquet file: {e}", file=str(path)) from e
+    meta = (reader.schema_arrow.metadata or {}).get(b"huggingface")
+    features = json.loads(meta).get("info", {}).get("features", {}) if meta else {}
+    names = _class_names(features)
+    row = 0
+    for group in range(reader.num_row_groups):
+        for record in reader.read_row_group(group).to_pylist():
+            row += 1
+            yield row, _decode_labels(record, names)
 
 
 def _read_text(path: Path) -> str:
@@ -337,7 +473,8 @@ def find_split(directory: Path, split: str) -> Path:
     found = [directory / f"{split}{ext}" for ext in EXTENSIONS
              if (directory / f"{split}{ext}").is_file()]
     if not found:
-        raise DataError(f"no {split} split: expected {split}.csv or {split}.jsonl",
+        raise DataError(f"no {split} split: expected {split}.csv, {split}.jsonl or "
+                        f"{split}.parquet",
                         file=str(directory))
     if len(found) > 1:
         raise DataError(f"two files for the {split} split ({', '.join(p.name for p in found)}); "

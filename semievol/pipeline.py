@@ -12,10 +12,10 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from . import collaborate, evaluate, evolve, guard, propagate, selection
+from . import collaborate, evaluate, evolve, guard, propagate, selection, track
 from .backends import Backend
 from .config import EXTENDABLE, RESUMABLE, RunConfig
 from .data import SPLITS, fingerprint, load_task
@@ -29,12 +29,26 @@ log = logging.getLogger("semievol")
 
 
 def run(config: RunConfig, backend: Backend, run_dir: str | Path, *, task: Task | None = None,
-        quiet: bool = False) -> dict:
-    """Run (or resume) SemiEvol; return the results also written to results.json."""
+        quiet: bool = False, report_to: Sequence[str] = ()) -> dict:
+    """Run (or resume) SemiEvol; return the results also written to results.json.
+    ``report_to``: experiment trackers to log to as well (see track.py)."""
     rd = RunDir(run_dir)
-    task = task or load_task(config.data, limits=limits(config))
+    task = task or load_task(config.data, limits=limits(config), columns=config.columns)
     _check_config(rd, config, task)
-    stages = _Run(config, backend, rd, quiet)
+    tracking = track.Tracking([track.make(name) for name in report_to], rd.path,
+                              f"{task.name}-{rd.run_id}")
+    try:
+        results = _run(config, backend, rd, task, _Run(config, backend, rd, quiet, tracking))
+    except BaseException:
+        tracking.finish(failed=True)  # a resume reopens the same tracking run
+        raise
+    tracking.finish()
+    return results
+
+
+def _run(config: RunConfig, backend: Backend, rd: RunDir, task: Task, stages: "_Run") -> dict:
+    quiet = stages.quiet
+    stages.tracking.params(config.to_dict())
     base = config.model or backend.default_model
 
     train, held = stages.hold_out(task.labeled)  # the validation slice: decisions only
@@ -102,6 +116,11 @@ def run(config: RunConfig, backend: Backend, run_dir: str | Path, *, task: Task 
     if config.auto_recipe and held:
         results["recipe"] = guard.recipe_report(rd.read_json("recipe.json"), rd.manifest["timings_s"])
     rd.write_json("results.json", results)
+    if stages.tracking.live:
+        stages.tracking.report(rd.path)
+        stages.tracking.results(results, [rd.path / name for name in
+                                          ("results.json", "config.json", "report.md")]
+                                + sorted(rd.path.glob("*.png")))
     return results
 
 
@@ -122,8 +141,10 @@ def _refit(config: RunConfig, backend: Backend, rd: RunDir, task: Task, final: s
 class _Run:
     """The stages, each persisted in the run directory and skipped when already done."""
 
-    def __init__(self, config: RunConfig, backend: Backend, rd: RunDir, quiet: bool):
+    def __init__(self, config: RunConfig, backend: Backend, rd: RunDir, quiet: bool,
+                 tracking: track.Tracking):
         self.config, self.backend, self.rd, self.quiet = config, backend, rd, quiet
+        self.tracking = tracking
         self.style = config.prompt_style
         self.scored: dict[str, dict] = {}  # model -> its validation score, each scored once
         self.scored_as: dict[str, str] = {}  # model -> the file of its validation answers
@@ -268,7 +289,9 @@ class _Run:
             with self.stage("warmup"):
                 model = propagate.warm_up(self.backend, base, labeled, self.config.finetune,
                                           style=self.style, key=f"{self.rd.run_id}-warmup")
-            self.rd.finish("warmup", usage=model.usage, model=model, examples=len(labeled))
+            self.rd.finish("warmup", usage=model.usage, model=model, examples=len(labeled),
+                           losses=model.losses)
+        self.tracking.curve("warmup", self.rd.stage_info("warmup").get("losses"))
         return self.rd.stage_info("warmup")["model"]
 
     def retrieve(self, r: int, pool: list[Example], items: list[Example]) -> dict[str, list[Example]]:
@@ -323,13 +346,14 @@ class _Run:
             if len(pairs) < self.backend.min_finetune_examples:
                 log.warning("round %s selected %d examples, too few to fine-tune: "
                             "the evolved model stays %s", r, len(pairs), start)
-                model, usage = start, None
+                model, usage, losses = start, None, []
             else:
                 with self.stage(name):
                     model = evolve.evolve(self.backend, start, pairs, self.config.evolve_ft,
                                           style=self.style, key=f"{self.rd.run_id}-evolve-r{r}")
-                usage = model.usage
-            self.rd.finish(name, usage=usage, model=model, examples=len(pairs))
+                usage, losses = model.usage, model.losses
+            self.rd.finish(name, usage=usage, model=model, examples=len(pairs), losses=losses)
+        self.tracking.curve(name, self.rd.stage_info(name).get("losses"))
         return self.rd.stage_info(name)["model"]
 
     def evaluate(self, label: str, model: str, test: list[Example]) -> dict:
@@ -347,7 +371,11 @@ class _Run:
                                  on_records=lambda recs, usage: self.persist(name, recs, usage),
                                  quiet=self.quiet)
             self.rd.finish(name, model=model)
-        return evaluate.metrics(_unique(Prediction(**rec) for rec in self.rd.stream(name)), test)
+        scores = evaluate.metrics(_unique(Prediction(**rec) for rec in self.rd.stream(name)), test)
+        kind, _, rest = label.partition("_")  # validation_sft -> validation/sft
+        self.tracking.scores(f"validation/{rest}" if kind == "validation" else f"test/{label}",
+                             scores, model)
+        return scores
 
 
 def _results(config, backend, rd: RunDir, task: Task, models, scores, rounds,

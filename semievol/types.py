@@ -159,13 +159,17 @@ class ModelRef(str):
     respect), and ``usage``, what training it took. That is reported again when an earlier
     call with the same key did the training (which is not repeated or paid for twice), so a
     run resumed after a crash still counts a fine-tune whose count the crash lost; whoever
-    calls counts one fine-tune step once."""
+    calls counts one fine-tune step once. ``losses``: the training loss curve as
+    ``[step, loss]`` pairs, where the backend knows it (for ``--report-to``)."""
 
     usage: Usage
+    losses: list
 
-    def __new__(cls, ref: str, usage: Usage | None = None) -> "ModelRef":
+    def __new__(cls, ref: str, usage: Usage | None = None,
+                losses: list | None = None) -> "ModelRef":
         out = super().__new__(cls, ref)
         out.usage = usage or Usage()
+        out.losses = list(losses or [])
         return out
 
 

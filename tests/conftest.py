@@ -9,7 +9,11 @@ from __future__ import annotations
 import importlib
 import ipaddress
 import os
+import signal
 import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -130,3 +134,56 @@ def hf_folder_bf16_two_layers(hf_folder_bf16, tmp_path_factory) -> Path:
     model.save_pretrained(out)
     transformers.AutoTokenizer.from_pretrained(hf_folder_bf16).save_pretrained(out)
     return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+MLFLOW = REPO / ".mlflow-venv" / "bin" / "mlflow"
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path):
+    """A real `mlflow server` (its own venv: `make mlflow`) on a SQLite store."""
+    require(MLFLOW.exists(), f"needs {MLFLOW} (make mlflow)")
+    port = free_port()
+    logfile = open(tmp_path / "mlflow-server.log", "wb")  # a pipe nobody reads would fill
+    # no job runner (its huey consumers: five more processes the tests do not need)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen([str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                             "--artifacts-destination", str(tmp_path / "mlartifacts"),
+                             "--workers", "1"],
+                            stdout=logfile, stderr=subprocess.STDOUT, env=env,
+                            cwd=tmp_path, start_new_session=True)  # its workers: one group
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop(proc)
+                log = (tmp_path / "mlflow-server.log").read_text()[-2000:]
+                pytest.fail(f"mlflow server did not start: {log}")
+            time.sleep(0.5)
+    yield url
+    stop(proc)
+    logfile.close()
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """The server and the workers it started (its process group)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=5)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue

@@ -1,5 +1,6 @@
 """Every example runs as written (on the fake backend, or a `semievol serve --backend fake`,
 where it would need a model or an API key)."""
+import datetime
 import json
 import runpy
 from pathlib import Path
@@ -72,10 +73,17 @@ def test_compare_open_commercial_runs_both_hosted_backends(tmp_path, monkeypatch
     data = make_task(tmp_path / "data")
     module = runpy.run_path(str(EXAMPLES / "compare_open_commercial.py"))
     with running_server("fake", tmp_path / "state") as server:
-        table = module["main"](str(data), tmp_path, server.url, "fake-base", quiet=True)
-    rows = {line.split()[0]: line.split()[1] for line in table.splitlines()[1:3]}
-    assert rows == {"compare-together": "together", "compare-openai": "openai"}
-    assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
-    for name in ("together", "openai"):
-        results = json.loads((tmp_path / f"compare-{name}" / "results.json").read_text())
-        assert results["backend"] == name and results["eval"]["semievol"]["n"] > 0
+        table = module["main"](str(data), tmp_path, server.url, "fake-base", quiet=True,
+                               today=datetime.date(2026, 12, 3))
+        rows = {line.split()[0]: line.split()[1] for line in table.splitlines()[1:4]}
+        assert rows == {"compare-llama": "together", "compare-gpt-oss": "together",
+                        "compare-gpt-4o-mini": "openai"}
+        for name, backend in rows.items():
+            results = json.loads((tmp_path / name / "results.json").read_text())
+            assert results["backend"] == backend and results["eval"]["semievol"]["n"] > 0
+        assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+        # once OpenAI creates no fine-tuning jobs, the example leaves gpt-4o-mini out
+        table = module["main"](str(data), tmp_path / "later", server.url, "fake-base",
+                               quiet=True, today=datetime.date(2027, 1, 6))
+    assert "gpt-4o-mini" not in table and "compare-gpt-oss" in table
+    assert "leaving out gpt-4o-mini-2024-07-18" in capsys.readouterr().out

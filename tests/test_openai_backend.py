@@ -731,8 +731,41 @@ def test_lost_fine_tuning_access_names_the_other_backends(api, tmp_path, status,
     message = str(e.value)
     assert "no fine-tuning access" in message and f"HTTP {status}" in message
     assert "--backend together" in message and "--backend hf" in message
-    assert "2027-01-06" in message and SECRET not in message
+    assert "2027-01-06" in message and "2027-01-14" in message and SECRET not in message
     assert not fake.created_jobs()
+
+
+def test_the_serving_end_is_asked_of_openai_and_said_before_training(tmp_path, capsys):
+    """On api.openai.com the models endpoint's ``shutdown_date`` wins over the built-in
+    date; the note names both dates before anything is uploaded."""
+    import httpx2 as httpx
+
+    from semievol.backends.openai import shutdown_date
+
+    asked = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.path)
+        if request.url.path.startswith("/v1/models/"):
+            return httpx.Response(200, json={"id": MODEL, "object": "model", "created": 0,
+                                             "owned_by": "system",
+                                             "shutdown_date": "2027-01-15"})
+        if request.url.path == "/v1/fine_tuning/jobs":
+            return httpx.Response(200, json={"object": "list", "data": [], "has_more": False})
+        return httpx.Response(503, json={"error": {"message": "down"}})
+
+    backend = OpenAIBackend(MODEL, api_key=SECRET, workdir=tmp_path, max_retries=0,
+                            http_client=httpx.Client(transport=httpx.MockTransport(answer)))
+    assert backend.base_url.startswith("https://api.openai.com")
+    assert shutdown_date(backend, MODEL) == "2027-01-15"
+    with pytest.raises(BackendError):  # the upload meets the 503
+        backend.finetune(MODEL, examples(), FinetuneConfig(), key="dated")
+    said = capsys.readouterr().err
+    assert f"stops serving {MODEL}" in said and "2027-01-15" in said and "2027-01-06" in said
+    assert asked.index(f"/v1/models/{MODEL}") < asked.index("/v1/files")
+    local = make("http://127.0.0.1:9/v1", tmp_path)  # elsewhere nothing is asked
+    assert shutdown_date(local, MODEL) == "2027-01-14"
+    assert shutdown_date(local, "gpt-5.6-terra") is None
 
 
 @pytest.mark.parametrize("method, route, status, error, expected", [

@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from conftest import need
 
 pytestmark = pytest.mark.slow
 
@@ -72,12 +73,62 @@ def test_run_on_fpb_slice(shared, tmp_path):
     assert "SemiEvol" in result.stdout
     assert results["runtime"]["world_size"] == 1 and results["runtime"]["dtype"] == "float32"
     assert results["runtime"]["generation_engine"] == "hf" and results["runtime"]["device"] == "cpu"
+    check_export(shared, out, results, tmp_path / "exported")
 
 
-def test_killed_during_inference_resumes_without_loss_or_repeats(shared, tmp_path):
+def check_export(shared, run_dir, results, out):
+    """Issue 27: `semievol export RUN_DIR` writes the final model as an adapter folder that
+    plain peft loads over the base model, and it answers test questions as the run's final
+    model did (greedy, the run's own prompts)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from semievol.backends.hf.weights import cached
+    from semievol.data import load_task
+    from semievol.prompts import question_prompt
+
+    done = subprocess.run([sys.executable, "-m", "semievol", "export", str(run_dir), "--out",
+                           str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == \
+        ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    card = (out / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    assert "library_name: peft" in card
+    base = cached("smollm2-135m")  # the embedded GGUF as a plain float32 folder
+    tok = AutoTokenizer.from_pretrained(base)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(out)).eval()
+    task = load_task(str(shared / "data" / "fpb"), limits={"labeled": 24, "unlabeled": 24,
+                                                            "test": 24})
+    answered = {r["id"]: r for r in map(json.loads, (run_dir / f"eval_{results['final']}.jsonl")
+                                        .read_text().splitlines())}
+    merged_dir = out.parent / "merged"
+    done = subprocess.run([sys.executable, "-m", "semievol", "export", str(run_dir), "--out",
+                           str(merged_dir), "--merge"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "library_name: peft" not in (merged_dir / "README.md").read_text()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()  # plain transformers
+    for ex in task.test[:6]:
+        ids = tok.apply_chat_template(question_prompt(ex, "text"), add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+        for m in (model, merged):
+            with torch.no_grad():
+                new = m.generate(**ids, max_new_tokens=12, do_sample=False)[0, ids["input_ids"].shape[1]:]
+            assert tok.decode(new, skip_special_tokens=True).strip() == \
+                answered[ex.id]["response"].strip()
+
+
+def test_killed_during_inference_resumes_without_loss_or_repeats(shared, tmp_path, mlflow_server,
+                                                                monkeypatch):
+    """...and with ``--report-to mlflow,tensorboard`` (issue 27): one MLflow run, on a real
+    tracking server, holds the full loss curves and the final scores."""
+    need("mlflow")
+    need("tensorboard")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     out = tmp_path / "run"
     mined = out / "collaborate_r1.jsonl"
-    proc = run_cli(shared, out, wait=False)
+    proc = run_cli(shared, out, *TRACK, wait=False)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         if mined.exists() and 0 < len(mined.read_text().splitlines()) < 24:
@@ -92,7 +143,7 @@ def test_killed_during_inference_resumes_without_loss_or_repeats(shared, tmp_pat
     warmup_time = manifest["timings_s"]["warmup"]
     assert 0 < len(before) < 24
 
-    result = run_cli(shared, out)
+    result = run_cli(shared, out, *TRACK)
     assert result.returncode == 0, result.stdout + result.stderr
     after = [json.loads(l) for l in mined.read_text().splitlines()]
     assert len(after) == 24 and len({r["id"] for r in after}) == 24
@@ -101,7 +152,34 @@ def test_killed_during_inference_resumes_without_loss_or_repeats(shared, tmp_pat
     assert manifest["timings_s"]["warmup"] == warmup_time  # the warm-up did not run again
     adapters = sorted(p.name for p in (out / "backend" / "adapters").iterdir() if not p.name.startswith("."))
     assert len(adapters) == 2  # one warm-up, one evolve
-    check_schema(json.loads((out / "results.json").read_text()))
+    results = json.loads((out / "results.json").read_text())
+    check_schema(results)
+    check_mlflow(mlflow_server, out, results)
+
+
+TRACK = ["--report-to", "mlflow,tensorboard"]
+
+
+def check_mlflow(url, out, results):
+    """One MLflow run holds each fine-tune's whole loss curve (the warm-up's logged before
+    the kill, the evolve's after it), the test scores and results.json."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(url)
+    (run,) = client.search_runs([client.get_experiment_by_name("semievol").experiment_id])
+    assert run.info.status == "FINISHED"
+    manifest = json.loads((out / "manifest.json").read_text())
+    for stage in ("warmup", "evolve_r1"):
+        curve = manifest["stages"][stage]["losses"]
+        assert len(curve) >= 2 and all(loss > 0 for _, loss in curve)
+        history = client.get_metric_history(run.info.run_id, f"loss/{stage}")
+        assert [[m.step, m.value] for m in history] == curve
+    for label in ("vanilla", "sft", "semievol", "final"):
+        name = "final/accuracy" if label == "final" else f"test/{label}/accuracy"
+        (point,) = client.get_metric_history(run.info.run_id, name)
+        assert point.value == pytest.approx(results["eval"][label]["accuracy"])
+    assert {"results.json", "report.md"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert (out / "tensorboard").is_dir()
 
 
 TINY = ["--limit-labeled", "8", "--limit-unlabeled", "8", "--limit-test", "8", "--validation",

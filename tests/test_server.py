@@ -65,13 +65,14 @@ def running_server(backend: str, state_dir: Path, *extra: str, ready_s: float = 
             server_command(backend, port, state_dir, *auth, *extra),
             stdout=out, stderr=subprocess.STDOUT, env=SERVER_ENV)
     server = Running(f"http://127.0.0.1:{port}/v1", process, log)
+    probe_key = auth[1] if auth[:1] == ("--api-key",) else API_KEY
     try:
         deadline = time.monotonic() + ready_s
         while True:
             if process.poll() is not None:
                 pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()}")
             try:
-                server.client().models.list()
+                server.client(probe_key).models.list()
                 break
             except openai.APIConnectionError:
                 if time.monotonic() > deadline:

@@ -225,6 +225,29 @@ def test_job_request_and_price_from_the_account(tmp_path):
             assert "tg-secret-key" not in path.read_text()
 
 
+def test_report_to_wandb_passes_the_wandb_settings_on_the_job_only(tmp_path, monkeypatch):
+    """Issue 27: with --report-to wandb Together logs the job's training to W&B itself;
+    the W&B key goes in the job request and nowhere in the work directory."""
+    monkeypatch.setenv("WANDB_API_KEY", "wandb-secret-0123456789")
+    monkeypatch.setenv("WANDB_PROJECT", "evolving")
+    account = Account()
+    backend = account_backend(account, tmp_path, report_to=("wandb",))
+    backend.finetune(MODEL, examples(), FinetuneConfig(batch_size=8), key="k")
+    body = json.loads(next(r for r in account.requests if r.url.path == "/v1/fine-tunes"
+                           and r.method == "POST").content)
+    assert (body["wandb_key"], body["wandb_project_name"]) == \
+        ("wandb-secret-0123456789", "evolving")
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert "wandb-secret" not in path.read_text()
+    plain = Account()
+    account_backend(plain, tmp_path / "plain").finetune(MODEL, examples(), FinetuneConfig(batch_size=8),
+                                                        key="k")
+    body = json.loads(next(r for r in plain.requests if r.url.path == "/v1/fine-tunes"
+                           and r.method == "POST").content)
+    assert not any(k.startswith("wandb") for k in body)
+
+
 def test_budget_and_credit_stop_before_a_job(tmp_path):
     account = Account(price=3.0)
     with pytest.raises(BudgetExceeded, match="Together's estimate"):

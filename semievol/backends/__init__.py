@@ -1,11 +1,13 @@
 """The one seam between the algorithm and a model: the Backend protocol.
 
-Four backends implement it and never inherit from each other:
+Five backends implement it and never inherit from each other:
 ``hf`` (transformers + peft LoRA, local), ``openai`` (the official SDK: fine-tuning jobs,
 chat completions with logprobs, embeddings), ``together`` (the official together SDK: LoRA
-jobs on hosted open models) and ``fake`` (deterministic, in-process, for tests). The two
-hosted ones are one lifecycle (:mod:`.hosted`) with a small adapter each. Pick one by name
-with :func:`load_backend`; :mod:`.registry` lists them.
+jobs on hosted open models), ``tinker`` (the official tinker SDK: LoRA by primitives, no
+embeddings) and ``fake`` (deterministic, in-process, for tests). The two job APIs are one
+lifecycle (:mod:`.hosted`) with a small adapter each; tinker's loop (:mod:`.tinker`) uses
+the same shared parts (key, records, spending, error translation). Pick one by name with
+:func:`load_backend`; :mod:`.registry` lists them.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ if TYPE_CHECKING:
 __all__ = ["Backend", "load_backend", "library_versions"]
 
 LIBRARIES = ("semievol", "torch", "transformers", "peft", "accelerate", "openai", "together",
-             "faiss-cpu", "numpy")
+             "tinker", "faiss-cpu", "numpy")
 """The distributions whose versions a run records (those installed)."""
 
 

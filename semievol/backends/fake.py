@@ -78,7 +78,9 @@ class FakeBackend:
                                   {"ref": ref, "base": base, "examples": self.trained[ref][1]})
         _, trained = self.trained[ref]
         words = sum(_count(m["content"]) for ex in trained for m in ex)
-        return ModelRef(ref, Usage(trained_tokens=round(words * config.epochs)))
+        steps = -(-len(trained) // config.batch_size) * config.epochs
+        curve = [[step, round(2.0 / step, 6)] for step in range(1, steps + 1)]  # scripted
+        return ModelRef(ref, Usage(trained_tokens=round(words * config.epochs)), curve)
 
     def generate_with_logprobs(self, model, prompts, *, n=1, temperature=0.0, max_tokens=64,
                                seed=None):

@@ -184,6 +184,11 @@ class Provider(Protocol):
     def batches(self, backend: HostedBackend):
         """The provider's batch API (``generate(bodies)``), or None."""
 
+    # Optional, where a provider may not serve a fine-tune as it serves its base model:
+    # ``route(backend, model) -> (name, usage)``: the name chat requests for ``model`` go
+    # to, and what keeping it served has cost since the last call (Together: a dedicated
+    # endpoint billed by the minute); ``close(backend)``: release what a run holds.
+
 
 class HostedBackend:
     """The Backend protocol over a hosted API; ``api`` is the provider's adapter (see the
@@ -196,7 +201,8 @@ class HostedBackend:
                  max_cost_usd: float | None = None, spent_usd: float = 0.0,
                  embed_model: str | None = None, timeout: float = 60.0, max_retries: int = 5,
                  poll_interval: float = 5.0, max_wait: float | None = None,
-                 quiet: bool = False, http_client=None, extra_body: dict | None = None):
+                 quiet: bool = False, http_client=None, extra_body: dict | None = None,
+                 report_to: tuple[str, ...] = ()):
         """
         ``workdir``: where job and batch records are kept (the run directory's own folder);
         None keeps none, and only the API's job list protects against paying twice.
@@ -212,7 +218,8 @@ class HostedBackend:
         as long as it takes); a rerun resumes waiting on it. ``http_client``: the SDK's HTTP
         client (proxies, test transports). ``quiet``: no progress on stderr.
         ``extra_body``: fields added to every chat request (not in batch mode), beyond the
-        API's own: vLLM's ``top_k``, ``min_p``...
+        API's own: vLLM's ``top_k``, ``min_p``... ``report_to``: the run's experiment
+        trackers, for a provider that logs its jobs to one itself (Together to W&B).
         """
         self.api = api
         self.name = api.name
@@ -228,17 +235,12 @@ class HostedBackend:
         self.max_wait = max_wait
         self.quiet = quiet
         self.extra_body = extra_body
+        self.report_to = tuple(report_to)
         if max_cost_usd is not None:
-            _check_priced(self.prices, api.title, self.default_model, self.embed_model)
+            check_priced(self.prices, api.title, self.default_model, self.embed_model)
         self.spending = Spending(max_cost_usd, spent_usd)
         self.budget = self.spending.budget
-        key = api_key or os.environ.get(api.key_env)
-        if not key:
-            if not (base_url and is_loopback(base_url)):
-                raise ConfigError(f"no {api.title} API key: set {api.key_env} "
-                                  "(or pass --api-key)")
-            key = LOCAL_API_KEY
-        self._secret = key
+        self._secret = key = resolve_key(api_key, api, base_url)
         self.client = api.connect(api_key=key, base_url=base_url, timeout=timeout,
                                   max_retries=max_retries, http_client=http_client)
         self.batches = api.batches(self)
@@ -371,14 +373,15 @@ class HostedBackend:
         is billed once, not n times); ``max_concurrency`` requests at a time, or through the
         batch API in batch mode."""
         record = self.made(model)
-        priced = f"ft:{record['root']}" if record else model
+        target, serving = self.route(model)
+        priced = target if target != model else f"ft:{record['root']}" if record else model
         if self.budget.limit_usd is not None:
             prompt_tokens = sum(cost.count_chat_tokens(p, priced) for p in prompts)
             self.budget.check(
                 f"generating {n} x {len(prompts)} responses with {model}",
                 cost.chat_cost(priced, prompt_tokens, len(prompts) * n * max_tokens,
                                batch=self.batch_mode, prices=self.prices))
-        bodies = [self.api.chat_body(model, p, n=n, temperature=temperature,
+        bodies = [self.api.chat_body(target, p, n=n, temperature=temperature,
                                      max_tokens=max_tokens, seed=seed) for p in prompts]
         if self.batch_mode:
             answers = self.batches.generate(bodies)
@@ -391,7 +394,26 @@ class HostedBackend:
 
             with ThreadPoolExecutor(self.max_concurrency) as pool:
                 answers = list(pool.map(chat, bodies))
-        return Generations.of(answers)
+        out = Generations.of(answers)
+        out.usage += serving
+        return out
+
+    def route(self, model: str) -> tuple[str, Usage]:
+        """Where chat requests for ``model`` go, and what serving it there has cost since
+        last asked (counted in the budget): ``model`` itself at no extra cost, unless the
+        provider routes it (see :class:`Provider`)."""
+        route = getattr(self.api, "route", None)
+        if route is None:
+            return model, Usage()
+        target, usage = route(self, model)
+        return target, self.spending.add(usage)
+
+    def close(self) -> None:
+        """Release what this backend holds on the provider (Together: the dedicated
+        endpoints it made). ``semievol run`` calls it at the end, however the run ends."""
+        close = getattr(self.api, "close", None)
+        if close is not None:
+            close(self)
 
     def generations(self, completion, body: dict, *, priced: str | None = None,
                     batch: bool = False) -> tuple[list[Generation], Usage]:
@@ -428,17 +450,14 @@ class HostedBackend:
                                 max_tokens=max_tokens)
 
     def runtime(self) -> dict:
-        """A hosted API: the provider's devices and number types are not known here."""
-        from . import library_versions
-
-        return {"world_size": 1, "device": "remote", "dtype": "unknown",
-                "generation_engine": "api", "versions": library_versions()}
+        return api_runtime()
 
     # -- plumbing -----------------------------------------------------------------------
     @contextmanager
     def errors(self, what: str):
         """The one place the SDK's errors become semievol's (see the module docstring)."""
-        with sdk_errors(self.api.sdk, what, where=self.base_url, client=self.client,
+        with sdk_errors(self.api.sdk, what, where=self.base_url,
+                        retries=self.client.max_retries, timeout=self.client.timeout,
                         secret=self._secret, key_env=self.api.key_env, base=self.api.sdk_error):
             yield
 
@@ -481,7 +500,7 @@ class Records:
         return [json.loads(p.read_text()) for p in sorted((self.workdir / kind).glob("*.json"))]
 
 
-def _check_priced(prices: dict[str, cost.Price], title: str, model: str,
+def check_priced(prices: dict[str, cost.Price], title: str, model: str,
                   embed_model: str) -> None:
     """A budget sees only priced steps (one without a price passes it): refuse a budget the
     run could not keep, rather than quietly not keep it."""
@@ -599,6 +618,26 @@ def jsonl(rows: Iterable) -> bytes:
                    for row in rows).encode()
 
 
+def resolve_key(given: str | None, api, base_url: str | None) -> str:
+    """The API key: ``given``, else the provider's variable (``api.key_env``), else, for a
+    server on loopback, ``api.local_key`` (default :data:`LOCAL_API_KEY`); otherwise a
+    ConfigError that names the variable. It is never written anywhere."""
+    key = given or os.environ.get(api.key_env)
+    if key:
+        return key
+    if base_url and is_loopback(base_url):
+        return getattr(api, "local_key", LOCAL_API_KEY)
+    raise ConfigError(f"no {api.title} API key: set {api.key_env} (or pass --api-key)")
+
+
+def api_runtime() -> dict:
+    """A hosted API's ``runtime()``: its devices and number types are not known here."""
+    from . import library_versions
+
+    return {"world_size": 1, "device": "remote", "dtype": "unknown",
+            "generation_engine": "api", "versions": library_versions()}
+
+
 def is_loopback(address: str) -> bool:
     """Whether a URL or a host name points at this machine."""
     host = (urlparse(address).hostname or "") if "://" in address else address
@@ -628,19 +667,20 @@ def server_message(error) -> str:
 
 
 @contextmanager
-def sdk_errors(sdk, what: str, *, where: str, client, secret: str, key_env: str,
+def sdk_errors(sdk, what: str, *, where: str, retries, timeout, secret: str, key_env: str,
                base: type[Exception]):
     """The one place an SDK's errors become :class:`~semievol.errors.BackendError`, each
     saying what failed, where, and whether running again resumes. ``sdk`` is the
-    provider's SDK module (``openai``, ``together``), ``base`` its root exception; the SDK
-    has already retried what is worth it. semievol's own errors pass through."""
-    retries = client.max_retries
+    provider's SDK module (``openai``, ``together``, ``tinker``: generated from one
+    template, they raise the same classes), ``base`` its root exception; the SDK has
+    already retried what is worth it (``retries`` times, ``timeout`` seconds a request, as
+    the messages say). semievol's own errors pass through."""
     try:
         yield
     except SemievolError:
         raise
     except sdk.APITimeoutError:
-        raise BackendError(f"{what}: {where} did not answer within {client.timeout} s "
+        raise BackendError(f"{what}: {where} did not answer within {timeout} s "
                            f"({retries} retries); run again to resume") from None
     except sdk.APIConnectionError as e:
         raise BackendError(f"{what}: could not reach {where} ({retries} retries): "

@@ -26,6 +26,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from functools import partial
+from urllib.parse import urlparse
 
 import openai
 
@@ -89,6 +90,10 @@ class OpenAI:
     def prepare(self, backend, base: str, examples: Sequence[ChatExample], config, *,
                 epochs: int, key: str) -> Plan:
         stats = validate_training_data(examples, base)
+        if (ends := shutdown_date(backend, cost.base_of(base))) is not None:
+            backend.say(f"note: OpenAI stops serving {cost.base_of(base)} and every fine-tune "
+                        f"built on it on {ends}, and creates no fine-tuning jobs for anyone "
+                        f"from {FINETUNING_ENDS}: the model this run makes stops working then")
         data = jsonl({"messages": list(ex)} for ex in examples)
         hyperparameters = {"n_epochs": epochs, "batch_size": config.batch_size}
         if config.learning_rate_multiplier is not None:
@@ -184,9 +189,31 @@ FINETUNING_CLOSED = (
     "access ({reason}). OpenAI is closing self-serve fine-tuning (API deprecations page, "
     "2026-05-07): organisations that never fine-tuned cannot create jobs since 2026-05-07, "
     "those with no fine-tuned-model inference in the last 60 days since 2026-07-02, and no "
-    "one can from 2027-01-06. Nothing was trained or paid for this step. Evolve a hosted "
-    "open model with --backend together (set TOGETHER_API_KEY), or a local one with "
-    "--backend hf.")
+    "one can from 2027-01-06; gpt-4o-mini-2024-07-18, gpt-4o, gpt-4.1 and gpt-4.1-mini and "
+    "every fine-tune built on them stop serving on 2027-01-14. Nothing was trained or paid "
+    "for this step. Evolve a hosted open model with --backend together (set "
+    "TOGETHER_API_KEY), or a local one with --backend hf.")
+
+FINETUNING_ENDS = "2027-01-06"
+"""No new fine-tuning jobs for anyone from this day (OpenAI's deprecations page, 2026-05-07)."""
+SHUTDOWN = dict.fromkeys(("gpt-4o-mini-2024-07-18", "gpt-4o-2024-08-06", "gpt-4o-2024-11-20",
+                          "gpt-4.1-2025-04-14", "gpt-4.1-mini-2025-04-14"), "2027-01-14")
+"""When these snapshots, and the fine-tunes built on them, stop serving: OpenAI's
+deprecations page as quoted (2026-10) by several sources that also checked it against the
+models endpoint's ``shutdown_date``. That field, where the API gives it, is asked first."""
+
+def shutdown_date(backend, model: str) -> str | None:
+    """When OpenAI stops serving ``model``: the models endpoint's ``shutdown_date`` where it
+    gives one (asked of api.openai.com only), else :data:`SHUTDOWN`'s."""
+    if urlparse(backend.base_url).hostname == "api.openai.com":
+        try:
+            found = backend.client.models.retrieve(model)
+        except openai.OpenAIError:  # a note only: never a reason to stop
+            found = None
+        if found is not None and (given := getattr(found, "shutdown_date", None)):
+            return str(given)
+    return SHUTDOWN.get(model)
+
 
 _ACCESS = re.compile(r"\b(access|not (available|allowed|permitted|enabled|eligible|supported)"
                      r"|no longer|unavailable|disabled|deprecat\w*|sunset|shut ?down|retired"

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-from .. import cost
+from .. import cost, track
 from ..errors import BackendUnavailable, ConfigError
 
 
@@ -42,6 +42,13 @@ class Entry:
     @property
     def hosted(self) -> bool:
         return self.provider is not None
+
+    def check(self, config) -> None:
+        """Refuse, before anything runs or is spent, a run configuration (RunConfig) the
+        backend cannot do (the adapter's ``check``, where it has one: Tinker refuses
+        ``--icp``, having no embeddings)."""
+        if self.hosted and hasattr(api := self.provider(), "check"):
+            api.check(config)
 
     @property
     def prices(self) -> cost.PriceList | None:
@@ -70,18 +77,20 @@ def names(*, hosted: bool | None = None) -> list[str]:
     return [e.name for e in BACKENDS.values() if hosted is None or e.hosted == hosted]
 
 
-def hosted(name: str, module: str, adapter: str, *, help: str,
-           extra: str | None = None) -> Entry:
+def hosted(name: str, module: str, adapter: str, *, help: str, extra: str | None = None,
+           recipe: str = "paper", settings: Callable = lambda args: {}) -> Entry:
     """The entry of a hosted backend whose adapter is class ``adapter`` of ``module``;
-    ``extra``: the pip extra with its SDK, for the hint when it is missing."""
+    ``extra``: the pip extra with its SDK, for the hint when it is missing; ``settings``:
+    the adapter's own arguments from the parsed command line."""
     provider = partial(_adapter, module, adapter, extra)
-    return Entry(name, help, partial(_load_hosted, provider), _hosted_options,
+    options = lambda args: {**_hosted_options(args), "settings": settings(args)}  # noqa: E731
+    return Entry(name, help, partial(_load_hosted, provider), options, recipe=recipe,
                  provider=provider)
 
 
-def _adapter(module: str, adapter: str, extra: str | None):
+def _adapter(module: str, adapter: str, extra: str | None, **settings):
     try:
-        return getattr(importlib.import_module(module), adapter)()
+        return getattr(importlib.import_module(module), adapter)(**settings)
     except ImportError as e:
         if extra is None:
             raise
@@ -89,16 +98,21 @@ def _adapter(module: str, adapter: str, extra: str | None):
                                  f'pip install "semievol[{extra}]"') from e
 
 
-def _load_hosted(provider: Callable, model: str | None = None, **options):
+def _load_hosted(provider: Callable, model: str | None = None, *, settings: dict | None = None,
+                 **options):
+    """The adapter's lifecycle (its ``backend``: a class taking the adapter, the model and
+    the options) drives it; by default the job lifecycle, :class:`~.hosted.HostedBackend`."""
     from .hosted import HostedBackend
 
-    return HostedBackend(provider(), model, **options)
+    api = provider(**(settings or {}))
+    return getattr(api, "backend", HostedBackend)(api, model, **options)
 
 
 def _hosted_options(args) -> dict:
     return {"model": args.model, "base_url": args.base_url, "api_key": args.api_key,
             "timeout": args.timeout, "batch_mode": args.openai_batch,
-            "prices": prices(args.price or [])}
+            "prices": prices(args.price or []),
+            "report_to": track.parse(getattr(args, "report_to", None))}
 
 
 def prices(given: list[str]) -> dict[str, cost.Price]:
@@ -142,5 +156,9 @@ def _load_fake(**options):
 register(Entry("hf", "local LoRA (default)", _load_hf, _hf_options, recipe="small"))
 register(hosted("openai", "semievol.backends.openai", "OpenAI", help="the OpenAI API"))
 register(hosted("together", "semievol.backends.together", "Together",
-                help="hosted open models on the Together API", extra="together"))
+                help="hosted open models on the Together API", extra="together",
+                settings=lambda args: {"endpoint": args.together_endpoint}))
+register(hosted("tinker", "semievol.backends.tinker", "Tinker",
+                help="LoRA by primitives on the Tinker API (or any Tinker-compatible server)",
+                extra="tinker", recipe="small"))  # LoRA on open models, as hf: no embeddings
 register(Entry("fake", "tests only", _load_fake, recipe="small"))

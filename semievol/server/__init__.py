@@ -1,14 +1,20 @@
 """``semievol serve``: an OpenAI-compatible HTTP API (files, fine-tuning jobs, chat
 completions with logprobs, embeddings, models) over a local backend, so any OpenAI
 fine-tuning client, our own OpenAI backend first, can evolve a local model. It speaks
-Together's dialect too, on the same port, so the together backend can as well.
+Together's dialect too, on the same port, so the together backend can as well, and the
+Tinker API's (on the hf backend, with the ``tinker`` package), so the tinker SDK can.
 
     app.py       the routes, errors, auth and body limits
-    together.py  Together's dialect on the same port (/v1/files/upload, /v1/fine-tunes)
+    together.py  Together's dialect on the same port (/v1/files/upload, /v1/fine-tunes,
+                 /v1/hardware, /v1/endpoints)
+    tinker.py    Tinker's dialect on the same port (/api/v1/...: sessions, forward_backward,
+                 optim_step, checkpoints, sampling, futures); tinker_wire.py its
+                 request bodies and protobuf messages
     schemas.py   request bodies (pydantic)
     chat.py      chat choices, stop sequences, logprobs and embedding rows
     jobs.py      the fine-tuning worker and the hyperparameter mapping
-    store.py     the state directory: files, jobs, events, fine-tuned models
+    store.py     the state directory: files, jobs, events, fine-tuned models, endpoints,
+                 Tinker training runs and checkpoints
                  (training files are checked by ../chatfile.py, the way OpenAI checks them)
 
 Where it differs from the real API: one base model is served (the backend's default, or
@@ -38,12 +44,13 @@ log = logging.getLogger("semievol.server")
 
 
 def create_app(backend, state_dir: str | Path, api_key: str | None = None, **options):
-    """The ASGI app over a built backend, in OpenAI's and Together's dialects (see
+    """The ASGI app over a built backend, in OpenAI's, Together's and Tinker's dialects (see
     :func:`semievol.server.app.create_app` for the options)."""
     from .app import create_app as build
+    from .tinker import router as tinker
     from .together import router as together
 
-    return build(backend, state_dir, api_key, dialects=(together,), **options)
+    return build(backend, state_dir, api_key, dialects=(together, tinker), **options)
 
 
 def default_state_dir() -> Path:
@@ -55,12 +62,14 @@ def default_state_dir() -> Path:
 def serve(backend: str, model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           state_dir: str | Path | None = None, api_key: str | None = None,
           max_upload_mb: int = 512, vllm_url: str | None = None,
-          dtype: str | None = None, api_key_file: str | Path | None = None) -> None:
+          dtype: str | None = None, api_key_file: str | Path | None = None,
+          dedicated_lora: bool = False) -> None:
     """Build the backend and run the server until interrupted.
 
     The backend is ``load_backend(backend, model=model, workdir=<state_dir>/backend)``
     (``model`` only when given; on hf, ``dtype`` when given, and ``vllm_url``: generate on
-    that vLLM server). ``api_key`` falls back to the contents of ``api_key_file``, then to
+    that vLLM server). ``dedicated_lora``: serve the fine-tunes of Together's dialect
+    only on dedicated endpoints, as api.together.ai does for some models. ``api_key`` falls back to the contents of ``api_key_file``, then to
     ``$SEMIEVOL_API_KEY`` (either keeps the key out of ``ps``); without any, requests need
     no key, so the server binds to loopback by default."""
     from ..backends import load_backend
@@ -86,7 +95,8 @@ def serve(backend: str, model: str | None = None, host: str = "127.0.0.1", port:
     if api_key is None and not is_loopback(host):
         log.warning("serving on %s without an API key: anyone who can reach it can use it "
                     "(set --api-key or SEMIEVOL_API_KEY)", host)
-    app = create_app(backend_obj, state, api_key, max_upload_mb=max_upload_mb)
+    app = create_app(backend_obj, state, api_key, max_upload_mb=max_upload_mb,
+                     dedicated_lora=dedicated_lora)
     # A request waiting behind a training job must not hold up a shutdown for long.
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
 

@@ -23,11 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key-file", default=None,
                         help="bearer token every request needs, read from this file")
     parser.add_argument("--max-upload-mb", type=int, default=512)
+    parser.add_argument("--dedicated-lora", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     serve(args.backend, model=args.model, host=args.host, port=args.port,
           state_dir=args.state_dir, api_key=args.api_key, api_key_file=args.api_key_file,
-          max_upload_mb=args.max_upload_mb)
+          max_upload_mb=args.max_upload_mb, dedicated_lora=args.dedicated_lora)
     return 0
 
 

@@ -93,6 +93,9 @@ class Server:
     backend_lock: threading.Lock
     api_key: str | None
     max_upload_bytes: int
+    dedicated_lora: bool = False
+    """Serve the LoRA fine-tunes made in Together's dialect only on a dedicated endpoint
+    (as api.together.ai does for some base models), refusing them by name."""
     started: int = field(default_factory=now)
 
     @property
@@ -108,25 +111,35 @@ class Server:
         if name == self.backend.default_model:
             return name
         entry = self.store.model(name)
-        if entry is None:
-            raise _model_not_found(name)
+        if entry is None:  # a started dedicated endpoint (Together's dialect) by its name
+            served = [e for e in self.store.endpoints() if e["name"] == name]
+            if not served or served[0]["state"] != "STARTED":
+                raise _model_not_found(name)
+            return served[0]["ref"]
+        if self.dedicated_lora and not name.startswith("ft:"):
+            raise ApiError(400, f"Unable to access non-serverless model {name}. Please "
+                           f"visit https://api.together.ai/models/{name} to create and "
+                           "start a new dedicated endpoint for the model.",
+                           code="model_not_available")
         return entry["ref"]
 
 
 def create_app(backend, state_dir: str | Path, api_key: str | None = None, *,
                max_upload_mb: int = 512, min_examples: int = MIN_EXAMPLES,
+               dedicated_lora: bool = False,
                dialects: tuple[APIRouter, ...] = ()) -> FastAPI:
     """The ASGI app serving ``backend`` with its state in ``state_dir``: OpenAI's dialect,
     and the routes of other ``dialects`` built on the helpers here (Together's).
 
     ``api_key``: when set, every request needs ``Authorization: Bearer <api_key>``.
     ``max_upload_mb``: the largest file ``POST /v1/files`` takes. ``min_examples``: the
-    fewest training examples a job accepts (OpenAI's 10). The fine-tuning worker starts
+    fewest training examples a job accepts (OpenAI's 10). ``dedicated_lora``: see
+    :attr:`Server.dedicated_lora`. The fine-tuning worker starts
     with the app (its lifespan) and first recovers the jobs a stopped server left."""
     store = Store(state_dir)
     lock = threading.Lock()
     server = Server(backend, store, Trainer(store, backend, lock, min_examples=min_examples),
-                    lock, api_key, max_upload_mb * 2**20)
+                    lock, api_key, max_upload_mb * 2**20, dedicated_lora)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -155,15 +168,21 @@ def _server(request: Request) -> Server:
 
 
 def authorize(request: Request) -> None:
-    problem = _auth_problem(request.headers.get("authorization", ""), _server(request).api_key)
+    problem = _auth_problem(request.headers.get("authorization", ""), _server(request).api_key,
+                            request.headers.get("x-api-key", ""))
     if problem is not None:
         raise problem
 
 
-def _auth_problem(header: str, key: str | None) -> ApiError | None:
-    """Why an ``Authorization`` header does not carry the server's key (None: it does)."""
+def _auth_problem(header: str, key: str | None, api_key_header: str = "") -> ApiError | None:
+    """Why an ``Authorization`` header (or, without one, an ``X-API-Key`` header: the
+    Tinker SDK's) does not carry the server's key (None: it does)."""
     if key is None:
         return None
+    if not header and api_key_header:
+        if hmac.compare_digest(api_key_header.strip().encode(), key.encode()):
+            return None
+        return ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
     if not header:
         return ApiError(401, "You didn't provide an API key. You need to provide your API key "
                         "in an Authorization header using Bearer auth (i.e. Authorization: "
@@ -185,8 +204,10 @@ class Authorize:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
-            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            problem = _auth_problem(header, self.api_key)
+            headers = dict(scope["headers"])
+            problem = _auth_problem(headers.get(b"authorization", b"").decode("latin-1"),
+                                    self.api_key,
+                                    headers.get(b"x-api-key", b"").decode("latin-1"))
             if problem is not None:
                 return await problem.response()(scope, receive, send)
         await self.app(scope, receive, send)

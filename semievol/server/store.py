@@ -4,7 +4,8 @@ event, fine-tuned model and idempotent response.
 Layout of ``--state-dir``::
 
     state.db        SQLite (WAL): files, jobs, events, training examples, fine-tuned
-                    models, Idempotency-Key responses; one transaction per change
+                    models, Idempotency-Key responses, the Tinker dialect's training
+                    runs and checkpoints; one transaction per change
     files/<id>.bin  the uploaded bytes (written to a temporary file, renamed into place;
                     a temporary or a file without its row, left by a kill, is removed
                     when the store is next opened: one server per state directory)
@@ -57,9 +58,14 @@ CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT,
 CREATE INDEX IF NOT EXISTS events_of_job ON events (job_id, seq);
 CREATE TABLE IF NOT EXISTS examples (job_id TEXT PRIMARY KEY, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS models (name TEXT PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS endpoints (id TEXT PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS idempotency (scope TEXT NOT NULL, key TEXT NOT NULL,
                                         digest TEXT NOT NULL, response TEXT NOT NULL,
                                         PRIMARY KEY (scope, key));
+CREATE TABLE IF NOT EXISTS training_runs (id TEXT PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS checkpoints (path TEXT PRIMARY KEY, run_id TEXT NOT NULL,
+                                        record TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS checkpoints_of_run ON checkpoints (run_id, path);
 """
 
 
@@ -254,6 +260,56 @@ class Store:
                 log.error("%s; left out of the listing", e)
         return out
 
+    # -- Tinker training runs and their checkpoints ---------------------------------------
+    def put_training_run(self, record: dict) -> None:
+        """Record (or replace) a Tinker training run by its ``id``."""
+        with self._change() as db:
+            db.execute("INSERT OR REPLACE INTO training_runs VALUES (?, ?)",
+                       (record["id"], _json(record)))
+
+    def training_run(self, run_id: str) -> dict | None:
+        return self._one("training run", run_id, "SELECT record FROM training_runs WHERE id = ?")
+
+    def training_runs(self) -> list[dict]:
+        """Newest first."""
+        runs = self._all("training run", "SELECT id, record FROM training_runs")
+        return sorted(runs, key=lambda r: r["created"], reverse=True)
+
+    def add_checkpoint(self, record: dict) -> None:
+        """Record a checkpoint by its ``tinker_path`` (of training run ``run_id``)."""
+        with self._change() as db:
+            db.execute("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?)",
+                       (record["tinker_path"], record["run_id"], _json(record)))
+
+    def checkpoint(self, path: str) -> dict | None:
+        return self._one("checkpoint", path, "SELECT record FROM checkpoints WHERE path = ?")
+
+    def checkpoints(self, run_id: str | None = None) -> list[dict]:
+        """Of one training run, or of all; oldest first."""
+        if run_id is None:
+            found = self._all("checkpoint", "SELECT path, record FROM checkpoints")
+        else:
+            found = self._all("checkpoint", "SELECT path, record FROM checkpoints WHERE "
+                              "run_id = ?", (run_id,))
+        return sorted(found, key=lambda c: c["time"])
+
+    # -- dedicated endpoints (Together's dialect) ----------------------------------------
+    def put_endpoint(self, record: dict) -> dict:
+        """Add or replace an endpoint's record (deleted ones are kept, marked)."""
+        with self._change() as db:
+            db.execute("INSERT OR REPLACE INTO endpoints VALUES (?, ?)",
+                       (record["id"], _json(record)))
+        return record
+
+    def endpoint(self, endpoint_id: str) -> dict | None:
+        return self._one("endpoint", endpoint_id, "SELECT record FROM endpoints WHERE id = ?")
+
+    def endpoints(self) -> list[dict]:
+        """Every readable endpoint not deleted, newest first."""
+        rows = self._all("endpoint", "SELECT id, record FROM endpoints")
+        return sorted((e for e in rows if not e.get("deleted")),
+                      key=lambda e: (e["created"], e["id"]), reverse=True)
+
     # -- idempotency --------------------------------------------------------------------
     def idempotent(self, scope: str, key: str, digest: str, make: Callable[[], dict]) -> dict:
         """The response of the first request with this ``Idempotency-Key`` in ``scope``:
@@ -364,9 +420,23 @@ _Job = TypedDict("_Job", {
 _Event = TypedDict("_Event", {"id": str, "created_at": int, "message": str,
                               "level": Literal["info", "warn", "error"]})
 _Model = TypedDict("_Model", {"ref": str, "job": str, "base": str, "created": int})
+_Endpoint = TypedDict("_Endpoint", {
+    "id": str, "name": str, "model": str, "ref": str, "created": int,
+    "state": Literal["PENDING", "STARTING", "STARTED", "STOPPING", "STOPPED", "ERROR"],
+    "deleted": NotRequired[bool]})
+
+_TrainingRun = TypedDict("_TrainingRun", {"id": str, "base_model": str, "rank": int,
+                                          "created": float, "last_request": float,
+                                          "user_metadata": dict[str, Any] | None})
+_Checkpoint = TypedDict("_Checkpoint", {
+    "tinker_path": str, "run_id": str, "checkpoint_id": str,
+    "checkpoint_type": Literal["training", "sampler"], "time": float, "size_bytes": int,
+    "directory": str, "optimizer": bool})
 
 RECORDS = {"file": TypeAdapter(_File), "job": TypeAdapter(_Job),
            "event": TypeAdapter(_Event), "model": TypeAdapter(_Model),
+           "training run": TypeAdapter(_TrainingRun), "checkpoint": TypeAdapter(_Checkpoint),
+           "endpoint": TypeAdapter(_Endpoint),
            "examples of job": TypeAdapter(list[ChatExample]),
            "idempotent response": TypeAdapter(dict[str, Any])}
 """The shape of each kind of stored record: the keys and types the server's code relies

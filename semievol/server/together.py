@@ -5,6 +5,8 @@ client of either finds its paths, over one store, one trainer and one backend.
     POST /v1/fine-tunes   GET /v1/fine-tunes   GET /v1/fine-tunes/{id}
     POST /v1/fine-tunes/{id}/cancel   GET /v1/fine-tunes/{id}/events
     GET /v1/fine-tunes/models/limits   POST /v1/fine-tunes/estimate-price
+    GET /v1/hardware   POST /v1/endpoints   GET /v1/endpoints
+    GET|PATCH|DELETE /v1/endpoints/{id}
 
 Chat completions with an integer ``logprobs`` and embeddings share OpenAI's routes (see
 ``chat.py``). A Together job is a job of the store like any other (so each dialect lists
@@ -19,12 +21,18 @@ Together's request onto it and shows the record in Together's shape:
   OpenAI job does with an ``ft:`` name.
 - Status: pending (validating files), queued, running, completed, error, cancelled.
 - The model made is ``semievol/<base>-<suffix>-<8 characters of the job id>``.
+- Dedicated endpoints serve a model made here (or the base model) under the endpoint's own
+  name once STARTED: a new one is PENDING until it is first read back, as a real one takes a
+  while to start. One hardware is listed, ``local`` at 0 cents a minute. With ``serve
+  --dedicated-lora`` the fine-tunes are refused by name, with Together's message, and served
+  only through an endpoint.
 - Full training, DPO, validation files, evaluations and W&B are refused or ignored; the
   price estimate is 0 dollars (a local model) with a word count as its token count.
 """
 from __future__ import annotations
 
 import re
+import uuid
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
@@ -34,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..config import FinetuneConfig
 from .app import (ORGANIZATION, ApiError, IdempotencyKey, Server, ServerDep, authorize,
                   job_or_404, save_upload, submit_job)
+from .store import now
 from .jobs import BASE_LEARNING_RATE
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
@@ -208,6 +217,109 @@ def events(server: ServerDep, job_id: str):
                       "message": e["message"],
                       "type": EVENT_TYPES.get(e["level"], "job_start")}
                      for e in reversed(server.store.events(job_id))]}
+
+
+# -- dedicated endpoints ------------------------------------------------------------------
+HARDWARE = "local"
+ENDPOINT_STATES = ("STARTED", "STOPPED")
+
+
+class Autoscaling(_Body):
+    min_replicas: Annotated[int, Field(ge=0)] = 1
+    max_replicas: Annotated[int, Field(ge=1)] = 1
+
+
+class EndpointCreate(_Body):
+    model: str = Field(min_length=1, max_length=256)
+    hardware: str = Field(min_length=1, max_length=128)
+    autoscaling: Autoscaling
+    display_name: str | None = Field(None, max_length=256)
+    state: Literal[ENDPOINT_STATES] = "STARTED"
+    inactive_timeout: Annotated[int, Field(ge=0)] | None = None
+
+
+class EndpointUpdate(_Body):
+    state: Literal[ENDPOINT_STATES] | None = None
+    display_name: str | None = Field(None, max_length=256)
+    inactive_timeout: Annotated[int, Field(ge=0)] | None = None
+
+
+@router.get("/hardware")
+def hardware(server: ServerDep, model: str | None = None):
+    if model is not None:
+        _served(server, model)
+    return {"object": "list", "data": [{
+        "object": "hardware", "id": HARDWARE, "pricing": {"cents_per_minute": 0.0},
+        "specs": {"gpu_type": "none", "gpu_link": "none", "gpu_memory": 0, "gpu_count": 0},
+        **({"availability": {"status": "available"}} if model is not None else {}),
+        "updated_at": _iso(server.started)}]}
+
+
+@router.post("/endpoints")
+def create_endpoint(server: ServerDep, body: EndpointCreate):
+    if body.hardware != HARDWARE:
+        raise ApiError(400, f"Hardware {body.hardware} is not available; this server has "
+                       f"'{HARDWARE}'.", param="hardware")
+    record = {"id": f"endpoint-{uuid.uuid4()}", "model": body.model,
+              "ref": _served(server, body.model),
+              "name": f"{ORGANIZATION}/{body.model.split('/')[-1]}-{uuid.uuid4().hex[:8]}",
+              "display_name": body.display_name or body.model, "hardware": body.hardware,
+              "autoscaling": body.autoscaling.model_dump(),
+              "inactive_timeout": body.inactive_timeout, "created": now(),
+              "state": "PENDING" if body.state == "STARTED" else "STOPPED"}
+    return endpoint_view(server.store.put_endpoint(record))
+
+
+@router.get("/endpoints")
+def list_endpoints(server: ServerDep, type: str | None = None):
+    return {"object": "list", "data": [endpoint_view(e) for e in server.store.endpoints()
+                                       if type in (None, "dedicated")]}
+
+
+@router.get("/endpoints/{endpoint_id}")
+def get_endpoint(server: ServerDep, endpoint_id: str):
+    record = _endpoint(server, endpoint_id)
+    if record["state"] == "PENDING":  # read back once pending: a local model is ready
+        record = server.store.put_endpoint({**record, "state": "STARTED"})
+    return endpoint_view(record)
+
+
+@router.patch("/endpoints/{endpoint_id}")
+def update_endpoint(server: ServerDep, endpoint_id: str, body: EndpointUpdate):
+    changes = body.model_dump(exclude_none=True)
+    return endpoint_view(server.store.put_endpoint({**_endpoint(server, endpoint_id),
+                                                    **changes}))
+
+
+@router.delete("/endpoints/{endpoint_id}", status_code=204)
+def delete_endpoint(server: ServerDep, endpoint_id: str):
+    server.store.put_endpoint({**_endpoint(server, endpoint_id), "deleted": True,
+                               "state": "STOPPED"})
+    return None
+
+
+def _endpoint(server: Server, endpoint_id: str) -> dict:
+    record = server.store.endpoint(endpoint_id)
+    if record is None or record.get("deleted"):
+        raise ApiError(404, f"Endpoint {endpoint_id} not found.", code="not_found")
+    return record
+
+
+def _served(server: Server, model: str) -> str:
+    """The backend reference of a model this server can put on an endpoint."""
+    if model == server.backend.default_model:
+        return model
+    entry = server.store.model(model)
+    if entry is None:
+        raise ApiError(404, f"Model {model} not found.", param="model", code="model_not_found")
+    return entry["ref"]
+
+
+def endpoint_view(record: dict) -> dict:
+    return {"object": "endpoint", "type": "dedicated", "owner": ORGANIZATION,
+            "created_at": _iso(record["created"]),
+            **{k: record[k] for k in ("id", "name", "display_name", "model", "hardware",
+                                      "state", "autoscaling", "inactive_timeout")}}
 
 
 def job_view(record: dict) -> dict:

@@ -59,13 +59,13 @@ from .. import ddp, library_versions
 from ..vllm import VLLMServer
 from .decode import (decode, input_device, last_hidden, left_pad, output_device, stop_ids,
                      teacher_forced, token_ids)
-from .training import (RECORD, AnswerCollator, TrainingBar, encode_example, peft_wrapping,
-                       publish)
+from ...chatfile import encode_example
+from .training import RECORD, AnswerCollator, TrainingBar, peft_wrapping, publish
 from .weights import (GGUF_MODELS, cached, default_device, dense_gguf, export_model, locate,
-                      torch_dtype)
+                      merge_adapter, torch_dtype)
 
-__all__ = ["HFBackend", "export_model", "stop_ids", "AnswerCollator", "encode_example",
-           "RECORD", "GGUF_MODELS"]
+__all__ = ["HFBackend", "export_model", "merge_adapter", "stop_ids", "AnswerCollator",
+           "encode_example", "RECORD", "GGUF_MODELS"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -141,7 +141,7 @@ class HFBackend:
         samples = 1 if temperature == 0 else n
         done: dict[int, list[Generation]] = {}
         used = Usage()
-        with self._active(model) as lm:
+        with self.active(model) as lm:
             tok = self._tokenizer
             ids = [tok(text, add_special_tokens=False)["input_ids"]
                    for text in self._chat_texts(prompts, generation_prompt=True)]
@@ -184,8 +184,9 @@ class HFBackend:
         trained" and is returned at once."""
         final = self.workdir / "adapters" / slug(key)
         if (final / RECORD).exists():
-            trained = json.loads((final / RECORD).read_text()).get("trained_tokens", 0)
-            return ModelRef(str(final), Usage(trained_tokens=trained))
+            record = json.loads((final / RECORD).read_text())
+            return ModelRef(str(final), Usage(trained_tokens=record.get("trained_tokens", 0)),
+                            record.get("losses"))
         base_ref, parent = self._resolve(base)
         self._load(base_ref)
         features = [encode_example(self._tokenizer, ex, config.max_length) for ex in examples]
@@ -201,13 +202,13 @@ class HFBackend:
             self._unmerge()
             set_seed(config.seed)  # a fresh LoRA starts from the same weights every time
             self._attach_trainable(name, parent, config)
-            self._train(features, config, scratch / "trainer", f"fine-tune {key}")
+            losses = self._train(features, config, scratch / "trainer", f"fine-tune {key}")
             self._model.save_pretrained(str(scratch), selected_adapters=[name],
                                         save_embedding_layers=False)
             saved = scratch / name  # peft saves a non-"default" adapter in its own folder
             record = {"base": base_ref, "parent": parent, "key": key,
                       "examples": len(features), "trained_tokens": trained,
-                      "config": dataclasses.asdict(config)}
+                      "config": dataclasses.asdict(config), "losses": losses}
             (saved / RECORD).write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
             publish(saved, final)
         except Exception as e:
@@ -221,7 +222,7 @@ class HFBackend:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         self._adapters[str(final.resolve())] = name
-        return ModelRef(str(final), Usage(trained_tokens=trained))
+        return ModelRef(str(final), Usage(trained_tokens=trained), losses)
 
     def embed(self, texts: Sequence[str]) -> Embeddings:
         """Mean-pooled (over real tokens) last hidden states, L2-normalised, float32.
@@ -244,7 +245,7 @@ class HFBackend:
             tok, model = self._embedding_model()
             context = nullcontext(model)
         else:
-            context = self._active(self._resolve(self.default_model)[0])
+            context = self.active(self._resolve(self.default_model)[0])
             tok = None
         rows: list[np.ndarray] = []
         tokens = 0
@@ -282,7 +283,7 @@ class HFBackend:
         token; a very few byte-fragment tokens do not survive the round trip). Scores are
         raw log-probabilities, the same quantity ``generate_with_logprobs`` reports."""
         out: list[list[float]] = []
-        with self._active(model) as lm, torch.inference_mode():
+        with self.active(model) as lm, torch.inference_mode():
             tok = self._tokenizer
             prompt_ids = [tok(text, add_special_tokens=False)["input_ids"]
                           for text in self._chat_texts(prompts, generation_prompt=True)]
@@ -297,7 +298,7 @@ class HFBackend:
     def loaded(self, model: str) -> Iterator[tuple[torch.nn.Module, object]]:
         """(torch model, tokenizer) of ``model``, its adapter on, for code that drives
         transformers itself (benchmarks); the backend's own state, not a copy."""
-        with self._active(model) as lm:
+        with self.active(model) as lm:
             yield lm, self._tokenizer
 
     # -- models and adapters -----------------------------------------------------------
@@ -315,7 +316,7 @@ class HFBackend:
         return ref, None
 
     @contextmanager
-    def _active(self, ref: str) -> Iterator[torch.nn.Module]:
+    def active(self, ref: str) -> Iterator[torch.nn.Module]:
         """The in-memory model with ``ref``'s adapter on (or every adapter off)."""
         base_ref, adapter = self._resolve(ref)
         model = self._load(base_ref)
@@ -343,9 +344,43 @@ class HFBackend:
         self._unmerge()
         name = self._attach(adapter)  # may wrap the base model in a PeftModel first
         self._model.set_adapter(name, inference_mode=True)
-        if self.merge_adapters:
+        if self.merge_adapters and not self._on_tied_output(name):
             self._model.merge_adapter()
             self._merged = name
+
+    def _on_tied_output(self, name: str) -> bool:
+        """Whether adapter ``name`` adapts an output layer that shares its weight with the
+        input embeddings (a Tinker LoRA with ``train_unembed``): folded in, it would change
+        the input embeddings too, so it runs beside the weights instead."""
+        targets = self._model.peft_config[name].target_modules or ()
+        tied = getattr(self._model.config, "tie_word_embeddings", False)
+        return tied and "lm_head" in (targets if not isinstance(targets, str) else ())
+
+    # -- the in-memory model, for the Tinker primitives (primitives.py) ------------------
+    @property
+    def model(self):
+        """The one in-memory model (None before the first load); the primitives put a
+        PEFT wrapping of it back here."""
+        return self._model
+
+    @model.setter
+    def model(self, value) -> None:
+        self._model = value
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def base_ref(self) -> str | None:
+        """The base model loaded now."""
+        return self._base_ref
+
+    def bare_model(self):
+        """The in-memory model with the default base loaded and no adapter merged in."""
+        self._load(self._resolve(self.default_model)[0])
+        self._unmerge()
+        return self._model
 
     def _unmerge(self) -> None:
         """Take the folded-in adapter out of the base weights, if one is in."""
@@ -378,10 +413,10 @@ class HFBackend:
         if adapter not in self._adapters:
             name = f"a{next(self._names)}"
             try:
-                if isinstance(self._model, PeftModel):
-                    self._model.load_adapter(adapter, adapter_name=name)
-                else:
-                    with peft_wrapping():
+                with peft_wrapping():
+                    if isinstance(self._model, PeftModel):
+                        self._model.load_adapter(adapter, adapter_name=name)
+                    else:
                         self._model = PeftModel.from_pretrained(self._model, adapter,
                                                                 adapter_name=name)
             except (OSError, ValueError, KeyError) as e:
@@ -410,8 +445,9 @@ class HFBackend:
                     self._model = get_peft_model(self._model, lora, adapter_name=name)
         self._model.set_adapter(name)
 
-    def _train(self, features: list[dict], config, output_dir: Path, name: str) -> None:
-        """Run transformers' Trainer over the active adapter (no checkpoints, no eval).
+    def _train(self, features: list[dict], config, output_dir: Path, name: str) -> list:
+        """Run transformers' Trainer over the active adapter (no checkpoints, no eval);
+        return its loss curve, ``[step, loss]`` at every step.
 
         Data-parallel, Trainer wraps the model in DDP (the process group exists already) and
         each rank takes ``batch_size / world_size`` (rounded up) examples of every step, so
@@ -426,7 +462,7 @@ class HFBackend:
             report_to="none", disable_tqdm=self.quiet, remove_unused_columns=False,
             train_sampling_strategy="group_by_length",  # batches of similar lengths pad less
             # the same on every rank: logging gathers the loss over the ranks
-            logging_strategy="no" if self.quiet else "steps", logging_steps=10,
+            logging_strategy="steps", logging_steps=1,  # the loss curve, every step
             use_cpu=input_device(self._model).type == "cpu",
             ddp_find_unused_parameters=False,  # every LoRA weight of the adapter gets a gradient
             bf16=self.dtype == torch.bfloat16)
@@ -442,7 +478,9 @@ class HFBackend:
         # With bf16=True accelerate wrapped the model's forward in autocast; take it off, so
         # the model generates after training exactly as it does when loaded from disk
         trainer.accelerator.unwrap_model(trainer.model_wrapped, keep_fp32_wrapper=False)
+        losses = [[row["step"], row["loss"]] for row in trainer.state.log_history if "loss" in row]
         del trainer
+        return losses
 
     def _chat_texts(self, prompts: Sequence[list[Message]], *, generation_prompt: bool):
         return [self._tokenizer.apply_chat_template(list(messages), tokenize=False,

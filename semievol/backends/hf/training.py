@@ -10,8 +10,6 @@ from pathlib import Path
 import torch
 from transformers import ProgressCallback
 
-from ...errors import FinetuneFailed
-from ...types import ChatExample
 
 RECORD = "semievol.json"
 """The file beside a saved adapter that names its base model (and how it was trained)."""
@@ -38,12 +36,16 @@ class TrainingBar(ProgressCallback):
 
 @contextmanager
 def peft_wrapping():
-    """Around peft wrapping a model: peft reads transformers' deprecated
+    """Around peft adding an adapter: peft reads transformers' deprecated
     ``is_gradient_checkpointing`` every time, a warning about two libraries' versions on
-    every fine-tune that is not the user's business."""
+    every fine-tune that is not the user's business. And a LoRA on SmolLM2's output layer
+    (a Tinker LoRA with ``train_unembed``), whose weight is the input embeddings', makes peft
+    warn that merging it is a complication: merged, it would change the input embeddings
+    too. The backend never merges one (``HFBackend._on_tied_output``): nothing to act on."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
                                 FutureWarning)
+        warnings.filterwarnings("ignore", "Model has `tie_word_embeddings=True`", UserWarning)
         yield
 
 
@@ -74,27 +76,6 @@ class AnswerCollator:
         return {"input_ids": pad("input_ids", self.pad_id), "attention_mask": mask,
                 "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
                 "labels": labels[:, -keep:], "logits_to_keep": keep}
-
-
-def encode_example(tok, example: ChatExample, max_length: int) -> dict:
-    """Token ids of a whole chat, labels only on the final assistant message.
-
-    The prompt is tokenized exactly as generation tokenizes it (chat template with the
-    generation prompt) and the answer's text after it, so training and inference see the
-    same tokens. Cut on the right to ``max_length``."""
-    if not example or example[-1].get("role") != "assistant":
-        raise FinetuneFailed("a training example must end with an assistant message")
-    prompt = tok.apply_chat_template(list(example[:-1]), tokenize=False,
-                                     add_generation_prompt=True)
-    full = tok.apply_chat_template(list(example), tokenize=False)
-    if not full.startswith(prompt):
-        raise FinetuneFailed("the chat template renders the prompt differently inside the "
-                             "full conversation; cannot mask it")
-    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tok(full[len(prompt):].rstrip("\n"), add_special_tokens=False)["input_ids"]
-    ids = (prompt_ids + answer_ids)[:max_length]
-    labels = ([-100] * len(prompt_ids) + answer_ids)[:max_length]
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
 def publish(saved: Path, final: Path, complete: str = RECORD) -> None:

@@ -28,15 +28,7 @@ def export_model(ref: str, out_dir: str | Path, *, dtype: str = "bfloat16") -> P
     out = Path(out_dir)
     if (out / "config.json").is_file():
         return out
-    path, extra = locate(ref)
-    try:
-        tok = AutoTokenizer.from_pretrained(path, **extra)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype(dtype), **extra, **(dense_gguf() if "gguf_file" in extra else {}))
-    except (OSError, ValueError) as e:
-        raise BackendError(f"cannot load model {ref!r}: {e}") from e
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config  # dequantized: the folder holds plain weights
+    tok, model = _plain(ref, dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
@@ -46,6 +38,41 @@ def export_model(ref: str, out_dir: str | Path, *, dtype: str = "bfloat16") -> P
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return out
+
+
+def merge_adapter(adapter: str, out: Path, *, dtype: str = "float32") -> Path:
+    """Write the LoRA adapter folder ``adapter`` merged into its base model's weights
+    (``merge_and_unload``), with the tokenizer, as a plain Hugging Face folder in ``out``
+    (an empty folder the caller renames into place)."""
+    import json
+
+    from peft import PeftModel
+
+    from .training import RECORD
+
+    record = Path(adapter) / RECORD
+    base = json.loads(record.read_text())["base"] if record.is_file() else \
+        json.loads((Path(adapter) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    tok, model = _plain(cached(base), dtype)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    merged.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+def _plain(ref: str, dtype: str):
+    """(tokenizer, model) of base model ``ref`` with plain weights (a GGUF file's
+    dequantized), to be saved as a Hugging Face folder."""
+    path, extra = locate(ref)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **extra)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype(dtype), **extra, **(dense_gguf() if "gguf_file" in extra else {}))
+    except (OSError, ValueError) as e:
+        raise BackendError(f"cannot load model {ref!r}: {e}") from e
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config  # dequantized: the folder holds plain weights
+    return tok, model
 
 
 def cached(ref: str) -> str:
