@@ -299,3 +299,14 @@ def test_a_budget_on_a_model_without_a_price_is_refused_and_a_price_can_be_given
     for bad in ("my-model=cheap", "my-model=1,2,3,4", "=1", "my-model=-1", "my-model=inf"):
         with pytest.raises(ConfigError, match="--price"):
             backend("--price", bad)
+
+
+
+def test_fractional_and_odd_epochs_run_on_the_fake_backend(tmp_path, capsys):
+    data = make_task(tmp_path / "data")
+    for epochs in ("3", "1.5"):
+        out = tmp_path / f"run-{epochs}"
+        assert main(["run", "--data", str(data), "--backend", "fake", "--epochs", epochs,
+                     "--out", str(out), "--limit-unlabeled", "20", "--limit-test", "10",
+                     "--quiet"]) == 0
+        assert (out / "results.json").is_file()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -78,7 +79,7 @@ class FakeBackend:
                                   {"ref": ref, "base": base, "examples": self.trained[ref][1]})
         _, trained = self.trained[ref]
         words = sum(_count(m["content"]) for ex in trained for m in ex)
-        steps = -(-len(trained) // config.batch_size) * config.epochs
+        steps = math.ceil(-(-len(trained) // config.batch_size) * config.epochs)
         curve = [[step, round(2.0 / step, 6)] for step in range(1, steps + 1)]  # scripted
         return ModelRef(ref, Usage(trained_tokens=round(words * config.epochs)), curve)
 
