@@ -11,8 +11,9 @@ from pathlib import Path
 
 from . import ranks, track
 from .backends import registry
-from .config import RECIPES, VIEWS, FinetuneConfig, RunConfig
 from .annotation import FORMATS
+from .arguments import add_arguments, read_arguments
+from .config import RECIPES, RunConfig
 from .errors import BackendUnavailable, ConfigError, SemievolError
 from .suggest import DEFAULT_STRATEGY, STRATEGIES
 
@@ -57,70 +58,36 @@ def _parser() -> argparse.ArgumentParser:
                                 "Evolve an LLM with a little labeled and a lot of unlabeled data (SemiEvol).")
     p.add_argument("-v", "--verbose", action="store_true", help="log each stage")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in (_run_command, _eval_command, _report_command, _compare_command,
+                    _serve_command, _export_command, _suggest_command, _import_command,
+                    _demo_command):
+        command(sub)
+    return p
 
+
+RUN_FIELDS = ("data", "backend", "model", "base_url")
+"""The RunConfig fields whose flags are not in field order: those other commands share."""
+
+
+def _run_command(sub) -> None:
+    """``semievol run``: RunConfig's flags (semievol.arguments), and what is not the run's
+    configuration but how to do it."""
     run = sub.add_parser("run", help="run (or resume) SemiEvol on a task directory",
                          description="Run SemiEvol: warm-up fine-tune, in-context retrieval, "
                          "collaborative pseudo-labelling, entropy selection, evolve, evaluate. "
                          "Running again on the same --out resumes.")
-    run.add_argument("--data", required=True, help="directory with labeled, unlabeled and test "
-                     "files (.csv, .jsonl or .parquet: question, options, answer), a "
-                     "Hugging Face datasets folder (save_to_disk) with those splits, or "
-                     "hf://datasets/NAME[:CONFIG] (from the datasets cache)")
+    add_arguments(run, RunConfig, only=("data",))
     _backend_args(run)
     run.add_argument("--out", help="run directory (default: runs/<task>-<backend>)")
-    run.add_argument("--n", type=int, default=4, help="collaborating inferences per question (4)")
-    run.add_argument("--k", type=int, default=3, help="retrieved labeled examples per question (3)")
-    run.add_argument("--theta", type=float, default=0.5, help="entropy percentile to keep (0.5)")
-    run.add_argument("--rounds", type=int, default=1, help="rounds of mining and evolving (1)")
-    run.add_argument("--recipe", choices=sorted(RECIPES), help="fine-tuning and prompt defaults: "
-                     "'small' (4 epochs, lr 4e-4, answers in the option's words; the default on "
-                     "hf), 'paper' (2 epochs, lr 1e-4, 'Answer: X'; the default on openai "
-                     "and together) or 'auto' (small's fine-tuning; retrieval, vote or "
-                     "self-justify, selection and labeled replay chosen on the validation slice)")
-    run.add_argument("--epochs", type=float, help="fine-tuning epochs (from --recipe)")
-    run.add_argument("--lr", type=float, help="LoRA learning rate (from --recipe)")
-    run.add_argument("--evolve-lr", type=float, help="learning rate of the evolve step (as --lr)")
-    run.add_argument("--evolve-epochs", type=float, help="epochs of the evolve step (from --recipe: 2 "
-                     "on small, as --epochs on paper)")
-    run.add_argument("--lr-multiplier", type=float,
-                     help="OpenAI fine-tuning learning-rate multiplier (default: the API's choice)")
-    run.add_argument("--batch-size", type=int, default=8, help="fine-tuning batch size (8)")
-    run.add_argument("--generation-batch", type=int, default=16,
-                     help="questions per generation call (16)")
-    run.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1.0)")
-    run.add_argument("--max-tokens", type=int, default=32, help="max tokens per answer (32)")
-    run.add_argument("--prompt-style", choices=["text", "letter"],
-                     help="answer with the option's text or the paper's 'Answer: X' (from --recipe)")
-    run.add_argument("--justify", choices=["model", "vote"],
-                     help="settle disagreements by self-justify or majority vote (from --recipe)")
-    run.add_argument("--selection", choices=["global", "per-class"],
-                     help="entropy percentile over all pseudo-labels or within each class (from --recipe)")
-    run.add_argument("--views", choices=VIEWS, help="the collaborating inferences: n samples of "
-                     "one prompt, half with and half without the retrieved examples, or each "
-                     "its own prompt (from --recipe)")
-    run.add_argument("--replay-labeled", action=argparse.BooleanOptionalAction,
-                     help="evolve on the labeled examples too (from --recipe)")
-    run.add_argument("--icp", action=argparse.BooleanOptionalAction,
-                     help="in-context propagation: show the inferences the retrieved labeled "
-                     "examples (from --recipe: off on small, on on paper)")
-    for stage, what in [("iwp", "in-weight propagation (warm-up fine-tune)"),
-                        ("cl", "collaborative learning (one greedy inference instead)"),
-                        ("as", "adaptive selection (keep every pseudo-label)")]:
-        run.add_argument(f"--no-{stage}", action="store_true", help=f"ablation: without {what}")
-    run.add_argument("--columns", metavar="FIELD=COLUMN,...",
-                     help="the data's own column names: question=text,answer=label,"
-                     "options=choices (an integer label with a ClassLabel feature reads as "
-                     "its class name)")
-    for split in ("labeled", "unlabeled", "test"):
-        run.add_argument(f"--limit-{split}", type=int, metavar="N", help=f"use the first N {split} items")
-    run.add_argument("--validation", type=int, metavar="N", help="labeled examples held out to "
-                     "choose the final model (SFT or SemiEvol) and stop rounds; 0: none "
-                     "(default: 20%% of the labeled set, 8 to 200, none under 16 labels)")
-    run.add_argument("--refit", action="store_true", help="after the guard's decision, run "
-                     "again on every label (the validation slice too) and return that run's "
-                     "model of the chosen kind: about twice the time")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--max-cost-usd", type=float, help="stop before a step that would pass this cost")
+    on = {r: ", ".join(e.name for e in registry.BACKENDS.values() if e.recipe == r)
+          for r in RECIPES}
+    run.add_argument("--recipe", choices=sorted(RECIPES), help="fine-tuning and prompt defaults, "
+                     "each listed in its flag's help: 'small' (answers in the option's words; "
+                     f"the default on {on['small']}), 'paper' (the paper's, 'Answer: X'; the "
+                     f"default on {on['paper']}) or 'auto' (small's fine-tuning; retrieval, "
+                     "vote or self-justify, selection and labeled replay chosen on the "
+                     "validation slice)")
+    add_arguments(run, RunConfig, skip=RUN_FIELDS, recipes=RECIPES)
     run.add_argument("--dry-run", action="store_true", help="print the estimated cost and stop")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--report-to", default="none", metavar="TRACKERS",
@@ -130,16 +97,19 @@ def _parser() -> argparse.ArgumentParser:
                      'installed with its extra: pip install "semievol[mlflow]"')
     run.set_defaults(func=_cmd_run)
 
+
+def _eval_command(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate one model on a split",
                         description="Evaluate a model reference on a split of a task directory.")
     ev.add_argument("--data", required=True)
     _backend_args(ev)
     ev.add_argument("--split", default="test", choices=["labeled", "unlabeled", "test"])
     ev.add_argument("--limit", type=int, metavar="N", help="only the first N items")
-    ev.add_argument("--prompt-style", choices=["text", "letter"], default="text")
-    ev.add_argument("--max-tokens", type=int, default=32)
+    add_arguments(ev, RunConfig, only=("prompt_style", "max_tokens"))
     ev.set_defaults(func=_cmd_eval)
 
+
+def _report_command(sub) -> None:
     rep = sub.add_parser("report", help="write report.md and figures for a run",
                          description="Write RUN_DIR/report.md with PNG figures.")
     rep.add_argument("run_dir")
@@ -147,19 +117,29 @@ def _parser() -> argparse.ArgumentParser:
                      "another folder when RUN_DIR is read-only)")
     rep.set_defaults(func=_cmd_report)
 
+
+def _compare_command(sub) -> None:
     cmp_ = sub.add_parser("compare", help="several runs side by side",
                           description="Print a table comparing runs and write a figure.")
     cmp_.add_argument("run_dirs", nargs="+")
     cmp_.add_argument("--figure", default="compare.png", help="where to write the figure")
     cmp_.set_defaults(func=_cmd_compare)
 
-    srv = sub.add_parser("serve", help="serve an OpenAI-, Together- and Tinker-compatible "
-                         "API over a local backend",
-                         description="OpenAI-compatible fine-tuning, chat (with logprobs) and "
-                         "embeddings API over a local backend; Together's dialect "
-                         "(/v1/files/upload, /v1/fine-tunes, integer logprobs) and, on the hf "
-                         "backend, the Tinker API (/api/v1/..., for the tinker SDK) on the "
-                         "same port.")
+
+SERVE_DESCRIPTION = ("OpenAI-compatible fine-tuning, chat (with logprobs) and embeddings API "
+                     "over a local backend; Together's dialect (/v1/files/upload, "
+                     "/v1/fine-tunes, integer logprobs) and, on the hf backend, the Tinker API "
+                     "(/api/v1/..., for the tinker SDK) on the same port.")
+
+
+def _serve_command(sub) -> None:
+    serve_arguments(sub.add_parser("serve", help="serve an OpenAI-, Together- and "
+                                   "Tinker-compatible API over a local backend",
+                                   description=SERVE_DESCRIPTION))
+
+
+def serve_arguments(srv: argparse.ArgumentParser) -> None:
+    """``semievol serve``'s flags, which ``python -m semievol.server`` takes too."""
     srv.add_argument("--backend", default="hf", choices=registry.names(hosted=False))
     srv.add_argument("--model", help="base model (default: the embedded smollm2-135m)")
     _dtype_arg(srv)
@@ -174,8 +154,10 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--dedicated-lora", action="store_true",
                      help="serve the fine-tunes of Together's dialect only on dedicated "
                      "endpoints (/v1/endpoints), as api.together.ai does for some models")
-    srv.set_defaults(func=_cmd_serve)
+    srv.set_defaults(func=serve_command)
 
+
+def _export_command(sub) -> None:
     exp = sub.add_parser("export", help="a run's model as an adapter (or merged) folder with "
                          "a model card; or a base model as a plain Hugging Face folder",
                          description="semievol export RUN_DIR --out DIR [--model final] "
@@ -201,6 +183,8 @@ def _parser() -> argparse.ArgumentParser:
                      "float32 for --merge)")
     exp.set_defaults(func=_cmd_export)
 
+
+def _suggest_command(sub) -> None:
     sug = sub.add_parser("suggest", help="which unlabeled items to label next",
                          description="Rank a run's unlabeled items by how much a human label "
                          "would help, and write them with the run's pseudo-label as a "
@@ -217,6 +201,8 @@ def _parser() -> argparse.ArgumentParser:
     _backend_args(sug)
     sug.set_defaults(func=_cmd_suggest, backend=None)
 
+
+def _import_command(sub) -> None:
     imp = sub.add_parser("import-labels", help="human labels from an annotation tool into a "
                          "task directory",
                          description="Read a Label Studio JSON export, an Argilla export or "
@@ -227,22 +213,18 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--data", required=True, help="the task directory to change")
     imp.set_defaults(func=_cmd_import_labels)
 
+
+def _demo_command(sub) -> None:
     demo = sub.add_parser("demo", help="the embedded default end to end on a synthetic task",
                           description="Generate a small synthetic task and run SemiEvol on the "
                           "embedded SmolLM2-135M (CPU, a few minutes).")
     demo.add_argument("--out", default="runs/demo", help="run directory (runs/demo)")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(func=_cmd_demo)
-    return p
 
 
 def _backend_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="hf", choices=registry.names(),
-                   help="; ".join(f"{e.name}: {e.help}" for e in registry.BACKENDS.values()))
-    p.add_argument("--model", help="model reference (default: the backend's default)")
-    p.add_argument("--base-url", help="API base URL of a hosted backend (e.g. a `semievol "
-                   "serve`: http://127.0.0.1:8000/v1, which speaks OpenAI's and Together's API; "
-                   "for tinker the server root, http://127.0.0.1:8000)")
+    add_arguments(p, RunConfig, only=("backend", "model", "base_url"))
     p.add_argument("--api-key", help="API key (default: the provider's variable, "
                    "$OPENAI_API_KEY, $TOGETHER_API_KEY...); never written anywhere")
     p.add_argument("--timeout", type=float, default=60.0,
@@ -288,32 +270,11 @@ def make_backend(args, workdir: Path | None, max_cost_usd: float | None = None,
 
 
 def _run_config(args) -> RunConfig:
-    recipe = RECIPES[args.recipe or registry.entry(args.backend).recipe]
-    flags = {**recipe, "lr": recipe["learning_rate"],
-             "selection": "per-class" if recipe["per_class"] else "global"}
-    for name in ("epochs", "evolve_epochs", "lr", "prompt_style", "justify", "selection",
-                 "icp", "views", "replay_labeled"):  # a flag not given takes the recipe's
-        if getattr(args, name) is None:
-            setattr(args, name, flags.get(name))
-    ft = FinetuneConfig(epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size,
-                        seed=args.seed, learning_rate_multiplier=args.lr_multiplier)
-    return RunConfig(
-        data=str(args.data), backend=args.backend, model=args.model, n=args.n, k=args.k,
-        theta=args.theta, rounds=args.rounds, iwp=not args.no_iwp, icp=args.icp,
-        cl=not args.no_cl, adaptive_selection=not args.no_as, limit_labeled=args.limit_labeled,
-        limit_unlabeled=args.limit_unlabeled, limit_test=args.limit_test, seed=args.seed,
-        columns=args.columns,
-        temperature=args.temperature, max_tokens=args.max_tokens, prompt_style=args.prompt_style,
-        justify=args.justify, per_class=args.selection == "per-class",
-        views=args.views, replay_labeled=args.replay_labeled, validation=args.validation,
-        refit=args.refit,
-        auto_recipe=recipe.get("auto_recipe", False),
-        finetune=ft,
-        evolve_finetune=ft.replace(learning_rate=args.evolve_lr or ft.learning_rate,
-                                   epochs=args.evolve_epochs or ft.epochs)
-        if args.evolve_lr or args.evolve_epochs else None,
-        base_url=args.base_url, max_cost_usd=args.max_cost_usd,
-        generation_batch=args.generation_batch)
+    """The run the flags ask for: their recipe (by default the backend's) with the flags
+    given over it, in one place, ``RunConfig.recipe``."""
+    fields = read_arguments(args, RunConfig)
+    fields.setdefault("finetune", {})["seed"] = args.seed  # --seed seeds the fine-tunes too
+    return RunConfig.recipe(args.recipe or registry.entry(args.backend).recipe, **fields)
 
 
 def _cmd_run(args) -> int:
@@ -420,7 +381,8 @@ def _cmd_compare(args) -> int:
     return 0
 
 
-def _cmd_serve(args) -> int:
+def serve_command(args) -> int:
+    """``semievol serve`` (and ``python -m semievol.server``) with its parsed flags."""
     from .server import serve
 
     serve(backend=args.backend, model=args.model, host=args.host, port=args.port,

@@ -5,14 +5,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from .backends import registry
 from .errors import ConfigError
 
 
-VIEWS = ("shared", "mixed", "diverse")
+View = Literal["shared", "mixed", "diverse"]
+VIEWS = typing.get_args(View)
 
 SCHEMA = 1
 """The version of config.json's layout (written as ``"schema"``)."""
@@ -44,26 +47,33 @@ significantly better, and choose the selection (see guard.py and
 ``RunConfig.auto_recipe``). ``evolve_epochs``, where given, are the evolve step's."""
 
 
+def arg(default=dataclasses.MISSING, help: str = "", **flag):
+    """A field that ``semievol run`` sets by a flag (read by :mod:`semievol.arguments`):
+    ``help`` is its documentation and the flag's help; ``flag`` says where the flag differs
+    from ``--field-name`` (``flag``, ``metavar``, ``words``, ``choices``)."""
+    return field(default=default, metadata={"help": help, **flag})
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """How one fine-tune is done. Defaults are the paper's (LoRA r=16 on all linear layers,
     lr 1e-4, 2 epochs, cosine schedule, warm-up ratio 0.1)."""
 
-    epochs: float = 2
-    learning_rate: float = 1e-4
-    """LoRA learning rate (local and Together). The OpenAI backend uses
-    ``learning_rate_multiplier``."""
+    epochs: float = arg(2, "fine-tuning epochs")
+    learning_rate: float = arg(1e-4, "LoRA learning rate; OpenAI's fine-tuning takes "
+                               "the multiplier instead", flag="lr")
     lora_rank: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    batch_size: int = 8
+    batch_size: int = arg(8, "fine-tuning batch size")
     warmup_ratio: float = 0.1
     lr_scheduler: str = "cosine"
     max_length: int = 1024
     """Training examples longer than this many tokens are cut (local backend)."""
     seed: int = 0
-    learning_rate_multiplier: float | None = None
-    """OpenAI fine-tuning only; None lets the API choose."""
+    learning_rate_multiplier: float | None = arg(
+        None, "OpenAI fine-tuning learning-rate multiplier (default: the API's choice)",
+        flag="lr_multiplier")
 
     def __post_init__(self):
         _check_finite(self)
@@ -83,63 +93,73 @@ class FinetuneConfig:
 class RunConfig:
     """Everything that decides what a `semievol run` does (saved as config.json)."""
 
-    data: str
-    backend: str = "hf"
-    model: str | None = None
-    """Base model reference; None means the backend's default."""
-    n: int = 4
-    """Collaborating inferences per unlabeled question."""
-    k: int = 3
-    """Retrieved labeled examples per unlabeled question (in-context propagation)."""
-    theta: float = 0.5
-    """Keep pseudo-labels whose entropy is under this percentile of all entropies."""
-    rounds: int = 1
-    iwp: bool = True
-    icp: bool = True
-    cl: bool = True
-    adaptive_selection: bool = True
-    per_class: bool = False
-    """Take the entropy percentile within each pseudo-label class (see selection.py)."""
-    justify: str = "model"
-    """How disagreements are settled: "model" (self-justify, the paper) or "vote"."""
-    views: str = "shared"
-    """The n collaborating inferences: "shared" (n samples of one prompt, with the retrieved
-    examples when icp), "mixed" (half with the retrieved examples, half without: two
-    prompts per question) or "diverse" (each its own prompt, seed and temperature)."""
-    replay_labeled: bool = False
-    """Evolve on the labeled examples as well as the selected pseudo-labels."""
+    data: str = arg(help="directory with labeled, unlabeled and test files (.csv, .jsonl or "
+                    ".parquet: question, options, answer), a Hugging Face datasets folder "
+                    "(save_to_disk) with those splits, or hf://datasets/NAME[:CONFIG] (from "
+                    "the datasets cache)")
+    backend: str = arg("hf", lambda: "; ".join(f"{e.name}: {e.help}"
+                                               for e in registry.BACKENDS.values()),
+                       choices=registry.names)
+    model: str | None = arg(None, "model reference (default: the backend's default)")
+    n: int = arg(4, "collaborating inferences per question")
+    k: int = arg(3, "retrieved labeled examples per question, for in-context "
+                "propagation")
+    theta: float = arg(0.5, "entropy percentile to keep: pseudo-labels whose entropy is "
+                       "under this percentile of all entropies")
+    rounds: int = arg(1, "rounds of mining and evolving")
+    iwp: bool = arg(True, "in-weight propagation (warm-up fine-tune)")
+    icp: bool = arg(True, "in-context propagation: show the inferences the retrieved labeled "
+                    "examples")
+    cl: bool = arg(True, "collaborative learning (one greedy inference instead)")
+    adaptive_selection: bool = arg(True, "adaptive selection (keep every pseudo-label)",
+                                   flag="as")
+    per_class: bool = arg(False, "entropy percentile over all pseudo-labels or within each "
+                          "class, see selection.py", flag="selection",
+                          words={"global": False, "per-class": True})
+    justify: Literal["model", "vote"] = arg(
+        "model", "settle disagreements by self-justify, as the paper, or majority vote")
+    views: View = arg("shared", "the collaborating inferences: n samples of one prompt (with "
+                      "the retrieved examples when icp), half with and half without the "
+                      "retrieved examples (two prompts per question), or each its own "
+                      "prompt, seed and temperature")
+    replay_labeled: bool = arg(False, "evolve on the labeled examples too, not only on the "
+                               "selected pseudo-labels")
     auto_recipe: bool = False
     """Choose icp, justify, per_class and replay_labeled on the validation slice (recipe
     'auto'): the fields' own values are kept only where there is no slice."""
-    validation: int | None = None
-    """Labeled examples held out as the validation slice, which picks the final model (SFT
-    or SemiEvol) and stops rounds (see guard.py). None: 20% of the labeled set, at least 8
-    and at most 200, none under 16 labels; 0: no validation slice (the evolved model is
-    final, as in the paper)."""
-    refit: bool = False
-    """After the guard's decision, give the validation slice back: run again on every label
-    (in ``RUN_DIR/refit``, without a slice) and hand back that run's model of the kind the
-    guard chose. It was not itself validated, and it costs a second run."""
-    columns: str | None = None
-    """Which columns hold question, answer, options and id when the data names them
-    otherwise: "question=text,answer=label,options=choices" (see data.load_task)."""
-    limit_labeled: int | None = None
-    limit_unlabeled: int | None = None
-    limit_test: int | None = None
-    seed: int = 0
-    temperature: float = 1.0
-    """Sampling temperature of the collaborating inferences (the authors' code: 1.0)."""
-    max_tokens: int = 32
-    prompt_style: str = "text"
-    """"text": the model answers with the option's text (best for small models);
-    "letter": the paper's "Answer: X" format."""
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    evolve_finetune: FinetuneConfig | None = None
-    """Fine-tuning of the evolve step; None means the same as ``finetune``."""
-    base_url: str | None = None
-    max_cost_usd: float | None = None
-    generation_batch: int = 16
-    """Questions per generation call (each with its n samples)."""
+    validation: int | None = arg(
+        None, "labeled examples held out to choose the final model (SFT or SemiEvol) and "
+        "stop rounds (see guard.py); 0: none, the evolved model is final, as in the paper "
+        "(default: 20% of the labeled set, 8 to 200, none under 16 labels)", metavar="N")
+    refit: bool = arg(False, "after the guard's decision, run again on every label (the "
+                      "validation slice too, in RUN_DIR/refit) and return that run's model of "
+                      "the chosen kind, not itself validated: about twice the time")
+    columns: str | None = arg(None, "the data's own column names: question=text,answer=label,"
+                              "options=choices (an integer label with a ClassLabel feature "
+                              "reads as its class name; see data.load_task)",
+                              metavar="FIELD=COLUMN,...")
+    limit_labeled: int | None = arg(None, "use the first N labeled items", metavar="N")
+    limit_unlabeled: int | None = arg(None, "use the first N unlabeled items", metavar="N")
+    limit_test: int | None = arg(None, "use the first N test items", metavar="N")
+    seed: int = arg(0, "random seed, of the fine-tunes too")
+    temperature: float = arg(1.0, "sampling temperature of the collaborating inferences, as "
+                             "in the authors' code")
+    max_tokens: int = arg(32, "max tokens per answer")
+    prompt_style: Literal["text", "letter"] = arg(
+        "text", "answer with the option's text (best for small models) or the paper's "
+        "'Answer: X'")
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig, metadata={
+        "help": "fine-tuning", "fields": ("epochs", "learning_rate",
+                                          "learning_rate_multiplier", "batch_size")})
+    evolve_finetune: FinetuneConfig | None = arg(
+        None, "fine-tuning of the evolve step; None: as finetune", prefix="evolve-",
+        lead="the evolve step's ", fields=("learning_rate", "epochs"))
+    base_url: str | None = arg(None, "API base URL of a hosted backend (e.g. a `semievol "
+                               "serve`: http://127.0.0.1:8000/v1, which speaks OpenAI's and "
+                               "Together's API; for tinker the server root, "
+                               "http://127.0.0.1:8000)")
+    max_cost_usd: float | None = arg(None, "stop before a step that would pass this cost")
+    generation_batch: int = arg(16, "questions per generation call, each with its n samples")
 
     def __post_init__(self):
         _check_finite(self)
@@ -152,9 +172,7 @@ class RunConfig:
         _check(self.temperature >= 0, "temperature must be >= 0")
         _check(self.max_tokens >= 1, "max_tokens must be >= 1")
         _check(self.generation_batch >= 1, "generation_batch must be >= 1")
-        _check(self.prompt_style in ("text", "letter"), "prompt_style must be 'text' or 'letter'")
-        _check(self.justify in ("model", "vote"), "justify must be 'model' or 'vote'")
-        _check(self.views in VIEWS, f"views must be one of {', '.join(VIEWS)}")
+        _check_choices(self)
         for name in ("limit_labeled", "limit_unlabeled", "limit_test"):
             value = getattr(self, name)
             _check(value is None or value >= 1, f"{name} must be >= 1")
@@ -165,16 +183,22 @@ class RunConfig:
     def recipe(cls, name: str, **fields) -> "RunConfig":
         """A config with recipe ``name``'s settings, and ``fields`` over them:
         ``RunConfig.recipe("small", data="my_task")`` is what ``semievol run --data
-        my_task`` runs on the hf backend."""
+        my_task`` runs on the hf backend. ``finetune`` and ``evolve_finetune`` may be dicts
+        of some of their fields, which go over the recipe's (``{"epochs": 3}``); the evolve
+        step's over ``finetune``. The command line's flags come here (``semievol.cli``)."""
         if name not in RECIPES:
             raise ConfigError(f"unknown recipe {name!r}: one of {', '.join(RECIPES)}")
         settings = dict(RECIPES[name])
-        finetune = FinetuneConfig(epochs=settings.pop("epochs"),
-                                  learning_rate=settings.pop("learning_rate"))
-        evolve_epochs = settings.pop("evolve_epochs", None)
-        evolve = finetune.replace(epochs=evolve_epochs) if evolve_epochs else None
-        settings.update(finetune=finetune, evolve_finetune=evolve)
-        return cls(**{**settings, **fields})
+        tuning = {f.name for f in dataclasses.fields(FinetuneConfig)}
+        tune = {k: settings.pop(k) for k in tuning & settings.keys()}
+        evolve = {k: settings.pop(f"evolve_{k}") for k in tuning if f"evolve_{k}" in settings}
+        finetune, evolve_ft = fields.pop("finetune", {}), fields.pop("evolve_finetune", {})
+        if isinstance(finetune, dict):
+            finetune = FinetuneConfig(**{**tune, **finetune})
+        if isinstance(evolve_ft, dict):
+            evolve = {**evolve, **evolve_ft}
+            evolve_ft = finetune.replace(**evolve) if evolve else None
+        return cls(**{**settings, **fields, "finetune": finetune, "evolve_finetune": evolve_ft})
 
     @property
     def evolve_ft(self) -> FinetuneConfig:
@@ -220,6 +244,15 @@ def _check_finite(config) -> None:
         value = getattr(config, f.name)
         _check(not isinstance(value, float) or math.isfinite(value),
                f"{f.name} must be a finite number, not {value}")
+
+
+def _check_choices(config) -> None:
+    """A Literal-typed field holds one of its choices."""
+    for name, hint in typing.get_type_hints(type(config)).items():
+        if typing.get_origin(hint) is Literal:
+            choices = typing.get_args(hint)
+            _check(getattr(config, name) in choices,
+                   f"{name} must be one of {', '.join(map(repr, choices))}")
 
 
 def _check(ok: bool, message: str) -> None:

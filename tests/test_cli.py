@@ -139,6 +139,66 @@ def test_the_python_recipe_is_the_one_semievol_run_uses(backend, recipe):
         RunConfig.recipe("huge", data="d")
 
 
+RUN_FLAGS = """--data --backend --model --base-url --api-key --timeout --price --openai-batch
+--together-endpoint --vllm-url --dtype --out --n --k --theta --rounds --recipe --epochs --lr
+--evolve-lr --evolve-epochs --lr-multiplier --batch-size --generation-batch --temperature
+--max-tokens --prompt-style --justify --selection --views --replay-labeled --no-replay-labeled
+--icp --no-icp --no-iwp --no-cl --no-as --columns --limit-labeled --limit-unlabeled --limit-test
+--validation --refit --seed --max-cost-usd --dry-run --quiet --report-to -h --help""".split()
+
+
+def _options(parser) -> set[str]:
+    return {o for action in parser._actions for o in action.option_strings}
+
+
+def _subparser(name: str):
+    from semievol.cli import _parser
+
+    return next(a for a in _parser()._actions if a.dest == "command").choices[name]
+
+
+def test_the_run_flags_read_from_the_config_are_the_ones_users_type():
+    """Issue 28: the run parser is generated from RunConfig's fields; the flags stay."""
+    assert _options(_subparser("run")) == set(RUN_FLAGS)
+
+
+def test_a_choice_field_is_a_literal_that_the_config_checks_and_the_flag_offers(capsys):
+    with pytest.raises(ConfigError, match="justify must be one of 'model', 'vote'"):
+        RunConfig(data="d", justify="majority")
+    with pytest.raises(SystemExit):
+        main(["run", "--data", "d", "--views", "all"])
+    assert "choose from 'shared', 'mixed', 'diverse'" in capsys.readouterr().err
+
+
+def test_a_recipe_takes_fine_tuning_fields_as_a_dict_over_its_own():
+    config = RunConfig.recipe("small", data="d", finetune={"batch_size": 4, "seed": 3},
+                              evolve_finetune={"learning_rate": 1e-5})
+    assert (config.finetune.epochs, config.finetune.learning_rate, config.finetune.batch_size,
+            config.finetune.seed) == (4, 4e-4, 4, 3)
+    assert (config.evolve_ft.epochs, config.evolve_ft.learning_rate,
+            config.evolve_ft.batch_size) == (2, 1e-5, 4)
+    assert RunConfig.recipe("paper", data="d", finetune={"epochs": 3}).evolve_finetune is None
+
+
+def test_python_m_semievol_server_takes_the_flags_of_semievol_serve(monkeypatch):
+    """Issue 28: `python -m semievol.server` repeated serve's flags, less --dtype and
+    --vllm-url; it now has serve's parser."""
+    import argparse
+    import semievol.server
+    from semievol.cli import serve_arguments
+    from semievol.server.__main__ import main as server_main
+
+    alone = argparse.ArgumentParser()
+    serve_arguments(alone)
+    assert _options(alone) == _options(_subparser("serve"))
+    calls = []
+    monkeypatch.setattr(semievol.server, "serve", lambda **kw: calls.append(kw))
+    assert server_main(["--backend", "fake", "--dtype", "float32", "--port", "0",
+                        "--vllm-url", "http://127.0.0.1:9/v1"]) == 0
+    assert calls[0]["dtype"] == "float32" and calls[0]["vllm_url"] == "http://127.0.0.1:9/v1"
+    assert calls[0]["backend"] == "fake" and calls[0]["port"] == 0
+
+
 def test_entropy_bins_go_log_spaced_when_entropies_span_decades():
     from semievol.report import _bins
 
