@@ -87,12 +87,12 @@ def test_endpoint_requests_meet_togethers_spec(prism, tmp_path):  # noqa: F811
     backend = TogetherBackend(base_url=prism, api_key="tg-contract", workdir=tmp_path,
                               max_retries=0, timeout=30, poll_interval=0.05, max_wait=0.3,
                               quiet=True, http_client=client)
-    api = backend.api
+    api = backend.api.endpoints
     api._refused = "refused"
     with pytest.raises(BackendError, match=r"--together-endpoint.*\$0\.0542/minute"):
-        api._create_endpoint(backend, model)
-    api.endpoint = "auto"
-    created = api._create_endpoint(backend, model)
+        api._create(backend, model)
+    api.hardware = "auto"
+    created = api._create(backend, model)
     assert created["usd_per_minute"] == pytest.approx(0.0542)
     api._endpoints[model] = created
     try:
