@@ -9,13 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from .. import cost
 from ..types import ChatExample, Generation, Message
-
-if TYPE_CHECKING:
-    from .hosted import HostedBackend
 
 
 @dataclass(frozen=True)
@@ -81,13 +78,14 @@ class TrainingStats:
 
 
 class Provider(Protocol):
-    """One hosted API, as :class:`HostedBackend` drives it. Adapters are plain classes (one
-    instance per backend); each method gets the backend, for its ``client`` (made by
-    ``connect``), ``records``, ``budget`` and :meth:`~.hosted.HostedBackend.errors`. The
-    backend translates the errors of ``upload``, ``create``, ``retrieve``, ``find``, ``events`` and
-    of its own chat and embeddings requests; other API calls an adapter makes go through
-    ``backend.errors(what)``. An adapter may add ``quote(task, config, *, base_url,
-    api_key)``: a line of the provider's own estimate for ``--dry-run``."""
+    """One hosted API, as :class:`~.hosted.HostedBackend` drives it. Adapters are plain
+    classes (one instance per backend); each method gets the backend (``backend``), for its
+    ``client`` (made by ``connect``), ``records``, ``budget`` and
+    :meth:`~.hosted.HostedBackend.errors`. The backend translates the errors of ``upload``,
+    ``create``, ``retrieve``, ``find``, ``events`` and of its own chat and embeddings
+    requests; other API calls an adapter makes go through ``backend.errors(what)``. An
+    adapter may add ``quote(task, config, *, base_url, api_key)``: a line of the provider's
+    own estimate for ``--dry-run``."""
 
     name: str
     """The backend's name ("openai"), its key in :mod:`.registry`."""
@@ -117,23 +115,23 @@ class Provider(Protocol):
     def connect(self, *, api_key: str, base_url: str | None, timeout: float,
                 max_retries: int, http_client): ...
 
-    def prepare(self, backend: HostedBackend, base: str, examples: Sequence[ChatExample],
-                config, *, epochs: int, key: str) -> Plan:
+    def prepare(self, backend, base: str, examples: Sequence[ChatExample], config, *,
+                epochs: int, key: str) -> Plan:
         """Validate a fine-tune as the provider would, before anything is uploaded."""
 
-    def upload(self, backend: HostedBackend, name: str, data: bytes) -> str:
+    def upload(self, backend, name: str, data: bytes) -> str:
         """Upload a training file; its id."""
 
-    def create(self, backend: HostedBackend, plan: Plan, record: dict) -> Job:
+    def create(self, backend, plan: Plan, record: dict) -> Job:
         """Create the job on ``record["file_id"]``; ``record["attempt"]`` counts reruns
         after failures."""
 
-    def retrieve(self, backend: HostedBackend, job_id: str) -> Job: ...
+    def retrieve(self, backend, job_id: str) -> Job: ...
 
-    def find(self, backend: HostedBackend, key: str) -> list[Job]:
+    def find(self, backend, key: str) -> list[Job]:
         """The account's jobs that carry ``key``, whatever their status."""
 
-    def events(self, backend: HostedBackend, job_id: str) -> list[Event]:
+    def events(self, backend, job_id: str) -> list[Event]:
         """The job's events, oldest first."""
 
     def chat_body(self, model: str, messages: list[Message], *, n: int, temperature: float,
@@ -145,7 +143,7 @@ class Provider(Protocol):
 
     def embed_body(self, model: str, texts: list[str]) -> dict: ...
 
-    def batches(self, backend: HostedBackend):
+    def batches(self, backend):
         """The provider's batch API (``generate(bodies)``), or None."""
 
     # Optional, where a provider may not serve a fine-tune as it serves its base model:
