@@ -58,9 +58,10 @@ from .api_errors import scrub, sdk_errors, server_message
 from .provider import Event, Job, Plan, Provider, TrainingStats
 from .spending import Spending, check_priced, embed_in_batches, normalised, request_batches
 
-__all__ = [  # and, for the modules that import them from here, the names beside it
+__all__ = [
     "HostedBackend", "Records", "LOCAL_API_KEY", "poll", "whole_epochs", "jsonl",
     "resolve_key", "api_runtime", "is_loopback", "say",
+    # the names beside this module, still importable from here as before they moved
     "Event", "Job", "Plan", "Provider", "TrainingStats",
     "scrub", "sdk_errors", "server_message",
     "Spending", "check_priced", "embed_in_batches", "normalised", "request_batches"]
