@@ -20,23 +20,21 @@ labeled and pseudo-labeled examples by id).
 A task directory holds ``labeled``, ``unlabeled`` and ``test`` files. The unlabeled answers,
 where the file has them, are taken out at load time into ``Task.hidden`` so that only
 reporting can see them (see :func:`load_task`).
+
+Reading each file format (CSV, JSONL, Parquet) into rows is :mod:`semievol.readers`'s; this
+module checks what the rows hold and makes the task.
 """
 from __future__ import annotations
 
-import codecs
-import contextlib
-import csv
 import dataclasses
 import hashlib
-import io
 import json
 import math
-import re
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import ConfigError, DataError
+from .readers import (class_names, csv_records, decode_labels, jsonl_records, parquet_records,
+                      read_text)
 from .types import LETTERS, Example, Task
 
 SPLITS = ("labeled", "unlabeled", "test")
@@ -47,7 +45,6 @@ _KNOWN = ("id", "question", "options", "answer")
 MAX_FIELD_CHARS = 1_000_000
 """The longest text a field may hold: about 250k tokens, past the context of the models
 semievol runs, so a longer field is a broken file rather than a long question."""
-_SURROGATE = re.compile("[\udc80-\udcff]")  # an undecodable byte under surrogateescape
 
 
 def load_task(directory: str | Path, *, limits: dict[str, int | None] | None = None,
@@ -143,33 +140,13 @@ def _hf_task(source: str, limits: dict, mapping: dict[str, str]) -> Task:
         if split not in data:
             raise DataError(f"no {split} split (it has {', '.join(data)})", file=source)
         part = data[split]
-        names = _class_names(part.features)
-        records = ((row + 1, _decode_labels(record, names)) for row, record in enumerate(part))
+        names = class_names(part.features)
+        records = ((row + 1, decode_labels(record, names)) for row, record in enumerate(part))
         lines[split] = _read_split(f"{source}[{split}]", split=split, records=records,
                                    require_answer=split != "unlabeled", columns=mapping)
         splits[split] = list(lines[split])[:limits.get(split)]
     name = source[len(HF_PREFIX):] if source.startswith(HF_PREFIX) else Path(source).resolve().name
     return _task(name.replace("/", "_").replace(":", "_"), splits, lines, f"{source}[unlabeled]")
-
-
-def _class_names(features) -> dict[str, list[str]]:
-    """Each ``ClassLabel`` column's class names (from ``datasets`` features, or the
-    features a Parquet file written by ``datasets`` keeps in its schema metadata)."""
-    out = {}
-    for column, feature in (features or {}).items():
-        names = getattr(feature, "names", None) if not isinstance(feature, dict) else (
-            feature.get("names") if feature.get("_type") == "ClassLabel" else None)
-        if names:
-            out[column] = list(names)
-    return out
-
-
-def _decode_labels(record: dict, names: dict[str, list[str]]) -> dict:
-    for column, classes in names.items():
-        value = record.get(column)
-        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(classes):
-            record = {**record, column: classes[value]}
-    return record
 
 
 def load_split(path: str | Path, *, split: str | None = None,
@@ -204,10 +181,10 @@ def read_rows(path: str | Path) -> list[dict]:
     """A split file's rows as written, every column kept and nothing checked but the file
     format: what ``semievol import-labels`` rewrites (after :func:`load_split` checked it)."""
     path = Path(path)
-    text = _read_text(path)
+    text = read_text(path)
     if path.suffix.lower() == ".csv":
-        return [record for _, record in _csv_records(text, str(path), ())]
-    return [record for _, record in _jsonl_records(text, str(path))]
+        return [record for _, record in csv_records(text, str(path), ())]
+    return [record for _, record in jsonl_records(text, str(path))]
 
 
 def normalise_answer(raw, options: tuple[str, ...] | None, fail) -> str | None:
@@ -229,13 +206,13 @@ def _read_split(path: str | Path, *, split: str | None, require_answer: bool,
             raise DataError(f"unknown file type {path.suffix!r}; expected .csv, .jsonl or "
                             ".parquet", file=str(path))
         if suffix == ".parquet":
-            records = _parquet_records(path)
+            records = parquet_records(path)
         elif suffix == ".csv":
             names = {field_: source for source, field_ in (columns or {}).items()}
-            records = _csv_records(_read_text(path), str(path),
+            records = csv_records(read_text(path), str(path),
                                    tuple(names.get(f, f) for f in required))
         else:
-            records = _jsonl_records(_read_text(path), str(path))
+            records = jsonl_records(read_text(path), str(path))
     if columns:
         records = ((line, {columns.get(k, k): v for k, v in record.items()})
                    for line, record in records)
@@ -253,113 +230,6 @@ def _read_split(path: str | Path, *, split: str | None, require_answer: bool,
     if not examples:
         raise DataError("the split is empty: no rows", file=str(path), line=1)
     return examples
-
-
-# --- reading files --------------------------------------------------------------------
-
-
-def _parquet_records(path: Path) -> Iterator[tuple[int, dict]]:
-    """A Parquet file's rows, one row group at a time (row numbers from 1); an integer
-    column that ``datasets`` wrote as a ``ClassLabel`` reads as its class name."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise DataError('reading Parquet needs pyarrow: pip install "semievol[datasets]"',
-                        file=str(path)) from e
-    try:
-        reader = pq.ParquetFile(path)
-    except Exception as e:  # noqa: BLE001 - pyarrow's errors, said with the file
-        raise DataError(f"not a readable Parquet file: {e}", file=str(path)) from e
-    meta = (reader.schema_arrow.metadata or {}).get(b"huggingface")
-    features = json.loads(meta).get("info", {}).get("features", {}) if meta else {}
-    names = _class_names(features)
-    row = 0
-    for group in range(reader.num_row_groups):
-        for record in reader.read_row_group(group).to_pylist():
-            row += 1
-            yield row, _decode_labels(record, names)
-
-
-def _read_text(path: Path) -> str:
-    """The file as text: UTF-8 (a leading BOM is skipped), strictly."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"cannot read: {e.strerror}", file=str(path)) from None
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8):]
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        # Parse again with the bad bytes escaped, only to say which field holds them.
-        line = data.count(b"\n", 0, e.start) + 1
-        field = _field_with_bad_byte(path, data.decode("utf-8", "surrogateescape"))
-        raise DataError(f"byte 0x{data[e.start]:02x} is not valid UTF-8", file=str(path),
-                        line=line, field=field) from None
-
-
-def _field_with_bad_byte(path: Path, text: str) -> str | None:
-    reader = _csv_records if path.suffix.lower() == ".csv" else _jsonl_records
-    try:
-        for _, record in reader(text, str(path), ()):
-            for key, value in record.items():
-                if isinstance(value, str) and _SURROGATE.search(value):
-                    return key
-    except DataError:
-        pass
-    return None
-
-
-def _csv_records(text: str, file: str, required: tuple[str, ...]) -> list[tuple[int, dict]]:
-    """(line where the row starts, {column: value}) for each non-blank CSV row."""
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    with _csv_field_limit(sys.maxsize):  # sizes are checked per field, with its name
-        return list(_csv_rows(reader, file, required))
-
-
-def _csv_rows(reader, file: str, required: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
-    line = 1
-    try:
-        header = next(reader, None)
-        if header is None:
-            raise DataError("the split is empty: no header and no rows", file=file, line=1)
-        for name in required:
-            if name not in header:
-                raise DataError(f"missing column (the header has {header})", file=file,
-                                line=1, field=name)
-        while True:
-            line = reader.line_num + 1
-            row = next(reader, None)
-            if row is None:
-                return
-            if not row:
-                continue  # a blank line
-            if len(row) != len(header):
-                field = header[len(row)] if len(row) < len(header) else None
-                raise DataError(f"the row has {len(row)} values but the header has "
-                                f"{len(header)} columns", file=file, line=line, field=field)
-            yield line, dict(zip(header, row))
-    except csv.Error as e:
-        raise DataError(f"malformed CSV: {e}", file=file, line=line) from None
-
-
-def _jsonl_records(text: str, file: str, required=()) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank JSONL line."""
-    # Split on "\n" only: str.splitlines would also split at U+2028 inside JSON strings.
-    for line, raw in enumerate(text.split("\n"), 1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON at column {e.colno}: {e.msg}", file=file,
-                            line=line) from None
-        except RecursionError:
-            raise DataError("JSON nested too deeply", file=file, line=line) from None
-        if not isinstance(record, dict):
-            raise DataError(f"expected a JSON object, found {type(record).__name__}",
-                            file=file, line=line)
-        yield line, record
 
 
 # --- checking one row -----------------------------------------------------------------
@@ -455,16 +325,6 @@ def _answer(raw, options: tuple[str, ...] | None, fail) -> str | None:
 
 
 # --- task-level helpers ---------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _csv_field_limit(limit: int):
-    """The csv module's field size limit (process-wide), raised while one file is read."""
-    previous = csv.field_size_limit(limit)
-    try:
-        yield
-    finally:
-        csv.field_size_limit(previous)
 
 
 def find_split(directory: Path, split: str) -> Path:

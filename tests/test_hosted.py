@@ -1,8 +1,9 @@
 """The hosted skeleton (backends/hosted.py) through a third, toy provider added the way any
 provider is: one adapter class (``Toy`` below, over a job API unlike OpenAI's or Together's)
 and one registry entry. Its SDK is the real openai SDK used as a plain HTTP client (it is
-generated from the same template as together's), over an ``httpx2.MockTransport`` that
-plays the toy API and misbehaves on request. Nothing patches the skeleton or the SDK."""
+generated from the same template as together's), over the one fault-injecting transport
+(``transport.py``) with a world that plays the toy API. Nothing patches the skeleton or the
+SDK."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ import json
 import httpx2
 import openai
 import pytest
+from transport import Fault, Transport
 
 from semievol import cost, load_backend
 from semievol.backends import registry
@@ -42,8 +44,7 @@ class Toy:
 
     def connect(self, *, base_url, http_client, **options):
         return openai.OpenAI(base_url=base_url or "http://toy.invalid/v1", **options,
-                             http_client=http_client or httpx2.Client(
-                                 transport=httpx2.MockTransport(WORLD)))
+                             http_client=http_client or WORLD.transport.client())
 
     def batches(self, backend):
         return None
@@ -104,8 +105,8 @@ ENTRY = registry.hosted("toy", __name__, "Toy", help="a toy API (tests)")
 
 class World:
     """The toy API in memory. A training is ``queued``, then ``training``, then ``ready``
-    (or ``outcome``) on its ``polls``-th look (None: never); ``fault(method, path)`` may
-    answer a request with a response of its own instead, after doing what it says."""
+    (or ``outcome``) on its ``polls``-th look (None: never). Faults go in
+    ``transport.fault``, on paths without the ``/v1``."""
 
     def __init__(self):
         self.files: dict[str, str] = {}
@@ -113,19 +114,16 @@ class World:
         self.requests: list[tuple[str, str]] = []
         self.polls: int | None = 2
         self.outcome = "ready"
-        self.fault = None
+        self.transport = Transport(self, httpx2, route=lambda path: path.removeprefix("/v1"))
 
     def created(self) -> int:
         return sum(1 for r in self.requests if r == ("POST", "/toy/trainings"))
 
-    def __call__(self, request: httpx2.Request) -> httpx2.Response:
+    def __call__(self, request: httpx2.Request) -> dict:
         method, path = request.method, request.url.path.removeprefix("/v1")
         self.requests.append((method, path))
         body = json.loads(request.content) if request.content else {}
-        answer = self.answer(method, path, body, request)
-        if self.fault and (faulty := self.fault(method, path)) is not None:
-            return faulty
-        return httpx2.Response(200, json=answer)
+        return self.answer(method, path, body, request)
 
     def answer(self, method, path, body, request):
         if (method, path) == ("POST", "/toy/files"):
@@ -235,13 +233,14 @@ def test_create_or_find_never_pays_twice_after_a_crash(world, tmp_path):
     """The API creates the job but the answer never arrives (as if the process died before
     recording the job id): the rerun finds the job by its key and creates no second one;
     nor does a rerun whose record is lost, or one after giving up waiting."""
-    world.fault = lambda method, path: (httpx2.Response(500, json={"error": {"message": "x"}})
-                                        if (method, path) == ("POST", "/toy/trainings") else None)
+    world.transport.fault = lambda method, path, nth: (  # the answer is lost
+        Fault(500, error={"message": "x"}, after=True)
+        if (method, path) == ("POST", "/toy/trainings") else None)
     with pytest.raises(BackendError, match="creating the fine-tuning job: HTTP 500.*run again"):
         toy(tmp_path).finetune("toy-base", examples(), FinetuneConfig(), key="run/warm-up")
     record = json.loads(next((tmp_path / "jobs").glob("*.json")).read_text())
     assert record["file_id"] and not record.get("job_id")     # uploaded, job id unknown
-    world.fault, world.polls = None, None                     # now it trains for ever
+    world.transport.fault, world.polls = None, None           # now it trains for ever
     with pytest.raises(BackendError, match="still training.*run again to resume"):
         toy(tmp_path, max_wait=0.1).finetune("toy-base", examples(), FinetuneConfig(),
                                              key="run/warm-up")
@@ -295,27 +294,20 @@ def test_failed_job_budget_and_keys(world, tmp_path, monkeypatch):
     (400, "HTTP 400 from http://toy.invalid/v1/: bad request .*\\*\\*\\*$"),
 ])
 def test_sdk_errors_are_translated_in_one_place(world, tmp_path, status, expected):
-    world.fault = lambda method, path: httpx2.Response(
-        status, json={"error": {"message": f"bad request {SECRET}"}})
+    world.transport.fault = lambda method, path, nth: Fault(
+        status, error={"message": f"bad request {SECRET}"})
     with pytest.raises(BackendError, match=expected) as e:
         toy(tmp_path).embed(["a"])
     assert SECRET not in str(e.value) and str(e.value).startswith("embedding with toy-embed")
 
 
 def test_unreachable_and_slow_servers(world, tmp_path):
-    def refuse(request):
-        raise httpx2.ConnectError("connection refused", request=request)
-
-    unreachable = httpx2.Client(transport=httpx2.MockTransport(refuse))
+    world.transport.fault = lambda method, path, nth: Fault(drop=True)
     with pytest.raises(BackendError, match="could not reach .*run again to resume"):
-        toy(tmp_path, http_client=unreachable).embed(["a"])
-
-    def slow(request):
-        raise httpx2.ReadTimeout("timed out", request=request)
-
-    with pytest.raises(BackendError, match="did not answer within 2.5 s"):
-        toy(tmp_path, timeout=2.5,
-            http_client=httpx2.Client(transport=httpx2.MockTransport(slow))).embed(["a"])
+        toy(tmp_path).embed(["a"])
+    world.transport.fault = lambda method, path, nth: Fault(delay=60)
+    with pytest.raises(BackendError, match="did not answer within 0.5 s"):
+        toy(tmp_path, timeout=0.5).embed(["a"])
 
 
 def test_the_registry_is_the_one_list(world):

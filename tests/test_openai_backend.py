@@ -1,7 +1,9 @@
-"""The OpenAI backend through the real SDK against a small in-test imitation of the OpenAI API
-(files, fine-tuning jobs, chat completions, embeddings, batches) that can also misbehave:
-answer 429 with Retry-After or 500 to chosen requests, refuse the key, or never finish a job.
-The cost arithmetic and the training-data validation are pinned here too."""
+"""The OpenAI backend through the real SDK against a small in-memory imitation of the OpenAI
+API (files, fine-tuning jobs, chat completions, embeddings, batches) behind the one
+fault-injecting transport (``transport.py``), which can make it misbehave: answer 429 with
+Retry-After or 500 to chosen requests, stall past the timeout, or refuse the key; the
+imitation can also never finish a job. The cost arithmetic and the training-data validation
+are pinned here too."""
 from __future__ import annotations
 
 import email.parser
@@ -13,12 +15,12 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
 
+import httpx2
 import numpy as np
 import pytest
+from transport import Fault, Transport, serve
 
 from semievol import cost
 from semievol.backends import load_backend
@@ -35,24 +37,27 @@ SECRET = "sk-test-DO-NOT-LEAK-4242"
 # -- an imitation of the OpenAI API ---------------------------------------------------
 
 class FakeOpenAI:
-    """Just enough of the OpenAI API, in memory. ``fault(method, path, nth)`` may return
-    ``(status, headers)`` or ``(status, headers, error)`` to answer a request with an error
-    instead; ``job_polls`` is how
-    many retrieves a job takes to finish (None: never); ``job_outcome`` "succeeded" or
-    "failed"; ``batch_failures`` custom_ids the first batch fails."""
+    """Just enough of the OpenAI API, in memory, as a world for :class:`transport.Transport`
+    (``self.transport``, reached at ``self.url``; faults go in ``self.transport.fault``,
+    on routes with ids as ``{file}``, ``{ftjob}``, ``{batch}``). ``job_polls`` is how many
+    retrieves a job takes to finish (None: never); ``job_outcome`` "succeeded" or "failed";
+    ``batch_failures`` custom_ids the first batch fails; ``api_key`` the only key it
+    takes (None: any)."""
+
+    url = "http://openai.test/v1"
 
     def __init__(self, *, job_polls: int | None = 2, job_outcome: str = "succeeded",
-                 fault=None, batch_failures=(), api_key: str | None = None):
-        self.job_polls, self.job_outcome, self.fault = job_polls, job_outcome, fault
+                 batch_failures=(), api_key: str | None = None):
+        self.job_polls, self.job_outcome = job_polls, job_outcome
         self.batch_failures = set(batch_failures)
         self.api_key = api_key
         self.files: dict[str, dict] = {}
         self.jobs: dict[str, dict] = {}
         self.batches: dict[str, dict] = {}
         self.requests: list[dict] = []
-        self.counts: dict[tuple[str, str], int] = {}
         self.ids = itertools.count(1)
         self.lock = threading.Lock()
+        self.transport = Transport(self, httpx2, route=route)
 
     # what tests look at
     def bodies(self, method: str, path: str) -> list:
@@ -63,27 +68,19 @@ class FakeOpenAI:
         return list(self.jobs.values())
 
     # the API
-    def handle(self, method: str, url: str, headers: dict, raw: bytes):
-        parsed = urlparse(url)
-        path, query = parsed.path, parse_qs(parsed.query)
-        route = re.sub(r"/(file|ftjob|batch)-[\w-]+", r"/{\1}", path)
-        with self.lock:
-            nth = self.counts[(method, route)] = self.counts.get((method, route), 0) + 1
+    def __call__(self, request: httpx2.Request):
+        method, path, headers, raw = (request.method, request.url.path, request.headers,
+                                      request.content)
+        query = {k: request.url.params.get_list(k) for k in request.url.params}
         if self.api_key and headers.get("authorization") != f"Bearer {self.api_key}":
             given = headers.get("authorization", "")[7:]
-            return 401, {}, {"error": {"message": f"Incorrect API key provided: {given}",
-                                       "type": "invalid_request_error",
-                                       "code": "invalid_api_key"}}
-        if self.fault and (injected := self.fault(method, route, nth)):
-            status, extra, *error = injected   # optionally the error object to answer
-            return status, extra, {"error": error[0] if error else
-                                   {"message": f"injected {status}", "type": "x"}}
+            return 401, {"error": {"message": f"Incorrect API key provided: {given}",
+                                   "type": "invalid_request_error", "code": "invalid_api_key"}}
         body = json.loads(raw) if raw and "json" in headers.get("content-type", "") else None
-        record = {"method": method, "path": route, "headers": headers, "body": body,
-                  "status": 200}
-        self.requests.append(record)
         with self.lock:
-            return (200, {}, self.answer(method, route, path, query, headers, raw, body))
+            self.requests.append({"method": method, "path": route(path), "headers": headers,
+                                  "body": body, "status": 200})
+            return self.answer(method, route(path), path, query, headers, raw, body)
 
     def answer(self, method, route, path, query, headers, raw, body):
         if (method, route) == ("POST", "/v1/files"):
@@ -99,6 +96,9 @@ class FakeOpenAI:
         if (method, route) == ("GET", "/v1/files/{file}/content"):
             return self.files[path.split("/")[3]]["data"]
         if (method, route) == ("POST", "/v1/fine_tuning/jobs"):
+            key = self.requests[-1]["headers"].get("idempotency-key")
+            if (again := [j for j in self.jobs.values() if j["idempotency_key"] == key]):
+                return self.job(again[0]["id"])       # as OpenAI honours Idempotency-Key
             jid = f"ftjob-{next(self.ids)}"
             self.jobs[jid] = {"id": jid, "object": "fine_tuning.job", "created_at": len(self.jobs),
                               "model": body["model"], "training_file": body["training_file"],
@@ -106,8 +106,7 @@ class FakeOpenAI:
                               "metadata": body.get("metadata"), "seed": body.get("seed", 0),
                               "hyperparameters": {}, "organization_id": "org", "result_files": [],
                               "trained_tokens": None, "error": None, "polls": 0,
-                              "idempotency_key":
-                                  self.requests[-1]["headers"].get("idempotency-key")}
+                              "idempotency_key": key}
             return self.job(jid)
         if (method, route) == ("GET", "/v1/fine_tuning/jobs"):
             wanted = {k[9:-1]: v[0] for k, v in query.items() if k.startswith("metadata[")}
@@ -202,45 +201,24 @@ def _multipart(content_type: str, raw: bytes) -> dict[str, bytes]:
             for part in message.get_payload()}
 
 
+def route(path: str) -> str:
+    """A path with its ids as placeholders (``/v1/files/{file}/content``)."""
+    return re.sub(r"/(file|ftjob|batch)-[\w-]+", r"/{\1}", path)
+
+
 @pytest.fixture
 def api():
-    """Start a FakeOpenAI on a free loopback port; yields (fake, base_url)."""
-    fake = FakeOpenAI()
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args):
-            pass
-
-        def _serve(self):
-            raw = self.rfile.read(int(self.headers.get("content-length") or 0))
-            headers = {k.lower(): v for k, v in self.headers.items()}
-            status, extra, payload = fake.handle(self.command, self.path, headers, raw)
-            data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("content-type", "application/octet-stream"
-                             if isinstance(payload, bytes) else "application/json")
-            self.send_header("content-length", str(len(data)))
-            for name, value in extra.items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(data)
-
-        do_GET = do_POST = _serve
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield fake, f"http://127.0.0.1:{server.server_port}/v1"
-    server.shutdown()
-    server.server_close()
+    """A fresh FakeOpenAI."""
+    return FakeOpenAI()
 
 
-def make(base_url, workdir, **options) -> OpenAIBackend:
+def make(api, workdir, **options) -> OpenAIBackend:
+    """The backend on ``api`` (a FakeOpenAI, through its transport) or on a URL."""
+    where = {"base_url": api} if isinstance(api, str) else \
+        {"base_url": api.url, "http_client": api.transport.client()}
     options = {"api_key": SECRET, "poll_interval": 0.01, "max_retries": 3, "timeout": 5.0,
-               "quiet": True, **options}
-    return OpenAIBackend(MODEL, base_url=base_url, workdir=workdir, **options)
+               "quiet": True, **where, **options}
+    return OpenAIBackend(MODEL, workdir=workdir, **options)
 
 
 def examples(count=12):
@@ -389,8 +367,8 @@ def test_validation_counts_tokens_and_limits():
 # -- fine-tuning ----------------------------------------------------------------------
 
 def test_finetune_uploads_creates_polls_and_records(api, tmp_path):
-    fake, url = api
-    backend = make(url, tmp_path)
+    fake = api
+    backend = make(fake, tmp_path)
     model = backend.finetune(MODEL, examples(), FinetuneConfig(seed=7), key="run1/warm-up")
     assert model.startswith("ft:gpt-4o-mini-2024-07-18:org::ftjob-")
     (upload,) = fake.bodies("POST", "/v1/files")
@@ -412,10 +390,10 @@ def test_finetune_uploads_creates_polls_and_records(api, tmp_path):
 
 
 def test_finetune_continues_from_an_ft_model_with_lr_multiplier(api, tmp_path):
-    fake, url = api
+    fake = api
     warm = "ft:gpt-4o-mini-2024-07-18:org::ftjob-0"
     config = FinetuneConfig(learning_rate_multiplier=0.5, batch_size=4)
-    make(url, tmp_path).finetune(warm, examples(), config, key="evolve")
+    make(fake, tmp_path).finetune(warm, examples(), config, key="evolve")
     (create,) = fake.bodies("POST", "/v1/fine_tuning/jobs")
     assert create["model"] == warm
     assert create["method"]["supervised"]["hyperparameters"] == {
@@ -423,80 +401,82 @@ def test_finetune_continues_from_an_ft_model_with_lr_multiplier(api, tmp_path):
 
 
 def test_same_key_never_pays_twice(api, tmp_path):
-    fake, url = api
-    first = make(url, tmp_path / "a").finetune(MODEL, examples(), FinetuneConfig(), key="k")
+    fake = api
+    first = make(fake, tmp_path / "a").finetune(MODEL, examples(), FinetuneConfig(), key="k")
     # the workdir record finds it
-    again = make(url, tmp_path / "a").finetune(MODEL, examples(), FinetuneConfig(), key="k")
+    again = make(fake, tmp_path / "a").finetune(MODEL, examples(), FinetuneConfig(), key="k")
     # a fresh workdir: the job list, filtered by metadata, finds it
-    elsewhere = make(url, tmp_path / "b").finetune(MODEL, examples(), FinetuneConfig(), key="k")
+    elsewhere = make(fake, tmp_path / "b").finetune(MODEL, examples(), FinetuneConfig(), key="k")
     assert first == again == elsewhere
     assert len(fake.created_jobs()) == 1 and len(fake.bodies("POST", "/v1/files")) == 1
     # another key is another job
-    make(url, tmp_path / "a").finetune(MODEL, examples(), FinetuneConfig(), key="other")
+    make(fake, tmp_path / "a").finetune(MODEL, examples(), FinetuneConfig(), key="other")
     assert len(fake.created_jobs()) == 2
 
 
 def test_killed_while_the_job_runs_then_resumed_creates_no_second_job(api, tmp_path):
-    fake, url = api
+    fake = api
     fake.job_polls = None                                   # the job runs until we say
     with pytest.raises(BackendError, match="still running.*run again to resume"):
-        make(url, tmp_path, max_wait=0.2).finetune(MODEL, examples(), FinetuneConfig(), key="k")
+        make(fake, tmp_path, max_wait=0.2).finetune(MODEL, examples(), FinetuneConfig(), key="k")
     record = json.loads(next((tmp_path / "jobs").glob("*.json")).read_text())
     assert record["job_id"] and record["file_id"]            # written the moment they exist
     fake.job_polls = 1
-    model = make(url, tmp_path).finetune(MODEL, examples(), FinetuneConfig(), key="k")
+    model = make(fake, tmp_path).finetune(MODEL, examples(), FinetuneConfig(), key="k")
     assert model.startswith("ft:") and len(fake.created_jobs()) == 1
 
 
 def test_a_process_killed_during_the_job_leaves_a_record_and_the_rerun_reuses_the_job(
         api, tmp_path):
-    fake, url = api
+    fake = api
     fake.job_polls = None
     script = ("import sys; sys.path.insert(0, sys.argv[1]); import test_openai_backend as t; "
               "t.make(sys.argv[2], sys.argv[3]).finetune(t.MODEL, t.examples(), "
               "t.FinetuneConfig(), key='k')")
-    child = subprocess.Popen([sys.executable, "-c", script, str(Path(__file__).parent), url,
-                              str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    while not any(j["polls"] >= 2 for j in fake.jobs.values()):
-        assert child.poll() is None, child.stderr.read().decode()
-        assert time.monotonic() < deadline, "the job was never polled"
-        time.sleep(0.02)
-    child.kill()                                          # SIGKILL: no clean-up at all
-    child.wait()
+    with serve(fake.transport) as root:                  # the child reaches it over HTTP
+        child = subprocess.Popen([sys.executable, "-c", script, str(Path(__file__).parent),
+                                  root + "/v1", str(tmp_path)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while not any(j["polls"] >= 2 for j in fake.jobs.values()):
+            assert child.poll() is None, child.stderr.read().decode()
+            assert time.monotonic() < deadline, "the job was never polled"
+            time.sleep(0.02)
+        child.kill()                                      # SIGKILL: no clean-up at all
+        child.wait()
     fake.job_polls = 1
-    model = make(url, tmp_path).finetune(MODEL, examples(), FinetuneConfig(), key="k")
+    model = make(fake, tmp_path).finetune(MODEL, examples(), FinetuneConfig(), key="k")
     assert model.startswith("ft:") and len(fake.created_jobs()) == 1
 
 
 def test_failed_job_raises_its_error_and_a_rerun_tries_again(api, tmp_path):
-    fake, url = api
+    fake = api
     fake.job_outcome = "failed"
     with pytest.raises(FinetuneFailed, match="invalid_training_file: the file has a bad line"):
-        make(url, tmp_path).finetune(MODEL, examples(), FinetuneConfig(), key="k")
+        make(fake, tmp_path).finetune(MODEL, examples(), FinetuneConfig(), key="k")
     fake.job_outcome = "succeeded"
-    assert make(url, tmp_path).finetune(MODEL, examples(), FinetuneConfig(), key="k")
+    assert make(fake, tmp_path).finetune(MODEL, examples(), FinetuneConfig(), key="k")
     first, second = fake.created_jobs()
     assert first["idempotency_key"] != second["idempotency_key"]
 
 
 def test_bad_data_and_budget_stop_before_any_upload(api, tmp_path):
-    fake, url = api
+    fake = api
     with pytest.raises(DataError):
-        make(url, tmp_path).finetune(MODEL, examples(3), FinetuneConfig(), key="k")
+        make(fake, tmp_path).finetune(MODEL, examples(3), FinetuneConfig(), key="k")
     with pytest.raises(BudgetExceeded, match="fine-tuning"):
-        make(url, tmp_path, max_cost_usd=1e-6).finetune(MODEL, examples(), FinetuneConfig(),
+        make(fake, tmp_path, max_cost_usd=1e-6).finetune(MODEL, examples(), FinetuneConfig(),
                                                         key="k")
     with pytest.raises(ConfigError, match="whole number of epochs"):
-        make(url, tmp_path).finetune(MODEL, examples(), FinetuneConfig(epochs=1.5), key="k")
+        make(fake, tmp_path).finetune(MODEL, examples(), FinetuneConfig(epochs=1.5), key="k")
     assert fake.bodies("POST", "/v1/files") == []
 
 
 # -- generation and embeddings --------------------------------------------------------
 
 def test_generate_asks_for_n_samples_in_one_request_per_prompt(api, tmp_path):
-    fake, url = api
-    backend = make(url, tmp_path)
+    fake = api
+    backend = make(fake, tmp_path)
     prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(5)]
     out = backend.generate_with_logprobs(MODEL, prompts, n=4, temperature=1.0, max_tokens=8,
                                          seed=3)
@@ -512,8 +492,8 @@ def test_generate_asks_for_n_samples_in_one_request_per_prompt(api, tmp_path):
 
 
 def test_generation_budget(api, tmp_path):
-    fake, url = api
-    backend = make(url, tmp_path, max_cost_usd=0.0001)
+    fake = api
+    backend = make(fake, tmp_path, max_cost_usd=0.0001)
     prompts = [[{"role": "user", "content": "hello"}]] * 10
     with pytest.raises(BudgetExceeded):
         backend.generate_with_logprobs(MODEL, prompts, n=4, max_tokens=1000)
@@ -522,9 +502,9 @@ def test_generation_budget(api, tmp_path):
 
 
 def test_batch_mode_resubmits_only_the_failed_requests(api, tmp_path):
-    fake, url = api
+    fake = api
     fake.batch_failures = {"r1", "r3"}
-    backend = make(url, tmp_path, batch_mode=True)
+    backend = make(fake, tmp_path, batch_mode=True)
     prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(5)]
     out = backend.generate_with_logprobs(MODEL, prompts, n=2, max_tokens=4)
     assert [len(g) for g in out] == [2] * 5 and out[4][1].text == "negative"
@@ -536,7 +516,7 @@ def test_batch_mode_resubmits_only_the_failed_requests(api, tmp_path):
     record = json.loads(next((tmp_path / "batches").glob("*.json")).read_text())
     assert record["batch_ids"] == list(fake.batches)
     # the same call again reads the recorded batches and submits nothing new
-    again = make(url, tmp_path, batch_mode=True).generate_with_logprobs(
+    again = make(fake, tmp_path, batch_mode=True).generate_with_logprobs(
         MODEL, prompts, n=2, max_tokens=4)
     assert [[g.text for g in s] for s in again] == [[g.text for g in s] for s in out]
     assert len(fake.batches) == 2
@@ -545,16 +525,16 @@ def test_batch_mode_resubmits_only_the_failed_requests(api, tmp_path):
 
 
 def test_embed_batches_within_limits_and_normalises(api, tmp_path):
-    fake, url = api
+    fake = api
     texts = [f"text number {i}" for i in range(2100)]
-    vectors = make(url, tmp_path, embed_model="text-embedding-3-small").embed(texts)
+    vectors = make(fake, tmp_path, embed_model="text-embedding-3-small").embed(texts)
     sizes = [len(b["input"]) for b in fake.bodies("POST", "/v1/embeddings")]
     assert sizes == [2048, 52]
     assert {(b["model"], b["encoding_format"]) for b in fake.bodies("POST", "/v1/embeddings")} \
         == {("text-embedding-3-small", "float")}
     assert vectors.shape == (2100, 3)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0)
-    assert make(url, tmp_path).embed([]).shape[0] == 0
+    assert make(fake, tmp_path).embed([]).shape[0] == 0
 
 
 def test_embedding_model_is_openais_or_the_served_one():
@@ -579,8 +559,8 @@ def test_embedding_batches_respect_the_token_limit():
 
 # -- faults ---------------------------------------------------------------------------
 
-def _whole_run(url, workdir, **options):
-    backend = make(url, workdir, **options)
+def _whole_run(fake, workdir, **options):
+    backend = make(fake, workdir, **options)
     model = backend.finetune(MODEL, examples(), FinetuneConfig(), key="k")
     out = backend.generate_with_logprobs(model, [[{"role": "user", "content": "q"}]] * 3, n=2)
     backend.embed(["a", "b"])
@@ -588,48 +568,67 @@ def _whole_run(url, workdir, **options):
 
 
 def test_run_survives_429_with_retry_after_and_500(api, tmp_path):
-    fake, url = api
+    fake = api
 
     def fault(method, route, nth):       # the first two tries of every endpoint fail
         if nth == 1:
-            return 429, {"retry-after": "0.05"}
+            return Fault(429, {"retry-after": "0.05"})
         if nth == 2:
-            return 500, {"retry-after-ms": "20"}
+            return Fault(500, {"retry-after-ms": "20"})
 
-    fake.fault = fault
-    model, out = _whole_run(url, tmp_path)
+    fake.transport.fault = fault
+    model, out = _whole_run(fake, tmp_path)
     assert model.startswith("ft:") and len(out) == 3
     assert len(fake.created_jobs()) == 1          # retried creates did not make a second job
 
 
 def test_retry_after_is_honoured(api, tmp_path):
-    fake, url = api
-    fake.fault = lambda method, route, nth: (429, {"retry-after": "1"}) if nth == 1 else None
+    fake = api
+    fake.transport.fault = lambda method, route, nth: (Fault(429, {"retry-after": "1"})
+                                                       if nth == 1 else None)
     start = time.monotonic()
-    make(url, tmp_path).embed(["a"])
+    make(fake, tmp_path).embed(["a"])
     assert time.monotonic() - start >= 1.0
 
 
 def test_a_server_that_always_fails_stops_clearly_and_the_run_resumes(api, tmp_path):
-    fake, url = api
-    fake.fault = lambda method, route, nth: ((500, {"retry-after-ms": "10"})
-                                             if route.startswith("/v1/fine_tuning/jobs/")
-                                             else None)
+    fake = api
+    fake.transport.fault = lambda method, route, nth: (
+        Fault(500, {"retry-after-ms": "10"}) if route.startswith("/v1/fine_tuning/jobs/")
+        else None)
     with pytest.raises(BackendError, match="HTTP 500.*run again to resume"):
-        _whole_run(url, tmp_path)
+        _whole_run(fake, tmp_path)
     assert len(fake.created_jobs()) == 1          # created, then polling failed
-    fake.fault = None
-    model, _ = _whole_run(url, tmp_path)
+    fake.transport.fault = None
+    model, _ = _whole_run(fake, tmp_path)
     assert model.startswith("ft:") and len(fake.created_jobs()) == 1
 
 
 def test_unreachable_server_and_timeouts(tmp_path, api):
     with pytest.raises(BackendError, match="could not reach http://127.0.0.1:9/v1"):
         make("http://127.0.0.1:9/v1", tmp_path, max_retries=0).embed(["a"])
-    fake, url = api
-    fake.fault = lambda method, route, nth: time.sleep(1.0)
+    fake = api
+    fake.transport.fault = lambda method, route, nth: Fault(delay=1.0)    # a stalled server
     with pytest.raises(BackendError, match="did not answer within 0.3"):
-        make(url, tmp_path, timeout=0.3, max_retries=0).embed(["a"])
+        make(fake, tmp_path, timeout=0.3, max_retries=0).embed(["a"])
+    fake.transport.fault = lambda method, route, nth: Fault(delay=0.2)    # a slow one
+    assert make(fake, tmp_path, timeout=0.3, max_retries=0).embed(["a"]).shape == (1, 3)
+    fake.transport.fault = lambda method, route, nth: Fault(drop=True)    # a dropped connection
+    with pytest.raises(BackendError, match="could not reach http://openai.test/v1.*resume"):
+        make(fake, tmp_path, max_retries=1).embed(["a"])
+    assert [got for _, _, got in fake.transport.requests[-2:]] == ["dropped", "dropped"]
+
+
+def test_a_lost_answer_to_the_create_is_retried_under_the_same_idempotency_key(api, tmp_path):
+    """The API creates the job but the connection drops before its answer arrives: the SDK
+    retries with the same Idempotency-Key, which the API honours, so there is one job."""
+    fake = api
+    fake.transport.fault = lambda method, route, nth: (
+        Fault(drop=True, after=True) if (method, route, nth) == ("POST", "/v1/fine_tuning/jobs", 1)
+        else None)
+    model = make(fake, tmp_path).finetune(MODEL, examples(), FinetuneConfig(), key="lost")
+    assert model.startswith("ft:") and len(fake.created_jobs()) == 1
+    assert fake.transport.counts["POST", "/v1/fine_tuning/jobs"] == 2
 
 
 # -- keys and secrets -----------------------------------------------------------------
@@ -647,12 +646,12 @@ def test_api_key_from_env_flag_or_local_placeholder(monkeypatch, tmp_path):
 
 
 def test_the_key_reaches_no_file_log_or_message(api, tmp_path, caplog, capsys):
-    fake, url = api
+    fake = api
     caplog.set_level(logging.DEBUG)
-    _whole_run(url, tmp_path, quiet=False)
+    _whole_run(fake, tmp_path, quiet=False)
     fake.api_key = "sk-the-right-one"                     # now the server refuses ours
     with pytest.raises(BackendError, match="refused the API key") as refused:
-        make(url, tmp_path).embed(["a"])
+        make(fake, tmp_path).embed(["a"])
     assert SECRET not in str(refused.value) and "***" in str(refused.value)
     written = "".join(p.read_text() for p in tmp_path.rglob("*") if p.is_file())
     assert written and SECRET not in written
@@ -682,14 +681,14 @@ def test_a_run_stopped_by_its_budget_resumes_once_the_limit_is_raised(api, tmp_p
     from semievol.demo import make_task
     from semievol.pipeline import run
 
-    fake, url = api
+    fake = api
     prices = {"ft:gpt-4o-mini": {"input": 100.0, "output": 100.0}}  # mining is what costs
     config = RunConfig.recipe("paper", data=str(make_task(tmp_path / "data")), backend="openai",
                               model=MODEL, limit_unlabeled=16, limit_test=8, generation_batch=4,
                               max_cost_usd=0.25)
     out = tmp_path / "run"
     with pytest.raises(BudgetExceeded, match="raise the limit and rerun"):
-        run(config, make(url, out / "backend", max_cost_usd=0.25, prices=prices), out, quiet=True)
+        run(config, make(fake, out / "backend", max_cost_usd=0.25, prices=prices), out, quiet=True)
     mined = (out / "collaborate_r1.jsonl").read_text().splitlines()
     assert 0 < len(mined) < 16 and not (out / "results.json").exists()
     spent = json.loads((out / "manifest.json").read_text())["usage"]["cost_usd"]
@@ -697,7 +696,7 @@ def test_a_run_stopped_by_its_budget_resumes_once_the_limit_is_raised(api, tmp_p
     jobs, asked = len(fake.created_jobs()), len(fake.bodies("POST", "/v1/chat/completions"))
 
     raised = config.replace(max_cost_usd=5.0)
-    results = run(raised, make(url, out / "backend", max_cost_usd=5.0, prices=prices), out,
+    results = run(raised, make(fake, out / "backend", max_cost_usd=5.0, prices=prices), out,
                   quiet=True)
     assert len(fake.created_jobs()) == jobs                 # the warm-up was not trained again
     again = fake.bodies("POST", "/v1/chat/completions")[asked:]
@@ -705,7 +704,7 @@ def test_a_run_stopped_by_its_budget_resumes_once_the_limit_is_raised(api, tmp_p
     assert len(mining) == 16 - len(mined)                   # only the rest was mined
     assert results["usage"]["cost_usd"] > spent and results["config"]["max_cost_usd"] == 5.0
     with pytest.raises(ConfigError, match="theta"):
-        run(raised.replace(theta=0.3), make(url, out / "backend"), out, quiet=True)
+        run(raised.replace(theta=0.3), make(fake, out / "backend"), out, quiet=True)
 
 
 # -- OpenAI closing fine-tuning -----------------------------------------------------------
@@ -722,12 +721,12 @@ def test_a_run_stopped_by_its_budget_resumes_once_the_limit_is_raised(api, tmp_p
            "type": "invalid_request_error", "code": None}),
 ])
 def test_lost_fine_tuning_access_names_the_other_backends(api, tmp_path, status, error):
-    fake, url = api
-    fake.fault = lambda method, route, nth: ((status, {}, error)
-                                             if (method, route) == ("POST", "/v1/fine_tuning/jobs")
-                                             else None)
+    fake = api
+    fake.transport.fault = lambda method, route, nth: (
+        Fault(status, error=error) if (method, route) == ("POST", "/v1/fine_tuning/jobs")
+        else None)
     with pytest.raises(BackendError) as e:
-        make(url, tmp_path).finetune(MODEL, examples(), FinetuneConfig(), key="closed")
+        make(fake, tmp_path).finetune(MODEL, examples(), FinetuneConfig(), key="closed")
     message = str(e.value)
     assert "no fine-tuning access" in message and f"HTTP {status}" in message
     assert "--backend together" in message and "--backend hf" in message
@@ -738,30 +737,26 @@ def test_lost_fine_tuning_access_names_the_other_backends(api, tmp_path, status,
 def test_the_serving_end_is_asked_of_openai_and_said_before_training(tmp_path, capsys):
     """On api.openai.com the models endpoint's ``shutdown_date`` wins over the built-in
     date; the note names both dates before anything is uploaded."""
-    import httpx2 as httpx
-
     from semievol.backends.openai import shutdown_date
 
-    asked = []
-
-    def answer(request: httpx.Request) -> httpx.Response:
-        asked.append(request.url.path)
+    def answer(request: httpx2.Request):
         if request.url.path.startswith("/v1/models/"):
-            return httpx.Response(200, json={"id": MODEL, "object": "model", "created": 0,
-                                             "owned_by": "system",
-                                             "shutdown_date": "2027-01-15"})
+            return {"id": MODEL, "object": "model", "created": 0, "owned_by": "system",
+                    "shutdown_date": "2027-01-15"}
         if request.url.path == "/v1/fine_tuning/jobs":
-            return httpx.Response(200, json={"object": "list", "data": [], "has_more": False})
-        return httpx.Response(503, json={"error": {"message": "down"}})
+            return {"object": "list", "data": [], "has_more": False}
+        return 503, {"error": {"message": "down"}}
 
+    openai_com = Transport(answer, httpx2)
     backend = OpenAIBackend(MODEL, api_key=SECRET, workdir=tmp_path, max_retries=0,
-                            http_client=httpx.Client(transport=httpx.MockTransport(answer)))
+                            http_client=openai_com.client())
     assert backend.base_url.startswith("https://api.openai.com")
     assert shutdown_date(backend, MODEL) == "2027-01-15"
     with pytest.raises(BackendError):  # the upload meets the 503
         backend.finetune(MODEL, examples(), FinetuneConfig(), key="dated")
     said = capsys.readouterr().err
     assert f"stops serving {MODEL}" in said and "2027-01-15" in said and "2027-01-06" in said
+    asked = [path for _, path, _ in openai_com.requests]
     assert asked.index(f"/v1/models/{MODEL}") < asked.index("/v1/files")
     local = make("http://127.0.0.1:9/v1", tmp_path)  # elsewhere nothing is asked
     assert shutdown_date(local, MODEL) == "2027-01-14"
@@ -779,9 +774,10 @@ def test_the_serving_end_is_asked_of_openai_and_said_before_training(tmp_path, c
 ])
 def test_other_refusals_are_not_taken_for_the_shutdown(api, tmp_path, method, route, status,
                                                         error, expected):
-    fake, url = api
-    fake.fault = lambda m, r, nth: (status, {}, error) if (m, r) == (method, route) else None
+    fake = api
+    fake.transport.fault = lambda m, r, nth: (Fault(status, error=error)
+                                              if (m, r) == (method, route) else None)
     with pytest.raises(BackendError, match=expected) as e:
-        make(url, tmp_path, max_retries=0).finetune(MODEL, examples(), FinetuneConfig(),
+        make(fake, tmp_path, max_retries=0).finetune(MODEL, examples(), FinetuneConfig(),
                                                     key="other")
     assert "--backend together" not in str(e.value)

@@ -1,7 +1,8 @@
-"""The together backend through the real ``together`` SDK over real HTTP: against
-`semievol serve --backend fake` (which speaks Together's dialect beside OpenAI's), and against
-small local servers (``httpx.MockTransport``) for what a real account does that a local
-server does not (prices, refusals, failures). Nothing patches the SDK."""
+"""The together backend through the real ``together`` SDK: over real HTTP against `semievol
+serve --backend fake` (which speaks Together's dialect beside OpenAI's), and through the one
+fault-injecting transport (``transport.py``) with a scripted account for what a real account
+does that a local server does not (prices, refusals, failures) and for the network's faults
+(429 and 5xx retried, a lost answer, a stalled server). Nothing patches the SDK."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 from test_server import API_KEY, running_server
+from transport import Fault, Transport
 
 from semievol.backends import load_backend
 from semievol.backends.together import TogetherBackend, _suffix
@@ -139,7 +141,7 @@ def test_server_refuses_malformed_together_requests(server):
     assert "content" in openai_style["choices"][0]["logprobs"]
 
 
-# -- what a real account does: local transports ------------------------------------------------
+# -- what a real account does: a scripted account behind the transport -------------------------
 LIMITS = {"model_name": MODEL, "default_gradient_accumulation_steps": 1,
           "lora_training": {"default_rank": 8, "max_rank": 64, "min_batch_size": 8,
                             "max_batch_size": 32, "max_batch_size_dpo": 8,
@@ -152,57 +154,61 @@ LIMITS = {"model_name": MODEL, "default_gradient_accumulation_steps": 1,
 
 
 class Account:
-    """A scripted Together account: records requests, answers from ``answer``."""
+    """A scripted Together account, a world for :class:`transport.Transport`
+    (``self.transport``): records requests, answers them."""
 
     def __init__(self, *, allowed=True, price=0.05, final="completed"):
         self.requests: list[httpx.Request] = []
         self.allowed, self.price, self.final = allowed, price, final
         self.jobs: dict[str, dict] = {}
+        self.transport = Transport(self, httpx)
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
+    def __call__(self, request: httpx.Request):
         self.requests.append(request)
         path = request.url.path
         if path == "/v1/fine-tunes/models/limits":
-            return httpx.Response(200, json=LIMITS)
+            return LIMITS
         if path == "/v1/files/upload":
-            return httpx.Response(200, json={"id": "file-1", "object": "file", "bytes": 1,
-                                             "created_at": 0, "filename": "t.jsonl",
-                                             "purpose": "fine-tune", "FileType": "jsonl",
-                                             "Processed": True})
+            return {"id": "file-1", "object": "file", "bytes": 1, "created_at": 0,
+                    "filename": "t.jsonl", "purpose": "fine-tune", "FileType": "jsonl",
+                    "Processed": True}
         if path == "/v1/fine-tunes/estimate-price":
-            return httpx.Response(200, json={"estimation_available": True,
-                                             "estimated_total_price": self.price,
-                                             "allowed_to_proceed": self.allowed,
-                                             "user_limit": 1.0})
+            return {"estimation_available": True, "estimated_total_price": self.price,
+                    "allowed_to_proceed": self.allowed, "user_limit": 1.0}
         if path == "/v1/fine-tunes" and request.method == "GET":
-            return httpx.Response(200, json={"data": list(self.jobs.values())})
+            return {"data": list(self.jobs.values())}
         if path == "/v1/fine-tunes":
-            job = {"id": "ft-1", "status": "pending", "created_at": "2026-11-01T00:00:00Z",
-                   "updated_at": "2026-11-01T00:00:00Z", "user_id": "u", "model": MODEL,
+            job = {"id": f"ft-{len(self.jobs) + 1}", "status": "pending",
+                   "created_at": "2026-11-01T00:00:00Z", "updated_at": "2026-11-01T00:00:00Z",
+                   "user_id": "u", "model": MODEL,
                    "suffix": json.loads(request.content)["suffix"],
                    "model_output_name": "u/Meta-Llama-3.1-8B-Instruct-Reference-x"}
-            self.jobs["ft-1"] = job
-            return httpx.Response(200, json=job)
+            self.jobs[job["id"]] = job
+            return job
         if path == "/v1/fine-tunes/ft-1":
-            job = {**self.jobs["ft-1"], "status": self.final, "token_count": 1000,
-                   "total_price": 480_000}
-            return httpx.Response(200, json=job)
+            return {**self.jobs["ft-1"], "status": self.final, "token_count": 1000,
+                    "total_price": 480_000}
         if path == "/v1/fine-tunes/ft-1/events":
-            return httpx.Response(200, json={"data": [
+            return {"data": [
                 {"object": "fine-tune-event", "created_at": "2026-11-01T00:00:01Z",
                  "message": "Training started", "type": "training_start", "level": "info",
                  "step": 3, "total_steps": 10},
                 {"object": "fine-tune-event", "created_at": "2026-11-01T00:00:02Z",
-                 "message": "CUDA out of memory", "type": "job_error", "level": "error"}]})
-        return httpx.Response(404, json={"error": {"message": f"no {path}"}})
+                 "message": "CUDA out of memory", "type": "job_error", "level": "error"}]}
+        return 404, {"error": {"message": f"no {path}"}}
 
 
 def account_backend(account, tmp_path, **options) -> TogetherBackend:
+    options = {"max_retries": 0, **options}
     return TogetherBackend(MODEL, api_key="tg-secret-key-0123456789", workdir=tmp_path,
                            base_url="https://api.together.ai", quiet=True, poll_interval=0.01,
-                           max_retries=0,
-                           http_client=httpx.Client(transport=httpx.MockTransport(account)),
-                           **options)
+                           http_client=account.transport.client(), **options)
+
+
+def creates(account) -> list[dict]:
+    """The bodies of the job creations the account saw."""
+    return [json.loads(r.content) for r in account.requests
+            if r.url.path == "/v1/fine-tunes" and r.method == "POST"]
 
 
 def test_job_request_and_price_from_the_account(tmp_path):
@@ -210,9 +216,7 @@ def test_job_request_and_price_from_the_account(tmp_path):
     backend = account_backend(account, tmp_path)
     model = backend.finetune(MODEL, examples(), FinetuneConfig(batch_size=8, seed=7), key="k")
     assert model == "u/Meta-Llama-3.1-8B-Instruct-Reference-x"
-    create = next(r for r in account.requests
-                  if r.url.path == "/v1/fine-tunes" and r.method == "POST")
-    body = json.loads(create.content)
+    body = creates(account)[0]
     assert body["training_type"] == {"type": "Lora", "lora_r": 16, "lora_alpha": 32,
                                      "lora_dropout": 0.05, "lora_trainable_modules": "all-linear"}
     assert (body["model"], body["n_epochs"], body["learning_rate"], body["batch_size"],
@@ -233,18 +237,16 @@ def test_report_to_wandb_passes_the_wandb_settings_on_the_job_only(tmp_path, mon
     account = Account()
     backend = account_backend(account, tmp_path, report_to=("wandb",))
     backend.finetune(MODEL, examples(), FinetuneConfig(batch_size=8), key="k")
-    body = json.loads(next(r for r in account.requests if r.url.path == "/v1/fine-tunes"
-                           and r.method == "POST").content)
+    body = creates(account)[0]
     assert (body["wandb_key"], body["wandb_project_name"]) == \
         ("wandb-secret-0123456789", "evolving")
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert "wandb-secret" not in path.read_text()
     plain = Account()
-    account_backend(plain, tmp_path / "plain").finetune(MODEL, examples(), FinetuneConfig(batch_size=8),
-                                                        key="k")
-    body = json.loads(next(r for r in plain.requests if r.url.path == "/v1/fine-tunes"
-                           and r.method == "POST").content)
+    account_backend(plain, tmp_path / "plain").finetune(MODEL, examples(),
+                                                        FinetuneConfig(batch_size=8), key="k")
+    body = creates(plain)[0]
     assert not any(k.startswith("wandb") for k in body)
 
 
@@ -257,8 +259,7 @@ def test_budget_and_credit_stop_before_a_job(tmp_path):
     with pytest.raises(BackendError, match="credit limit"):
         account_backend(account, tmp_path / "b").finetune(MODEL, examples(), FinetuneConfig(),
                                                           key="k")
-    assert not any(r.url.path == "/v1/fine-tunes" and r.method == "POST"
-                   for r in account.requests)
+    assert not creates(account)
 
 
 def test_failed_job_reports_its_error_event(tmp_path):
@@ -295,3 +296,41 @@ def test_dry_run_asks_the_estimate_endpoint_when_reachable(server, tmp_path):
     line = ask_price(load_task(data), config, base_url=server.url, api_key=API_KEY)
     assert "Together's own estimate for the warm-up fine-tune: $0.0000" in line
     assert "trained tokens" in line
+
+
+def test_429_and_5xx_are_retried_as_retry_after_says(tmp_path):
+    """Every endpoint's first try is rate-limited (Retry-After), its second a 503: the SDK's
+    own retries carry the whole fine-tune through, and one job is made."""
+    account = Account()
+    account.transport.fault = lambda method, path, nth: (
+        Fault(429, {"retry-after": "0.05"}) if nth == 1
+        else Fault(503, {"retry-after-ms": "20"}) if nth == 2 else None)
+    model = account_backend(account, tmp_path, max_retries=2).finetune(
+        MODEL, examples(), FinetuneConfig(batch_size=8), key="k")
+    assert model == "u/Meta-Llama-3.1-8B-Instruct-Reference-x" and len(creates(account)) == 1
+    statuses = [got for _, path, got in account.transport.requests if path == "/v1/fine-tunes"]
+    assert statuses[:3] == [429, 503, 200]
+
+
+def test_a_lost_answer_to_the_create_never_pays_twice(tmp_path):
+    """Together makes the job, but the connection drops before the answer arrives: the run
+    stops saying to run again, and the rerun finds the job by its suffix, making no second."""
+    account = Account()
+    account.transport.fault = lambda method, path, nth: (
+        Fault(drop=True, after=True) if (method, path) == ("POST", "/v1/fine-tunes") else None)
+    with pytest.raises(BackendError, match="creating the fine-tuning job: could not reach"):
+        account_backend(account, tmp_path).finetune(MODEL, examples(),
+                                                    FinetuneConfig(batch_size=8), key="k")
+    assert len(creates(account)) == 1
+    account.transport.fault = None
+    model = account_backend(account, tmp_path).finetune(MODEL, examples(),
+                                                        FinetuneConfig(batch_size=8), key="k")
+    assert model == "u/Meta-Llama-3.1-8B-Instruct-Reference-x" and len(creates(account)) == 1
+
+
+def test_a_stalled_account_is_a_timeout_that_says_so(tmp_path):
+    account = Account()
+    account.transport.fault = lambda method, path, nth: Fault(delay=60)
+    with pytest.raises(BackendError, match="did not answer within 0.3 s"):
+        account_backend(account, tmp_path, timeout=0.3).finetune(MODEL, examples(),
+                                                                 FinetuneConfig(), key="k")

@@ -17,14 +17,15 @@ import sys
 import httpx
 import pytest
 from test_server import API_KEY, running_server
-from test_together_contract import assert_all_accepted  # noqa: F401 (its prism fixture)
-from test_together_contract import prism  # noqa: F401
+import test_together_contract
+from test_together_contract import assert_all_accepted
 
 from semievol.backends.together import TogetherBackend
 from semievol.demo import make_task
 from semievol.errors import BackendError
 
 pytestmark = pytest.mark.slow
+prism = test_together_contract.prism  # its Prism mock fixture, shared
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -69,7 +70,7 @@ def test_a_fine_tune_served_only_on_a_dedicated_endpoint(tmp_path):
                 assert API_KEY not in path.read_text(errors="ignore")
 
 
-def test_endpoint_requests_meet_togethers_spec(prism, tmp_path):  # noqa: F811
+def test_endpoint_requests_meet_togethers_spec(prism, tmp_path):
     """Hardware listing, endpoint creation, polling, start-up and deletion as the backend
     sends them, each accepted by Prism; the refusal message lists Prism's example price."""
     seen = []
@@ -87,12 +88,12 @@ def test_endpoint_requests_meet_togethers_spec(prism, tmp_path):  # noqa: F811
     backend = TogetherBackend(base_url=prism, api_key="tg-contract", workdir=tmp_path,
                               max_retries=0, timeout=30, poll_interval=0.05, max_wait=0.3,
                               quiet=True, http_client=client)
-    api = backend.api
+    api = backend.api.endpoints
     api._refused = "refused"
     with pytest.raises(BackendError, match=r"--together-endpoint.*\$0\.0542/minute"):
-        api._create_endpoint(backend, model)
-    api.endpoint = "auto"
-    created = api._create_endpoint(backend, model)
+        api._create(backend, model)
+    api.hardware = "auto"
+    created = api._create(backend, model)
     assert created["usd_per_minute"] == pytest.approx(0.0542)
     api._endpoints[model] = created
     try:

@@ -1,8 +1,9 @@
 """The hosted-API backends' one lifecycle: :class:`HostedBackend` implements the Backend
 protocol over any provider's job API, and each provider (``openai.py``, ``together.py``) is
-a small adapter (:class:`Provider`) it is built with: composition, no base classes. Adding a
-provider is one adapter module (with its dated price list) and one entry in
-:mod:`.registry`.
+a small adapter (:class:`~.provider.Provider`) it is built with: composition, no base
+classes. Adding a provider is one adapter module (with its dated price list) and one entry
+in :mod:`.registry`. Beside this module: what an adapter is (:mod:`.provider`), what calls
+cost (:mod:`.spending`), and the one translation of SDK errors (:mod:`.api_errors`).
 
 What every hosted backend promises, written here once:
 
@@ -21,14 +22,10 @@ What every hosted backend promises, written here once:
   loopback (``semievol serve`` without ``--api-key``) needs none: :data:`LOCAL_API_KEY`.
 * **Faults.** The SDK retries connection errors and 408/409/429/5xx ``max_retries`` times
   (honouring Retry-After), each request limited to ``timeout`` seconds. What still fails is
-  translated in :meth:`HostedBackend.errors` only (the SDKs are generated from one
-  template and raise the same classes, each from its own module); every step resumes when
-  run again::
+  translated in :meth:`HostedBackend.errors` only (:func:`~.api_errors.sdk_errors`, whose
+  docstring draws the SDK's part of the tree); every step resumes when run again::
 
-      APIConnectionError, APITimeoutError ──┐
-      AuthenticationError, PermissionDenied ├─> BackendError  (says what to do)
-      RateLimitError, other APIStatusError ─┘
-      the SDK's own checks of a request (ValueError) ──> ConfigError
+      the SDK's errors ────────────────────────────────> BackendError, ConfigError
       job failed or cancelled ─────────────────────────> FinetuneFailed (the job's reason)
       job still running after max_wait ────────────────> BackendError (run again to resume)
       a step that would pass max_cost_usd ─────────────> BudgetExceeded
@@ -44,150 +41,33 @@ import ipaddress
 import json
 import os
 import sys
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import Protocol
 from urllib.parse import urlparse
 
-import numpy as np
 from tenacity import Retrying, retry_if_result, stop_after_delay, stop_never, wait_exponential
 from tqdm.auto import tqdm
 
 from .. import cost
-from ..errors import BackendError, ConfigError, FinetuneFailed, SemievolError
+from ..errors import BackendError, ConfigError, FinetuneFailed
 from ..rundir import atomic_write_json, slug
 from ..types import ChatExample, Embeddings, Generation, Generations, Message, ModelRef, Usage
+from .api_errors import scrub, sdk_errors, server_message
+from .provider import Event, Job, Plan, Provider, TrainingStats
+from .spending import Spending, check_priced, embed_in_batches, normalised, request_batches
+
+__all__ = [
+    "HostedBackend", "Records", "LOCAL_API_KEY", "poll", "whole_epochs", "jsonl",
+    "resolve_key", "api_runtime", "is_loopback", "say",
+    # the names beside this module, still importable from here as before they moved
+    "Event", "Job", "Plan", "Provider", "TrainingStats",
+    "scrub", "sdk_errors", "server_message",
+    "Spending", "check_priced", "embed_in_batches", "normalised", "request_batches"]
 
 LOCAL_API_KEY = "semievol-local"
 """What the SDK is given as key for a loopback server when no key is set."""
-
-
-@dataclass(frozen=True)
-class Job:
-    """A fine-tuning job as the lifecycle sees it, whatever the provider calls its fields."""
-
-    id: str
-    status: str
-    """The provider's own word ("validating_files", "completed"...), as recorded."""
-    output: str | None
-    """The model the job made, once it has."""
-    file_id: str | None
-    created_at: object
-    """Sortable: the newest of several jobs for one key wins."""
-    base: str
-    """The model it trains from."""
-    root: str
-    """The base model at the root of a chain of fine-tunes: its limits and price."""
-    trained_tokens: int = 0
-    billed_usd: float | None = None
-    """What the provider says the job cost, where it says (else the price list's)."""
-    error: str | None = None
-    """Why it failed, where the job itself says."""
-
-
-@dataclass(frozen=True)
-class Event:
-    """One event of a job, for the progress bar."""
-
-    mark: object
-    """Tells events apart (seen once each)."""
-    message: str
-    step: int | None = None
-    total: int | None = None
-    error: bool = False
-    """An error event: the last one is the failure's reason where the job gives none."""
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A fine-tune validated and ready to upload (the adapter's ``prepare``)."""
-
-    data: bytes
-    """The training file, as it will be uploaded."""
-    stats: TrainingStats
-    root: str
-    """What the trained tokens are priced as (see :attr:`Job.root`)."""
-    request: dict
-    """The provider's own arguments for creating the job (all but the file)."""
-
-
-class Provider(Protocol):
-    """One hosted API, as :class:`HostedBackend` drives it. Adapters are plain classes (one
-    instance per backend); each method gets the backend, for its ``client`` (made by
-    ``connect``), ``records``, ``budget`` and :meth:`HostedBackend.errors`. The backend
-    translates the errors of ``upload``, ``create``, ``retrieve``, ``find``, ``events`` and
-    of its own chat and embeddings requests; other API calls an adapter makes go through
-    ``backend.errors(what)``. An adapter may add ``quote(task, config, *, base_url,
-    api_key)``: a line of the provider's own estimate for ``--dry-run``."""
-
-    name: str
-    """The backend's name ("openai"), its key in :mod:`.registry`."""
-    title: str
-    """How messages name the provider ("OpenAI")."""
-    key_env: str
-    """The environment variable the API key is read from."""
-    sdk: ModuleType
-    """The SDK module whose exception classes :meth:`HostedBackend.errors` translates;
-    ``sdk_error`` is its root exception."""
-    sdk_error: type[Exception]
-    default_model: str
-    default_embed_model: str
-    """Embeddings on the provider's own API (with a ``base_url``, the served model)."""
-    min_finetune_examples: int
-    prices: cost.PriceList
-    """Its dated price list (overridable per backend with ``prices``)."""
-    embed_limits: tuple[int, int]
-    """Texts and tokens per embeddings request."""
-    succeeded: str
-    """The status of a job that made its model; ``failed``: those that never will."""
-    failed: frozenset[str]
-    output_field: str
-    """The job record's field for the model a job made (as earlier versions wrote it, so
-    their run directories resume)."""
-
-    def connect(self, *, api_key: str, base_url: str | None, timeout: float,
-                max_retries: int, http_client): ...
-
-    def prepare(self, backend: HostedBackend, base: str, examples: Sequence[ChatExample],
-                config, *, epochs: int, key: str) -> Plan:
-        """Validate a fine-tune as the provider would, before anything is uploaded."""
-
-    def upload(self, backend: HostedBackend, name: str, data: bytes) -> str:
-        """Upload a training file; its id."""
-
-    def create(self, backend: HostedBackend, plan: Plan, record: dict) -> Job:
-        """Create the job on ``record["file_id"]``; ``record["attempt"]`` counts reruns
-        after failures."""
-
-    def retrieve(self, backend: HostedBackend, job_id: str) -> Job: ...
-
-    def find(self, backend: HostedBackend, key: str) -> list[Job]:
-        """The account's jobs that carry ``key``, whatever their status."""
-
-    def events(self, backend: HostedBackend, job_id: str) -> list[Event]:
-        """The job's events, oldest first."""
-
-    def chat_body(self, model: str, messages: list[Message], *, n: int, temperature: float,
-                  max_tokens: int, seed: int | None) -> dict:
-        """A chat completion request asking for ``n`` choices with token logprobs."""
-
-    def generation(self, choice, model: str) -> Generation:
-        """One choice of a completion, with its tokens' logprobs (BackendError without)."""
-
-    def embed_body(self, model: str, texts: list[str]) -> dict: ...
-
-    def batches(self, backend: HostedBackend):
-        """The provider's batch API (``generate(bodies)``), or None."""
-
-    # Optional, where a provider may not serve a fine-tune as it serves its base model:
-    # ``route(backend, model) -> (name, usage)``: the name chat requests for ``model`` go
-    # to, and what keeping it served has cost since the last call (Together: a dedicated
-    # endpoint billed by the minute); ``close(backend)``: release what a run holds.
 
 
 class HostedBackend:
@@ -500,82 +380,6 @@ class Records:
         return [json.loads(p.read_text()) for p in sorted((self.workdir / kind).glob("*.json"))]
 
 
-def check_priced(prices: dict[str, cost.Price], title: str, model: str,
-                  embed_model: str) -> None:
-    """A budget sees only priced steps (one without a price passes it): refuse a budget the
-    run could not keep, rather than quietly not keep it."""
-    missing = []
-    price = cost.price_of(model, prices)
-    if price is None or price.training is None:
-        missing.append(f"{model}'s {'price' if price is None else 'training price'}")
-    if embed_model != model and cost.price_of(embed_model, prices) is None:
-        missing.append(f"{embed_model}'s price")
-    if missing:
-        raise ConfigError(f"--max-cost-usd cannot be kept: {title}'s price list lacks "
-                          f"{' and '.join(missing)}. Give it in USD per 1M tokens with "
-                          "--price MODEL=INPUT,OUTPUT,TRAINING (in Python: prices={MODEL: "
-                          "{'input': ..., 'output': ..., 'training': ...}}), or drop "
-                          "--max-cost-usd")
-
-
-class Spending:
-    """A hosted backend's running total of what its calls used, and the budget that reads
-    it. Calls run in threads, hence the lock. Each call also hands its own usage back with
-    its result; this total is only for the budget (and for people)."""
-
-    def __init__(self, limit_usd: float | None, spent_usd: float = 0.0):
-        self.total = Usage(cost_usd=spent_usd or None)
-        """Starts at what a resumed run spent before (``spent_usd``), so the budget covers
-        the whole run."""
-        self.budget = cost.Budget(limit_usd, self.total)
-        self._lock = threading.Lock()
-
-    def add(self, usage: Usage) -> Usage:
-        """Count ``usage`` in the total; return it."""
-        with self._lock:
-            self.total += usage
-        return usage
-
-
-def embed_in_batches(texts: Sequence[str], request: Callable, *, model: str, prices,
-                     spending: Spending, max_inputs: int, max_tokens: int) -> Embeddings:
-    """Embed ``texts`` with ``model`` in requests of at most ``max_inputs`` texts and
-    ``max_tokens`` tokens (counted here), once the budget allows the whole call.
-    ``request(texts)`` sends one request and returns the SDK's response; its
-    ``usage.prompt_tokens`` counts where the API reports it, else the count made here."""
-    counts = [cost.count_tokens(t, model) for t in texts]
-    spending.budget.check(f"embedding {len(texts)} texts with {model}",
-                          cost.embedding_cost(model, sum(counts), prices=prices))
-    rows: list[list[float]] = []
-    usage = Usage()
-    for start, stop in request_batches(counts, max_inputs=max_inputs, max_tokens=max_tokens):
-        response = request(list(texts[start:stop]))
-        reported = getattr(response, "usage", None)  # an object, a dict (together) or None
-        if isinstance(reported, dict):
-            reported = reported.get("prompt_tokens")
-        elif reported is not None:
-            reported = reported.prompt_tokens
-        tokens = reported or sum(counts[start:stop])
-        usage.add(prompt=tokens, cost=cost.embedding_cost(model, tokens, prices=prices))
-        if len(response.data) != stop - start:
-            raise BackendError(f"sent {stop - start} texts to embed, {model} returned "
-                               f"{len(response.data)} embeddings")
-        rows.extend(d.embedding for d in sorted(response.data, key=lambda d: d.index))
-    spending.add(usage)
-    return Embeddings(normalised(rows) if rows else np.zeros((0, 0), dtype=np.float32), usage)
-
-
-@dataclass(frozen=True)
-class TrainingStats:
-    """What validated training data amounts to."""
-
-    n_examples: int
-    total_tokens: int
-    """Tokens in the training file; providers bill this x epochs."""
-    max_tokens: int
-    """The longest example."""
-
-
 def poll(fetch: Callable, done: Callable, *, interval: float, max_wait: float | None):
     """Call ``fetch`` until ``done(result)``, waiting ``interval`` seconds, backing off to 12x
     that; after ``max_wait`` seconds (None: never) return the last result, done or not."""
@@ -585,26 +389,6 @@ def poll(fetch: Callable, done: Callable, *, interval: float, max_wait: float | 
         stop=stop_after_delay(max_wait) if max_wait is not None else stop_never,
         retry_error_callback=lambda state: state.outcome.result())
     return retrying(fetch)
-
-
-def request_batches(token_counts: Sequence[int], *, max_inputs: int, max_tokens: int):
-    """(start, stop) ranges of at most ``max_inputs`` inputs and ``max_tokens`` tokens (an
-    input over the token cap goes alone)."""
-    start, tokens = 0, 0
-    for i, count in enumerate(token_counts):
-        if i > start and (i - start >= max_inputs or tokens + count > max_tokens):
-            yield start, i
-            start, tokens = i, 0
-        tokens += count
-    if start < len(token_counts):
-        yield start, len(token_counts)
-
-
-def normalised(rows: Sequence[Sequence[float]]) -> np.ndarray:
-    """Rows as float32, each scaled to unit L2 norm (zero rows stay zero)."""
-    vectors = np.asarray(rows, dtype=np.float64)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (vectors / np.where(norms == 0, 1.0, norms)).astype(np.float32)
 
 
 def whole_epochs(epochs: float, provider: str) -> int:
@@ -653,51 +437,3 @@ def say(message: str, *, quiet: bool) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def scrub(text: str, secret: str) -> str:
-    """``text`` with the API key replaced by ``***`` (keys too short to be real are left)."""
-    return text.replace(secret, "***") if len(secret) >= 8 else text
-
-
-def server_message(error) -> str:
-    """The server's own words in an SDK status error: the ``message`` of its body (or of the
-    body's ``error``). Scrub the key from it."""
-    body = error.body if isinstance(error.body, dict) else {}
-    inner = body.get("error") if isinstance(body.get("error"), dict) else body
-    return str(inner.get("message") or error.message)
-
-
-@contextmanager
-def sdk_errors(sdk, what: str, *, where: str, retries, timeout, secret: str, key_env: str,
-               base: type[Exception]):
-    """The one place an SDK's errors become :class:`~semievol.errors.BackendError`, each
-    saying what failed, where, and whether running again resumes. ``sdk`` is the
-    provider's SDK module (``openai``, ``together``, ``tinker``: generated from one
-    template, they raise the same classes), ``base`` its root exception; the SDK has
-    already retried what is worth it (``retries`` times, ``timeout`` seconds a request, as
-    the messages say). semievol's own errors pass through."""
-    try:
-        yield
-    except SemievolError:
-        raise
-    except sdk.APITimeoutError:
-        raise BackendError(f"{what}: {where} did not answer within {timeout} s "
-                           f"({retries} retries); run again to resume") from None
-    except sdk.APIConnectionError as e:
-        raise BackendError(f"{what}: could not reach {where} ({retries} retries): "
-                           f"{scrub(str(e.__cause__ or e), secret)}; run again to resume"
-                           ) from None
-    except (sdk.AuthenticationError, sdk.PermissionDeniedError) as e:
-        raise BackendError(f"{what}: {where} refused the API key (HTTP {e.status_code}): "
-                           f"{scrub(server_message(e), secret)}. Set {key_env}.") from None
-    except sdk.RateLimitError as e:
-        raise BackendError(f"{what}: rate-limited or out of quota or credit (HTTP 429) after "
-                           f"{retries} retries: {scrub(server_message(e), secret)}; run again "
-                           "later to resume") from None
-    except sdk.APIStatusError as e:
-        hint = "; run again to resume" if e.status_code >= 500 else ""
-        raise BackendError(f"{what}: HTTP {e.status_code} from {where}: "
-                           f"{scrub(server_message(e), secret)}{hint}") from None
-    except base as e:
-        raise BackendError(f"{what}: {scrub(str(e), secret)}") from None
-    except ValueError as e:  # the SDK's own checks of a request
-        raise ConfigError(f"{what}: {scrub(str(e), secret)}") from None

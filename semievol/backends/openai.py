@@ -35,7 +35,9 @@ from ..chatfile import MIN_EXAMPLES, example_problem
 from ..errors import BackendError, DataError
 from ..rundir import digest
 from ..types import ChatExample, Generation, Message
-from .hosted import Event, HostedBackend, Job, Plan, TrainingStats, jsonl, server_message
+from .api_errors import server_message
+from .hosted import HostedBackend, jsonl
+from .provider import Event, Job, Plan, TrainingStats
 from .openai_batch import BatchAPI
 
 __all__ = ["OpenAIBackend", "OpenAI", "validate_training_data", "TrainingStats"]
@@ -67,7 +69,7 @@ def OpenAIBackend(model: str | None = None, **options) -> HostedBackend:
 
 
 class OpenAI:
-    """The OpenAI API as a :class:`~.hosted.Provider` (see the module docstring)."""
+    """The OpenAI API as a :class:`~.provider.Provider` (see the module docstring)."""
 
     name, title, key_env = "openai", "OpenAI", "OPENAI_API_KEY"
     sdk, sdk_error = openai, openai.OpenAIError

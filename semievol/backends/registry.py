@@ -36,7 +36,7 @@ class Entry:
     recipe: str = "paper"
     """The recipe (:data:`semievol.config.RECIPES`) ``semievol run`` takes by default."""
     provider: Callable | None = None
-    """A hosted backend's adapter (:class:`~.hosted.Provider`), made anew by each call.
+    """A hosted backend's adapter (:class:`~.provider.Provider`), made anew by each call.
     None for a backend that computes here, which ``semievol serve`` can serve."""
 
     @property

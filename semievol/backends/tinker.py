@@ -6,9 +6,10 @@ Tinker has no fine-tuning jobs: it trains LoRA by primitives. So the fine-tune i
 here, and :class:`TinkerBackend` is the Backend protocol over that loop, built (like
 :class:`~.hosted.HostedBackend` over a job API) with a small adapter, :class:`Tinker`, that
 carries the provider's name, key variable and dated price list. Everything hosted backends
-share comes from :mod:`.hosted`: the key (:func:`~.hosted.resolve_key`, never on disk), the
-records (:class:`~.hosted.Records`), spending and the budget, the error translation
-(:func:`~.hosted.sdk_errors`), progress lines and ``runtime``.
+share comes from :mod:`.hosted` and beside it: the key (:func:`~.hosted.resolve_key`, never
+on disk), the records (:class:`~.hosted.Records`), spending and the budget
+(:mod:`.spending`), the error translation (:func:`~.api_errors.sdk_errors`), progress lines
+and ``runtime``.
 
 * **Fine-tune** (warm-up and evolve): ``forward_backward`` with the ``cross_entropy`` loss,
   weights on the final assistant message's tokens only (as on hf: the prompt tokenized
@@ -39,7 +40,7 @@ records (:class:`~.hosted.Records`), spending and the budget, the error translat
   ``--dry-run`` prices a run offline; ``--max-cost-usd`` checks each fine-tune and each
   generation call before it runs.
 * **Errors**: the SDK's (``tinker.APIStatusError``..., the same Stainless classes as
-  openai's and together's) through :func:`~.hosted.sdk_errors`; a failed request
+  openai's and together's) through :func:`~.api_errors.sdk_errors`; a failed request
   (``RequestFailedError``, the server's own error) is a BackendError that quotes it.
 """
 from __future__ import annotations
@@ -62,8 +63,9 @@ from ..chatfile import encode_example
 from ..errors import BackendError, ConfigError, FinetuneFailed
 from ..rundir import slug
 from ..types import ChatExample, Embeddings, Generation, Generations, Message, ModelRef, Usage
-from .hosted import (Records, Spending, check_priced, api_runtime, resolve_key, say, scrub,
-                     sdk_errors, whole_epochs)
+from .api_errors import scrub, sdk_errors
+from .hosted import Records, api_runtime, resolve_key, say, whole_epochs
+from .spending import Spending, check_priced
 
 PRICES_AS_OF = "2026-01-05"
 PRICES = {
@@ -356,7 +358,7 @@ class TinkerBackend:
     # -- plumbing -----------------------------------------------------------------------
     @contextmanager
     def errors(self, what: str):
-        """The SDK's errors become semievol's (:func:`~.hosted.sdk_errors`)."""
+        """The SDK's errors become semievol's (:func:`~.api_errors.sdk_errors`)."""
         with sdk_errors(tinker, what, where=self.base_url, retries="the SDK's",
                         timeout=self.timeout, secret=self._secret, key_env=self.api.key_env,
                         base=tinker.TinkerError):
