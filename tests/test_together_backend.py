@@ -308,8 +308,22 @@ def test_429_and_5xx_are_retried_as_retry_after_says(tmp_path):
     model = account_backend(account, tmp_path, max_retries=2).finetune(
         MODEL, examples(), FinetuneConfig(batch_size=8), key="k")
     assert model == "u/Meta-Llama-3.1-8B-Instruct-Reference-x" and len(creates(account)) == 1
-    statuses = [got for _, path, got in account.transport.requests if path == "/v1/fine-tunes"]
-    assert statuses[:3] == [429, 503, 200]
+    statuses = [got for method, path, got in account.transport.requests
+                if (method, path) == ("POST", "/v1/fine-tunes")]
+    assert statuses == [429, 503, 200]
+
+
+def test_a_lost_answer_to_the_create_is_found_not_made_again(tmp_path):
+    """Together takes no idempotency key, so the SDK's own retry of a create whose answer
+    was lost would make (and bill) a second job: the create is not retried blindly; the
+    job is looked for by its suffix first, and found."""
+    account = Account()
+    account.transport.fault = lambda method, path, nth: (
+        Fault(drop=True, after=True) if (method, path, nth) == ("POST", "/v1/fine-tunes", 1)
+        else None)
+    model = account_backend(account, tmp_path, max_retries=2).finetune(
+        MODEL, examples(), FinetuneConfig(batch_size=8), key="k")
+    assert model == "u/Meta-Llama-3.1-8B-Instruct-Reference-x" and len(creates(account)) == 1
 
 
 def test_a_lost_answer_to_the_create_never_pays_twice(tmp_path):

@@ -42,6 +42,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -148,8 +149,27 @@ class Together:
         base = plan.request.get("from_checkpoint") or plan.request["model"]
         self.check_estimate(backend, self.estimate(backend, record["file_id"], plan.request),
                             base)
-        return _job(backend.client.fine_tuning.create(training_file=record["file_id"],
-                                                      **plan.request, **wandb_settings(backend)))
+        return self._create_once(backend, record, lambda client: client.fine_tuning.create(
+            training_file=record["file_id"], **plan.request, **wandb_settings(backend)))
+
+    def _create_once(self, backend, record: dict, create) -> Job:
+        """``create`` without the SDK's own retries: Together takes no idempotency key, so
+        a retry after a lost answer would make (and bill) a second job. After a failure that
+        may have made one, the job is looked for by the step's suffix before trying again."""
+        client, tries = backend.client.with_options(max_retries=0), backend.client.max_retries
+        for attempt in range(tries + 1):
+            try:
+                return _job(create(client))
+            except (together.APIConnectionError, together.RateLimitError,
+                    together.InternalServerError):
+                if attempt == tries:
+                    raise
+            found = [job for job in self.find(backend, record["key"])
+                     if job.status not in self.failed]
+            if found:
+                return max(found, key=lambda job: job.created_at)
+            time.sleep(min(8.0, 0.5 * 2 ** attempt))
+        raise AssertionError("unreachable")
 
     def estimate(self, backend, file_id: str, request: dict):
         """Together's own estimate of the job ``request`` describes, or None when it gives
