@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .guard import SAMPLES
 from .rundir import atomic_write_json
 
 NAME = "results.json"
@@ -44,8 +45,9 @@ class Results:
     recipe: dict | None = None
     """What recipe 'auto' chose, and what choosing cost."""
 
-    OLDER = {"validation": {"n": 0}, "final": None}
-    """What results.json written before the guard holds in place of its keys."""
+    OLDER = {"validation": {"n": 0, "ids": [], "scores": {}, "chosen": None, "samples": SAMPLES,
+                            "comparisons": [], "evidence": {}}, "final": None}
+    """What results.json written before the guard reads as: a run without a slice."""
 
     def to_json(self) -> dict:
         """results.json's content (``refit`` and ``recipe`` only where they are)."""
@@ -60,12 +62,11 @@ class Results:
         """From results.json's content (or the Results itself)."""
         if isinstance(data, Results):
             return data
-        return cls(**{**cls.OLDER, **data})
+        data = {**cls.OLDER, **data}
+        # a slice judged by an older semievol, on accuracy: no comparisons, no evidence
+        data["validation"] = {"comparisons": None, **data["validation"]}
+        return cls(**data)
 
     @classmethod
     def read(cls, run_dir: Path) -> "Results":
         return cls.of(json.loads((Path(run_dir) / NAME).read_text()))
-
-    @property
-    def rounds_run(self) -> list[int]:
-        return [row["round"] for row in self.rounds]
