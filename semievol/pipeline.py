@@ -3,28 +3,26 @@ context), collaborate, select, evolve; then evaluate vanilla, SFT and SemiEvol.
 
 Every stage records its output in the run directory as it finishes, so running again on
 the same directory resumes: done stages are skipped, item-wise stages continue after their
-last finished item, and fine-tunes are keyed so none is trained (or paid for) twice.
+last finished item, and fine-tunes are keyed so none is trained (or paid for) twice. That is
+``RunDir.once``'s work; each stage (stages.py) is only its computation, named by the round
+it belongs to (``types.Round``). Recipe 'auto' (recipe.py) runs the same stages.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from . import collaborate, evaluate, evolve, guard, propagate, recipe, selection, track
+from . import evaluate, recipe, track
 from .backends import Backend
-from .collaborate import Mined
 from .config import EXTENDABLE, RESUMABLE, RunConfig
 from .data import SPLITS, fingerprint, load_task
 from .errors import ConfigError
-from .evaluate import Prediction
 from .results import Results
 from .rundir import RunDir
-from .types import Baseline, Example, PseudoLabel, Round, Task, Trial, Usage, validation_stage
-
-log = logging.getLogger("semievol")
+from .stages import Stages
+from .types import Baseline, Example, PseudoLabel, Round, Task
 
 
 def run(config: RunConfig, backend: Backend, run_dir: str | Path, *, task: Task | None = None,
@@ -41,7 +39,7 @@ def _go(config: RunConfig, backend: Backend, rd: RunDir, task: Task | None, quie
     tracking = track.Tracking([track.make(name) for name in report_to], rd.path,
                               f"{task.name}-{rd.run_id}")
     try:
-        results = _run(config, backend, rd, task, _Run(config, backend, rd, quiet, tracking))
+        results = _run(config, backend, rd, task, Stages(config, backend, rd, quiet, tracking))
     except BaseException:
         tracking.finish(failed=True)  # a resume reopens the same tracking run
         raise
@@ -67,7 +65,7 @@ class _Mining:
     verdicts: list[dict] = dataclasses.field(default_factory=list)
 
 
-def _run(config: RunConfig, backend: Backend, rd: RunDir, task: Task, stages: "_Run") -> Results:
+def _run(config: RunConfig, backend: Backend, rd: RunDir, task: Task, stages: Stages) -> Results:
     stages.tracking.params(config.to_dict())
     base = config.model or backend.default_model
     train, held = stages.hold_out(task.labeled)  # the validation slice: decisions only
@@ -117,7 +115,7 @@ def _run(config: RunConfig, backend: Backend, rd: RunDir, task: Task, stages: "_
     return results
 
 
-def _round(config: RunConfig, stages: "_Run", r: Round, train: list[Example], m: _Mining,
+def _round(config: RunConfig, stages: Stages, r: Round, train: list[Example], m: _Mining,
            auto: list[Example] | None) -> RunConfig:
     """One round: mine the remaining questions with the last model, select, evolve. With
     recipe 'auto' (``auto``: the validation slice) it also chooses whether to replay the
@@ -160,191 +158,6 @@ def _refit(config: RunConfig, backend: Backend, rd: RunDir, task: Task, final: s
     return (sub.models["evolved" if evolve else "warm"], dict(sub.eval[label]),
             {"dir": "refit", "model": label, "labeled": len(task.labeled),
              "timings_s": sub.timings_s, "usage": sub.usage})
-
-
-class _Run:
-    """The stages, each only its computation: ``RunDir.once`` persists it in the run
-    directory and skips it when already done."""
-
-    def __init__(self, config: RunConfig, backend: Backend, rd: RunDir, quiet: bool,
-                 tracking: track.Tracking):
-        self.config, self.backend, self.rd, self.quiet = config, backend, rd, quiet
-        self.tracking = tracking
-        self.style = config.prompt_style
-        self.scored: dict[str, dict] = {}  # model -> its validation score, each scored once
-        self.scored_as: dict[str, str] = {}  # model -> the file of its validation answers
-
-    def persist(self, name: str):
-        """What an item-wise stage does with each finished batch: count the tokens (and
-        dollars) it used, then append its records. A kill between the two has the batch
-        made and counted again (it was paid for twice), so no spending goes uncounted (and
-        a resumed ``--max-cost-usd`` sees it all)."""
-        def write(records: list[Mined] | list[Prediction], usage: Usage) -> None:
-            self.rd.add_usage(name, usage)
-            self.rd.append(name, [rec.to_json() for rec in records])
-        return write
-
-    def hold_out(self, labeled: list[Example]) -> tuple[list[Example], list[Example]]:
-        """(train, validation): the validation slice (see guard.py), chosen once and kept
-        in validation.json. A run directory made before the guard existed (stages done,
-        no slice recorded) resumes without one: its warm-up saw every label."""
-        def compute() -> dict:
-            older = bool(self.rd.manifest["stages"]) or any(self.rd.path.glob("*.jsonl"))
-            n = 0 if older else guard.size(self.config.validation, len(labeled))
-            _, held = guard.split(labeled, n, self.config.seed)
-            self.rd.write_json("validation.json", [ex.id for ex in held])
-            return {"examples": len(held)}
-
-        ids = set(self.rd.once("validation", compute, lambda: self.rd.read_json("validation.json"),
-                               timed=False))
-        return [ex for ex in labeled if ex.id not in ids], [ex for ex in labeled if ex.id in ids]
-
-    def warm_up(self, base: str, labeled: list[Example]) -> str:
-        def compute() -> dict:
-            model = propagate.warm_up(self.backend, base, labeled, self.config.finetune,
-                                      style=self.style, key=f"{self.rd.run_id}-warmup")
-            return {"usage": model.usage, "model": model, "examples": len(labeled),
-                    "losses": model.losses}
-        return self._trained("warmup", compute)
-
-    def evolve(self, r: Round, start: str, pairs: list[tuple[Example, str]]) -> str:
-        enough = len(pairs) >= self.backend.min_finetune_examples
-
-        def compute() -> dict:
-            if not enough:
-                log.warning("round %s selected %d examples, too few to fine-tune: "
-                            "the evolved model stays %s", r, len(pairs), start)
-                return {"usage": None, "model": start, "examples": len(pairs), "losses": []}
-            model = evolve.evolve(self.backend, start, pairs, self.config.evolve_ft,
-                                  style=self.style, key=f"{self.rd.run_id}-evolve-{r}")
-            return {"usage": model.usage, "model": model, "examples": len(pairs),
-                    "losses": model.losses}
-        return self._trained(r.evolve, compute, timed=enough)
-
-    def _trained(self, name: str, compute, timed: bool = True) -> str:
-        """A fine-tuning stage's model (its loss curve to the trackers)."""
-        info = self.rd.once(name, compute, timed=timed)
-        self.tracking.curve(name, info.get("losses"))
-        return info["model"]
-
-    def retrieve(self, label: Round | Trial, pool: list[Example],
-                 items: list[Example]) -> dict[str, list[Example]]:
-        """Each item's ``k`` nearest examples of the pool, to show it solved (ICP)."""
-        name = label.retrieve
-
-        def compute() -> dict:
-            neighbours, usage = propagate.retrieve(self.backend, pool, items, self.config.k)
-            self.rd.write_json(f"{name}.json", neighbours)
-            return {"usage": usage}
-
-        near = self.rd.once(name, compute, lambda: self.rd.read_json(f"{name}.json"))
-        by_id = {ex.id: ex for ex in pool}
-        return {uid: [by_id[i] for i in ids] for uid, ids in near.items()}
-
-    def collaborate(self, label: Round | Trial, model: str, items: list[Example],
-                    shots: dict[str, list[Example]], c: RunConfig,
-                    quiet: bool | None = None) -> list[PseudoLabel]:
-        """Pseudo-label ``items`` with ``model`` under ``c``'s mining settings."""
-        name = label.collaborate
-
-        def compute() -> None:
-            finished = {rec["id"] for rec in self.rd.stream(name)}
-            todo = [ex for ex in items if ex.id not in finished]
-            views = collaborate.make_views(c.n if c.cl else 1, c.temperature, icp=c.icp,
-                                           kind=c.views)
-            collaborate.mine(self.backend, model, todo, shots, views, style=self.style,
-                             max_tokens=c.max_tokens, seed=c.seed + label.seed_offset,
-                             batch_size=c.generation_batch, justify=c.justify if c.cl else None,
-                             on_records=self.persist(name),
-                             quiet=self.quiet if quiet is None else quiet)
-
-        self.rd.once(name, compute)
-        return _unique(PseudoLabel.of(rec) for rec in self.rd.stream(name))
-
-    def select(self, r: Round, records: list[PseudoLabel],
-               c: RunConfig) -> tuple[list[PseudoLabel], float | None]:
-        """The selected records and the entropy threshold (None: no threshold applied)."""
-        name = r.selection
-
-        def compute() -> dict:
-            chosen, tau = selection.select(records, c.theta, adaptive=c.adaptive_selection,
-                                           per_class=c.per_class)
-            tau = tau if tau != float("inf") else None
-            self.rd.write_json(f"{name}.json", {"threshold": tau,
-                                                "selected": [rec.id for rec in chosen]})
-            return {"selected": len(chosen), "threshold": tau}
-
-        saved = self.rd.once(name, compute, lambda: self.rd.read_json(f"{name}.json"), timed=False)
-        keep = set(saved["selected"])
-        return [rec for rec in records if rec.id in keep], saved["threshold"]
-
-    def evaluate(self, label: str, model: str, test: list[Example]) -> dict:
-        """``model``'s test scores (``label``: vanilla, sft, semievol or final)."""
-        return self._score(label, model, test, f"test/{label}")
-
-    def validate(self, label: Baseline | Round, model: str, held: list[Example]) -> dict:
-        """A model's score on the validation slice (persisted as ``eval_validation_<label>``
-        the first time that model is scored)."""
-        if model not in self.scored:
-            name = validation_stage(label)
-            self.scored[model] = self._score(name.removeprefix("eval_"), model, held,
-                                             f"validation/{label}")
-            self.scored_as[model] = name
-        return self.scored[model]
-
-    def _score(self, label: str, model: str, examples: list[Example], tracked_as: str) -> dict:
-        name = f"eval_{label}"
-
-        def compute() -> None:
-            finished = {rec["id"] for rec in self.rd.stream(name)}
-            evaluate.predict(self.backend, model, [ex for ex in examples if ex.id not in finished],
-                             style=self.style, max_tokens=self.config.max_tokens,
-                             batch_size=self.config.generation_batch, desc=f"eval {label}",
-                             on_records=self.persist(name), quiet=self.quiet)
-
-        self.rd.once(name, compute, model=model)
-        scores = evaluate.metrics(_unique(Prediction(**rec) for rec in self.rd.stream(name)),
-                                  examples)
-        self.tracking.scores(tracked_as, scores, model)
-        return scores
-
-    def evidence(self, label: str, model: str, held: list[Example]) -> list[dict]:
-        """How much probability ``model`` puts on each validation question's answers
-        (guard.sample), persisted as ``evidence_<label>`` the first time it is asked."""
-        name = f"evidence_{label}"
-
-        def compute() -> dict:
-            records, usage = guard.sample(self.backend, model, held, style=self.style,
-                                          max_tokens=self.config.max_tokens,
-                                          seed=self.config.seed + 77,
-                                          batch_size=self.config.generation_batch)
-            self.rd.write_records(name, records)
-            return {"usage": usage}
-        return self.rd.once(name, compute, lambda: self.rd.records(name), model=model)
-
-    def verdict(self, candidate: str, incumbent: str, made: dict[str, str],
-                held: list[Example]) -> dict:
-        """The guard's comparison of two models' evidence on the slice."""
-        return {"candidate": candidate, "incumbent": incumbent,
-                **guard.compare(self.evidence(candidate, made[candidate], held),
-                                self.evidence(incumbent, made[incumbent], held))}
-
-    def validation(self, held: list[Example], checked: dict, made: dict[str, str],
-                   winner: str, verdicts: list[dict]) -> dict:
-        """results.json's ``validation``: the slice, each model's scores on it (with its mean
-        probability of the right answer and Brier score), the guard's comparisons and the
-        evidence question by question."""
-        evidence = {label: self.evidence(label, made[label], held) for label in made} if held else {}
-        for label, records in evidence.items():
-            checked[label].update(p_right=sum(r["p_right"] for r in records) / len(records),
-                                  brier=sum(r["brier"] for r in records) / len(records))
-        return {"n": len(held), "ids": [ex.id for ex in held], "scores": checked,
-                "chosen": winner if held else None, "samples": guard.SAMPLES,
-                "comparisons": verdicts, "evidence": evidence}
-
-    def validation_answers(self, model: str) -> dict[str, bool]:
-        """Which validation questions a scored model got right."""
-        return {rec["id"]: rec["correct"] for rec in self.rd.stream(self.scored_as[model])}
 
 
 def _results(config: RunConfig, backend: Backend, rd: RunDir, task: Task, models: dict,
@@ -393,16 +206,6 @@ def _pseudo_label_report(rd: RunDir, task: Task, mined: list[PseudoLabel],
 
     return {"all": acc([r for r in rows if r["pseudo_label"] is not None]),
             "selected": acc([r for r in rows if r["selected"]])}
-
-
-def _unique(records: Iterable) -> list:
-    """One record per id (the first), in case a resumed batch was written twice."""
-    seen, out = set(), []
-    for rec in records:
-        if rec.id not in seen:
-            seen.add(rec.id)
-            out.append(rec)
-    return out
 
 
 def spent_usd(run_dir: str | Path) -> float:

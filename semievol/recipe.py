@@ -9,20 +9,17 @@ and is recorded in ``recipe.json``; results.json's ``recipe`` says what it chose
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
 from . import guard
 from .config import RunConfig
 from .rundir import RunDir
+from .stages import Stages
 from .types import Example, Round, Trial, validation_stage
-
-if TYPE_CHECKING:
-    from .pipeline import _Run
 
 FILE = "recipe.json"
 
 
-def choose(stages: "_Run", warm: str, train: list[Example], held: list[Example]) -> RunConfig:
+def choose(stages: Stages, warm: str, train: list[Example], held: list[Example]) -> RunConfig:
     """Mine the validation questions (answers hidden) with the warm model under each of
     guard.MINING's settings, judge the pseudo-labels by the answers, and return the run's
     configuration with the best settings (guard.choose)."""
@@ -47,7 +44,7 @@ def choose(stages: "_Run", warm: str, train: list[Example], held: list[Example])
     return c.replace(**stages.rd.read_json(FILE)["chosen"])
 
 
-def replay_or_not(config: RunConfig, stages: "_Run", r: Round, start: str,
+def replay_or_not(config: RunConfig, stages: Stages, r: Round, start: str,
                   train: list[Example], pairs: list[tuple[Example, str]],
                   held: list[Example]) -> tuple[RunConfig, str]:
     """The first round's evolve, with the labeled examples replayed and without: replay

@@ -8,7 +8,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .guard import SAMPLES
 from .rundir import atomic_write_json
 
 NAME = "results.json"
@@ -45,7 +44,7 @@ class Results:
     recipe: dict | None = None
     """What recipe 'auto' chose, and what choosing cost."""
 
-    OLDER = {"validation": {"n": 0, "ids": [], "scores": {}, "chosen": None, "samples": SAMPLES,
+    OLDER = {"validation": {"n": 0, "ids": [], "scores": {}, "chosen": None, "samples": None,
                             "comparisons": [], "evidence": {}}, "final": None}
     """What results.json written before the guard reads as: a run without a slice."""
 

@@ -202,6 +202,11 @@ Baseline = Literal["vanilla", "sft"]
 """The models a run scores before evolving: the base model, and the warm-up (SFT)."""
 
 
+def _stage(kind: str) -> property:
+    """The name of a label's stage of this kind: ``evolve_r1``, ``collaborate_r2``."""
+    return property(lambda label: f"{kind}_{label}")
+
+
 @dataclass(frozen=True)
 class Round:
     """A round of mining the unlabeled questions, and the model it evolves: ``r1``, ``r2``,
@@ -226,21 +231,10 @@ class Round:
     def of(self, variant: Literal["replay", "alone"] | None) -> "Round":
         return Round(self.number, variant)
 
-    @property
-    def retrieve(self) -> str:
-        return f"retrieve_{self}"
-
-    @property
-    def collaborate(self) -> str:
-        return f"collaborate_{self}"
-
-    @property
-    def selection(self) -> str:
-        return f"selection_{self}"
-
-    @property
-    def evolve(self) -> str:
-        return f"evolve_{self}"
+    retrieve = _stage("retrieve")
+    collaborate = _stage("collaborate")
+    selection = _stage("selection")
+    evolve = _stage("evolve")
 
     @property
     def seed_offset(self) -> int:
