@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from semievol import RunConfig, load_backend, report
+from semievol import RunConfig, guard, load_backend, report
 from semievol.data import load_task
 from semievol.demo import make_task
 from semievol.guard import SAMPLES, brier, choose, compare, significantly_better, size, split
@@ -246,6 +246,33 @@ def test_auto_keeps_labeled_replay_only_where_it_helps(task_dir, tmp_path):
     results, _ = auto(task_dir, tmp_path / "2", overfits_with_replay, validation=20)
     assert results["recipe"]["chosen"]["replay_labeled"] is False
     assert results["models"]["evolved"].endswith("r1_alone") and results["final"] == "semievol"
+
+
+def test_a_run_killed_while_choosing_the_recipe_resumes_its_trials(task_dir, tmp_path):
+    """Recipe 'auto' mines with the ordinary stages, so a trial finished before a kill is not
+    mined again, and one killed part-way goes on after its last finished batch."""
+    calls = {"n": 0}
+
+    def crashing(call):
+        calls["n"] += 1
+        # 8 + 8 greedy validation answers, 8 x 4 samples of the first trial, then 4 x 4 of
+        # the second trial's first batch and at most 4 verdicts: the kill is in its second
+        if calls["n"] > 8 + 8 + 32 + 16 + 4:
+            raise KeyboardInterrupt("killed")
+        return ticket_rule(call)
+
+    with pytest.raises(KeyboardInterrupt):
+        auto(task_dir, tmp_path, crashing, generation_batch=4)
+    stages = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]
+    assert stages["choose_icp-False_justify-vote"]["status"] == "done"
+    assert "choose_icp-False_justify-model" not in stages
+    first = (tmp_path / "run" / "choose_icp-False_justify-vote.jsonl").read_text()
+    assert len((tmp_path / "run" / "choose_icp-False_justify-model.jsonl").read_text().splitlines()) == 4
+    results, backend = auto(task_dir, tmp_path, ticket_rule, generation_batch=4)
+    trials = [c for c in backend.calls_of("generate") if c["seed"] == 999 and c["n"] == 4]
+    assert sum(c["n_prompts"] for c in trials) == 4 + 8 + 8  # the second's rest, the last two
+    assert (tmp_path / "run" / "choose_icp-False_justify-vote.jsonl").read_text() == first
+    assert [c["settings"] for c in results["recipe"]["candidates"]] == guard.MINING
 
 
 def test_a_choice_departs_from_the_default_only_on_evidence():
