@@ -18,7 +18,6 @@ Where the run decides as it goes, the estimate assumes:
 from __future__ import annotations
 
 import hashlib
-import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,9 +27,10 @@ import numpy as np
 from . import cost, pipeline, prompts
 from .backends import registry
 from .cost import Price
+from .results import Results
 from .rundir import slug
 from .types import (LETTERS, ChatExample, Embeddings, Example, Generation, Generations, Message,
-                    ModelRef, Task, Usage)
+                    ModelRef, Round, Task, Usage)
 
 __all__ = ["Step", "Estimate", "CountingBackend", "estimate_task", "estimate_run",
            "print_estimate", "step_cost"]
@@ -204,9 +204,9 @@ def estimate_task(task: Task, config, *, model: str, embed_model: str, batch: bo
                               count_chat=count_chat or cost.count_chat_tokens,
                               count_text=count_text or cost.count_tokens)
     with tempfile.TemporaryDirectory(prefix="semievol-estimate-") as scratch:
-        results = pipeline.run(config, backend, scratch, task=task, quiet=True)
+        results = Results.of(pipeline.run(config, backend, scratch, task=task, quiet=True))
     steps = [_step(stage, usage, results, embed_model, batch)
-             for stage, usage in results["usage_by_stage"].items()]
+             for stage, usage in results.usage_by_stage.items()]
     return estimate_run(steps, prices, provider)
 
 
@@ -223,21 +223,20 @@ def print_estimate(task: Task, config, **options) -> Estimate:
     return estimate
 
 
-def _step(stage: str, usage: dict, results: dict, embed_model: str, batch: bool) -> Step:
+def _step(stage: str, usage: dict, results: Results, embed_model: str, batch: bool) -> Step:
     """A pipeline stage's tokens as a Step, with the model it bills and a readable name.
     Stages are named ``<kind>_<what>``: ``warmup``, ``retrieve_r1``, ``collaborate_r1``,
     ``evolve_r1`` (``evolve_r1_replay``...), ``eval_sft``, ``eval_validation_r1``,
-    ``choose_<settings>`` (recipe 'auto')."""
-    models = results["models"]
-    evolved = {row["round"]: row["model"] for row in results["rounds"]}
+    ``evidence_r1``, ``retrieve_choose`` and ``choose_<settings>`` (recipe 'auto')."""
+    models = results.models
+    evolved = {row["round"]: row["model"] for row in results.rounds}
     kind, _, what = stage.partition("_")
-    number = re.match(r"(?:validation_)?r(\d+)", what)
-    r = int(number.group(1)) if number else None
+    label = what.removeprefix("validation_")
+    r = number.number if (number := Round.parse(label)) else None
     miner = (evolved.get(r - 1) if r else None) or models["warm"] or models["base"]
     if kind == "eval":
-        label = what.removeprefix("validation_")
         named = {"vanilla": "base", "sft": "warm", "semievol": "evolved", "final": "final"}
-        model = models.get(named.get(label, ""), None) or evolved.get(r) or miner
+        model = (models[named[label]] if label in named else None) or evolved.get(r) or miner
         name = f"eval {what.replace('_', ' ')}"
     else:
         model, name = {
@@ -248,9 +247,8 @@ def _step(stage: str, usage: dict, results: dict, embed_model: str, batch: bool)
         }.get(kind, (models["warm"] or models["base"], stage.replace("_", " ")))
     if model.startswith("ft:"):  # the counting backend's references: priced as ft:BASE
         model = f"ft:{cost.base_of(model)}"
-    return Step(name, model, input_tokens=usage.get("prompt_tokens", 0),
-                output_tokens=usage.get("completion_tokens", 0),
-                trained_tokens=usage.get("trained_tokens", 0),
+    return Step(name, model, input_tokens=usage["prompt_tokens"],
+                output_tokens=usage["completion_tokens"], trained_tokens=usage["trained_tokens"],
                 batch=batch and kind in ("collaborate", "eval", "choose"))
 
 

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import BackendError, BackendUnavailable, ConfigError
+from .results import Results
 
 WHICH = {"final": "final", "semievol": "evolved", "sft": "warm"}
 """``--model`` -> the results.json ``models`` entry it exports."""
@@ -42,22 +43,22 @@ def export(run_dir: str | Path, out: str | Path, *, model: str = "final", merge:
                           "to resume) before exporting its model")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty: choose a new --out")
-    results = json.loads(results_path.read_text())
+    results = Results.read(run_dir)
     if model not in WHICH:
         raise ConfigError(f"--model {model!r}: choose from {', '.join(WHICH)}")
-    ref = results["models"].get(WHICH[model])
+    ref = results.models.get(WHICH[model])  # "final": a run made before the guard has none
     if ref is None:
         raise ConfigError(f"{run_dir} has no {model} model (the run was made without it)")
-    if ref == results["models"]["base"]:
+    if ref == results.models["base"]:
         raise ConfigError(f"{run_dir}'s {model} model is the base model {ref} itself "
                           "(the guard kept it): there is no adapter to export")
-    local = results["backend"] == "hf"  # a hosted (or the fake) model lives in its backend
+    local = results.backend == "hf"  # a hosted (or the fake) model lives in its backend
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         if local:
             adapter = _adapter_dir(run_dir, ref)
-            base = HUB_IDS.get(results["base_model"], results["base_model"])
+            base = HUB_IDS.get(results.base_model, results.base_model)
             if merge:
                 _merge(adapter, scratch, dtype)
             else:
@@ -68,11 +69,11 @@ def export(run_dir: str | Path, out: str | Path, *, model: str = "final", merge:
                 (scratch / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         else:
             if merge:
-                raise ConfigError(f"--merge: the {results['backend']} model lives at the "
+                raise ConfigError(f"--merge: the {results.backend} model lives at the "
                                   "provider; export writes its id and the card")
-            base = results["base_model"]
+            base = results.base_model
             (scratch / "model.json").write_text(json.dumps(
-                {"provider": results["backend"], "model": ref, "base_model": base}, indent=2) + "\n")
+                {"provider": results.backend, "model": ref, "base_model": base}, indent=2) + "\n")
         (scratch / "README.md").write_text(card(results, model, ref, base, local=local,
                                                 merged=merge))
         if out.exists():
@@ -102,78 +103,89 @@ def _merge(adapter: Path, out: Path, dtype: str) -> None:
     merge_adapter(str(adapter), out, dtype=dtype)
 
 
-def card(results: dict, which: str, ref: str, base: str, *, local: bool, merged: bool) -> str:
+def card(results: Results | dict, which: str, ref: str, base: str, *, local: bool,
+         merged: bool) -> str:
     """The model card: YAML metadata the Hub reads, then what the run did."""
-    ev, u, sizes = results["eval"], results["unlabeled"], results.get("sizes", {})
-    config = results.get("config", {})
-    tags = ["semievol", "semi-supervised", "lora"] + ([] if merged else ["peft"])
-    meta = [f"base_model: {base}", *(["library_name: peft"] if local and not merged else []),
-            "tags:", *[f"- {t}" for t in tags], "model-index:", f"- name: {results.get('task', 'task')}-{which}",
-            "  results:", "  - task:", "      type: text-generation", "    dataset:",
-            f"      name: {results.get('task', 'task')}", f"      type: {results.get('task', 'task')}",
-            "    metrics:",
-            *[f"    - type: {k}\n      value: {ev[which][k]:.4f}"
-              for k in ("accuracy", "macro_f1")
-              if ev.get(which) and isinstance(ev[which].get(k), (int, float))]]
+    r = Results.of(results)
     what = ("merged weights" if merged else "a PEFT LoRA adapter") if local \
-        else f"a model hosted by {results['backend']}: `{ref}`"
-    lines = ["---", *meta, "---", "",
-             f"# {results.get('task', 'task')}: SemiEvol {which} model", "",
+        else f"a model hosted by {r.backend}: `{ref}`"
+    lines = ["---", *_metadata(r, which, base, local=local, merged=merged), "---", "",
+             f"# {r.task}: SemiEvol {which} model", "",
              f"This is {what} over `{base}`, made by semievol "
              "(SemiEvol: semi-supervised fine-tuning from a few labeled and many unlabeled "
-             f"examples). Run `{results.get('run_id', '')}`, backend `{results['backend']}`.", ""]
+             f"examples). Run `{r.run_id}`, backend `{r.backend}`.", ""]
     if local and not merged:
         lines += ["```python", "from peft import PeftModel",
                   "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                   f'base = AutoModelForCausalLM.from_pretrained("{base}")',
                   'model = PeftModel.from_pretrained(base, "THIS_FOLDER_OR_REPO")', "```", ""]
     lines += ["## Data", "", "| split | examples |", "|---|---|",
-              *[f"| {k} | {sizes.get(k, '')} |" for k in ("labeled", "unlabeled", "test")], ""]
+              *[f"| {k} | {r.sizes[k]} |" for k in ("labeled", "unlabeled", "test")], ""]
     lines += ["## Test scores", "", "| model | accuracy | macro-F1 | error reduction |",
               "|---|---|---|---|"]
     for label, name in (("vanilla", "vanilla (base)"), ("sft", "SFT (labeled only)"),
                         ("semievol", "SemiEvol"), ("final", "final (this export)" if which == "final" else "final")):
-        row = ev.get(label)
-        if row:
-            lines.append(f"| {name} | {_num(row.get('accuracy'))} | {_num(row.get('macro_f1'))} "
-                         f"| {_num(row.get('error_reduction'))} |")
+        if row := r.eval.get(label):  # "final": a run made before the guard has none
+            lines.append(f"| {name} | {_num(row['accuracy'])} | {_num(row['macro_f1'])} "
+                         f"| {_num(row['error_reduction'])} |")
+    u = r.unlabeled
     lines += ["", "## Pseudo-labels", "",
               f"- unlabeled: {u['total']}; consistent: {u['consistent']}; self-justified: "
               f"{u['justified']}; selected: {u['selected']}",
               f"- accuracy (where the unlabeled split had hidden answers): all "
               f"{_num(u['pseudo_label_accuracy']['all'])}, selected "
               f"{_num(u['pseudo_label_accuracy']['selected'])}", ""]
-    for r in results.get("rounds", []):
-        lines.append(f"- round {r['round']}: mined {r['mined']}, selected {r['selected']}, "
-                     f"entropy threshold {_num(r['threshold'])}")
-    v = results.get("validation") or {}
-    lines += ["", "## The guard's decision", ""]
-    if v.get("n"):
-        lines += [f"Final model: **{results.get('final')}** (chosen on a validation slice of "
-                  f"{v['n']} labeled examples held out of training: `{v.get('chosen')}`).", "",
-                  "| model | validation accuracy | mean p(right) | Brier |", "|---|---|---|---|"]
-        for label, s in v.get("scores", {}).items():
-            lines.append(f"| {label} | {_num(s.get('accuracy'))} | {_num(s.get('p_right'))} "
-                         f"| {_num(s.get('brier'))} |")
-        for c in v.get("comparisons", []):
-            lines.append(f"\n{c['candidate']} vs {c['incumbent']}: difference "
-                         f"{_num(c.get('difference'))}, interval {c.get('interval')}, "
-                         f"P(harm) {_num(c.get('p_harm'))}: "
-                         + ("harm, kept the incumbent" if c.get("harm") else "no evidence of harm"))
-    else:
-        lines.append(f"Final model: **{results.get('final')}** (no validation slice: the "
-                     "last round's model).")
-    ft = config.get("finetune", {})
-    lines += ["", "## Recipe", "",
-              f"- LoRA rank {ft.get('lora_rank')}, alpha {ft.get('lora_alpha')}, "
-              f"lr {ft.get('learning_rate')}, {ft.get('epochs')} epochs, batch {ft.get('batch_size')}",
-              f"- n={config.get('n')} collaborating inferences, k={config.get('k')} retrieved "
-              f"examples (ICP {'on' if config.get('icp') else 'off'}), theta={config.get('theta')}, "
-              f"rounds={config.get('rounds')}, justify={config.get('justify')}, "
-              f"prompt style {config.get('prompt_style')}, seed {config.get('seed')}", "",
-              "<details><summary>config.json</summary>", "", "```json",
-              json.dumps(config, indent=2), "```", "", "</details>", ""]
-    return "\n".join(lines)
+    for row in r.rounds:
+        lines.append(f"- round {row['round']}: mined {row['mined']}, selected {row['selected']}, "
+                     f"entropy threshold {_num(row['threshold'])}")
+    return "\n".join(lines + _decision(r) + _recipe(r.config))
+
+
+def _metadata(r: Results, which: str, base: str, *, local: bool, merged: bool) -> list[str]:
+    """The card's YAML: the base model, tags, and the model-index of its test scores."""
+    tags = ["semievol", "semi-supervised", "lora"] + ([] if merged else ["peft"])
+    scores = r.eval.get(which) or {}
+    return [f"base_model: {base}", *(["library_name: peft"] if local and not merged else []),
+            "tags:", *[f"- {t}" for t in tags], "model-index:", f"- name: {r.task}-{which}",
+            "  results:", "  - task:", "      type: text-generation", "    dataset:",
+            f"      name: {r.task}", f"      type: {r.task}", "    metrics:",
+            *[f"    - type: {k}\n      value: {scores[k]:.4f}"
+              for k in ("accuracy", "macro_f1") if isinstance(scores.get(k), (int, float))]]
+
+
+def _decision(r: Results) -> list[str]:
+    """The guard's decision and its evidence."""
+    v = r.validation
+    lines = ["", "## The guard's decision", ""]
+    if not v["n"]:
+        return lines + [f"Final model: **{r.final}** (no validation slice: the last round's "
+                        "model)."]
+    lines += [f"Final model: **{r.final}** (chosen on a validation slice of "
+              f"{v['n']} labeled examples held out of training: `{v['chosen']}`).", "",
+              "| model | validation accuracy | mean p(right) | Brier |", "|---|---|---|---|"]
+    for label, s in v["scores"].items():  # p(right), Brier: the models the guard compared
+        lines.append(f"| {label} | {_num(s['accuracy'])} | {_num(s.get('p_right'))} "
+                     f"| {_num(s.get('brier'))} |")
+    for c in v["comparisons"] or []:
+        lines.append(f"\n{c['candidate']} vs {c['incumbent']}: difference "
+                     f"{_num(c['difference'])}, interval {c['interval']}, "
+                     f"P(harm) {_num(c['p_harm'])}: "
+                     + ("harm, kept the incumbent" if c["harm"] else "no evidence of harm"))
+    return lines
+
+
+def _recipe(config: dict) -> list[str]:
+    """The settings the run was made with, and its whole config.json."""
+    ft = config["finetune"]
+    return ["", "## Recipe", "",
+            f"- LoRA rank {ft['lora_rank']}, alpha {ft['lora_alpha']}, "
+            f"lr {ft['learning_rate']}, {ft['epochs']} epochs, batch {ft['batch_size']}",
+            f"- n={config['n']} collaborating inferences, k={config['k']} retrieved "
+            f"examples (ICP {'on' if config['icp'] else 'off'}), theta={config['theta']}, "
+            f"rounds={config['rounds']}, justify={config['justify']}, "
+            f"prompt style {config['prompt_style']}, seed {config['seed']}", "",
+            "<details><summary>config.json</summary>", "", "```json",
+            json.dumps(config, indent=2), "```", "", "</details>", ""]
 
 
 def _num(x) -> str:

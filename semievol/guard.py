@@ -219,14 +219,3 @@ def choose(tried: Sequence[dict]) -> dict:
     best = max(better, key=lambda t: t["accuracy"], default=default)  # max: the first listed
     per_class = best["per_class"]["macro_f1"] >= best["global"]["macro_f1"]
     return {**best["settings"], "per_class": per_class}
-
-
-def recipe_report(saved: dict, timings: dict[str, float]) -> dict:
-    """results.json's ``recipe``: what 'auto' chose, what each candidate scored, and what
-    choosing cost over a fixed recipe: the probing of the validation questions, the evolve
-    that was not kept and the validation scores of both evolves (seconds)."""
-    unkept = "evolve_r1_alone" if saved["chosen"].get("replay_labeled", True) else "evolve_r1_replay"
-    extra = [name for name in timings if name.startswith("choose_") or name == unkept
-             or name in ("eval_validation_r1_replay", "eval_validation_r1_alone")]
-    return {"name": "auto", **saved, "cost_s": round(sum(timings[n] for n in extra), 3),
-            "cost_stages": extra}

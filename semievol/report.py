@@ -6,62 +6,64 @@ import json
 import math
 from pathlib import Path
 
+from .results import Results
 from .rundir import RunDir, atomic_write_text
-from .types import PseudoLabel
+from .types import PseudoLabel, Round
 
 ROWS = [("vanilla", "Vanilla"), ("sft", "SFT (warm-up)"), ("semievol", "SemiEvol")]
 
 
-def summary(results: dict) -> str:
-    """The vanilla / SFT / SemiEvol table and the pseudo-labelling figures, as text."""
-    lines = [f"{results['task']} on {results['backend']}:{results['base_model']}", "",
+def summary(results: Results | dict) -> str:
+    """The vanilla / SFT / SemiEvol table and the pseudo-labelling figures, as text
+    (``results``: a run's, or results.json's content)."""
+    results = Results.of(results)
+    lines = [f"{results.task} on {results.backend}:{results.base_model}", "",
              f"{'model':<16}{'accuracy':>10}{'macro-F1':>10}{'err.red.':>10}{'n':>6}"]
-    final = {"sft": "SFT", "semievol": "SemiEvol"}.get(results.get("final"), results.get("final"))
-    if results.get("refit"):
+    final = {"sft": "SFT", "semievol": "SemiEvol"}.get(results.final, results.final)
+    if results.refit:
         final += ", refit"
-    for key, label in ROWS + ([("final", f"Final ({final})")] if "final" in results else []):
-        row = results["eval"].get(key)
+    for key, label in ROWS + ([("final", f"Final ({final})")] if results.final else []):
+        row = results.eval[key]
         if row:
             lines.append(f"{label:<16}{_pct(row['accuracy']):>10}{_pct(row['macro_f1']):>10}"
-                         f"{_pct(row.get('error_reduction')):>10}{row['n']:>6}")
-    u = results["unlabeled"]
+                         f"{_pct(row['error_reduction']):>10}{row['n']:>6}")
+    u = results.unlabeled
     acc = u["pseudo_label_accuracy"]
-    settled = "settled by vote" if results.get("config", {}).get("justify") == "vote" \
-        else "self-justified"
+    settled = "settled by vote" if results.config["justify"] == "vote" else "self-justified"
     lines += ["", f"unlabeled {u['total']}: consistent {u['consistent']}, {settled} "
               f"{u['justified']}, selected {u['selected']}",
               f"pseudo-label accuracy: all {_pct(acc['all'])}, selected {_pct(acc['selected'])}"]
     lines += ["", guard_decision(results)]
-    if refit := results.get("refit"):
+    if refit := results.refit:
         lines.append(f"refit: the final model is that choice made again on all "
                      f"{refit['labeled']} labels ({refit['dir']}/, "
                      f"{sum(refit['timings_s'].values()):.0f}s more)")
-    if results.get("recipe"):
-        c = results["recipe"]["chosen"]
+    if results.recipe:
+        c = results.recipe["chosen"]
         lines.append(f"recipe auto chose: retrieved examples {'on' if c['icp'] else 'off'}, "
                      f"disagreements settled by {'the model' if c.get('justify') == 'model' else 'vote'}"
                      f", {'per-class' if c['per_class'] else 'global'} selection, labeled replay "
                      f"{'on' if c.get('replay_labeled', True) else 'off'} (choosing took "
-                     f"{results['recipe']['cost_s']:.0f}s)")
-    usage = results["usage"]
-    cost = f", ${usage['cost_usd']:.4f}" if usage.get("cost_usd") is not None else ""
+                     f"{results.recipe['cost_s']:.0f}s)")
+    usage = results.usage
+    cost = f", ${usage['cost_usd']:.4f}" if usage["cost_usd"] is not None else ""
     lines.append(f"tokens: prompt {usage['prompt_tokens']}, completion {usage['completion_tokens']},"
                  f" trained {usage['trained_tokens']}{cost}")
-    total = sum(results["timings_s"].values())
-    lines.append("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in results["timings_s"].items())
+    total = sum(results.timings_s.values())
+    lines.append("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in results.timings_s.items())
                  + f" (total {total:.0f}s)")
     return "\n".join(lines)
 
 
-def guard_decision(results: dict) -> str:
+def guard_decision(results: Results) -> str:
     """Which model the run returns and why, in a sentence with its numbers (the evidence
     is guard.compare's: probability on the right answer, Brier scores, their paired
     difference with its 90% interval), then the greedy validation accuracy."""
-    v = results.get("validation") or {"n": 0}
+    v = results.validation
     if not v["n"]:
         return ("guard: off (no validation slice): the evolved model is returned without a "
                 "check against the warm-up")
-    scores, verdicts = v["scores"], v.get("comparisons")
+    scores, verdicts = v["scores"], v["comparisons"]
     name = _namer(scores)
     said = ", ".join(f"{name(k)} {_pct(s['accuracy'])}" for k, s in scores.items())
     accuracy = (f"  greedy validation accuracy (n={v['n']}; one question is "
@@ -78,11 +80,11 @@ def guard_decision(results: dict) -> str:
 def _namer(scores: dict):
     """Names for the keys of results.json's validation scores ("vanilla", "sft", "r1", ...):
     the evolved model is "SemiEvol", or "SemiEvol round r" where there were rounds."""
-    several = len([k for k in scores if k.startswith("r")]) > 1
+    several = len([k for k in scores if Round.parse(k)]) > 1
 
     def name(key: str) -> str:
-        if key.startswith("r"):
-            return f"SemiEvol round {key[1:]}" if several else "SemiEvol"
+        if r := Round.parse(key):
+            return f"SemiEvol round {r.number}" if several else "SemiEvol"
         return {"vanilla": "vanilla", "sft": "SFT"}[key]
     return name
 
@@ -107,7 +109,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     directory by default: one that is read-only is only read)."""
     out = out or run_dir
     out.mkdir(parents=True, exist_ok=True)
-    results = json.loads((run_dir / "results.json").read_text())
+    results = Results.read(run_dir)
     plt = _pyplot()
     figures = [_accuracy_figure(plt, results, out / "accuracy.png")]
     records, selected = _mined(run_dir, results)
@@ -117,7 +119,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     if pseudo.exists():
         figures.append(_bucket_figure(plt, json.loads(pseudo.read_text()),
                                       out / "pseudo_accuracy.png"))
-    if (results.get("validation") or {}).get("comparisons"):
+    if results.validation["comparisons"]:
         figures.append(_evidence_figure(plt, results, out / "validation.png"))
     text = ["# SemiEvol run report", "", "```", summary(results), "```", ""]
     text += _validation_table(results)
@@ -129,20 +131,20 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
 
 def compare(run_dirs: list[Path], figure: Path) -> str:
     """A table of several runs side by side, and a grouped bar chart of their accuracy."""
-    runs = [(d, json.loads((d / "results.json").read_text())) for d in run_dirs]
+    runs = [(d, Results.read(d)) for d in run_dirs]
     head = (f"{'run':<28}{'backend':<10}" + "".join(f"{label:>16}" for _, label in ROWS)
             + f"{'final (guard)':>18}{'selected':>10}")
     lines = [head]
     for d, r in runs:
-        cells = "".join(f"{_pct((r['eval'].get(k) or {}).get('accuracy')):>16}" for k, _ in ROWS)
-        final = f"{r.get('final', '-')} {_pct((r['eval'].get('final') or {}).get('accuracy'))}"
-        lines.append(f"{d.name[:27]:<28}{r['backend']:<10}{cells}{final:>18}"
-                     f"{r['unlabeled']['selected']:>10}")
+        cells = "".join(f"{_pct(_accuracy(r.eval[k])):>16}" for k, _ in ROWS)
+        final = f"{r.final or '-'} {_pct(_accuracy(r.eval['final']) if r.final else None)}"
+        lines.append(f"{d.name[:27]:<28}{r.backend:<10}{cells}{final:>18}"
+                     f"{r.unlabeled['selected']:>10}")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(1.5 + 2.2 * len(runs), 3.6))
     width = 0.8 / len(ROWS)
     for j, (key, label) in enumerate(ROWS):
-        values = [((r["eval"].get(key) or {}).get("accuracy") or 0) for _, r in runs]
+        values = [_accuracy(r.eval[key]) or 0 for _, r in runs]
         ax.bar([i + j * width for i in range(len(runs))], values, width, label=label)
     ax.set_xticks([i + width for i in range(len(runs))], [d.name for d, _ in runs], fontsize=8)
     ax.set_ylabel("accuracy")
@@ -154,15 +156,20 @@ def compare(run_dirs: list[Path], figure: Path) -> str:
     return "\n".join(lines) + f"\n\nfigure: {figure}"
 
 
-def _validation_table(results: dict) -> list[str]:
+def _accuracy(row: dict | None) -> float | None:
+    """A test score's accuracy (None: the model was not made, as SFT without IWP)."""
+    return row["accuracy"] if row else None
+
+
+def _validation_table(results: Results) -> list[str]:
     """The validation slice's scores, one row per model (and round), in Markdown."""
-    v = results.get("validation") or {"n": 0}
+    v = results.validation
     if not v["n"]:
         return []
     rows = ["## Validation (the guard)", "",
             f"{v['n']} labeled questions held out of every fine-tune and retrieval pool.", "",
             f"Probability on the right answer and Brier score (lower is better) from "
-            f"{v.get('samples', '-')} sampled answers a question; accuracy of the greedy answer.",
+            f"{v['samples']} sampled answers a question; accuracy of the greedy answer.",
             "", "| model | accuracy | macro-F1 | P(right) | Brier | |", "|---|---|---|---|---|---|"]
     num = lambda x: "-" if x is None else f"{x:.3f}"
     name = _namer(v["scores"])
@@ -173,22 +180,22 @@ def _validation_table(results: dict) -> list[str]:
     return rows + [""]
 
 
-def _mined(run_dir: Path, results: dict) -> tuple[list[PseudoLabel], set[str]]:
+def _mined(run_dir: Path, results: Results) -> tuple[list[PseudoLabel], set[str]]:
     rd = RunDir(run_dir)
     records, selected = [], set()
-    for r in results.get("rounds", []):
-        records += map(PseudoLabel.of, rd.stream(f"collaborate_r{r['round']}"))
-        selected |= set(rd.read_json(f"selection_r{r['round']}.json")["selected"])
+    for r in (Round(row["round"]) for row in results.rounds):
+        records += map(PseudoLabel.of, rd.stream(r.collaborate))
+        selected |= set(rd.read_json(f"{r.selection}.json")["selected"])
     return records, selected
 
 
-def _accuracy_figure(plt, results: dict, path: Path) -> Path:
+def _accuracy_figure(plt, results: Results, path: Path) -> Path:
     """Test accuracy and macro-F1 of each model, and its validation accuracy where the
     guard scored it (SemiEvol: the last round's model); the final model is starred."""
-    rows = [(k, label, results["eval"][k]) for k, label in ROWS if results["eval"].get(k)]
-    v = results.get("validation") or {"n": 0}
-    rounds = [k for k in (v.get("scores") or {}) if k.startswith("r")]
-    checked = {**(v.get("scores") or {}), **({"semievol": v["scores"][rounds[-1]]} if rounds else {})}
+    rows = [(k, label, results.eval[k]) for k, label in ROWS if results.eval[k]]
+    v = results.validation
+    rounds = [k for k in v["scores"] if Round.parse(k)]
+    checked = {**v["scores"], **({"semievol": v["scores"][rounds[-1]]} if rounds else {})}
     bars = [("test accuracy", lambda k, r: r["accuracy"]),
             ("test macro-F1", lambda k, r: r["macro_f1"] or 0)]
     if v["n"]:
@@ -199,10 +206,10 @@ def _accuracy_figure(plt, results: dict, path: Path) -> Path:
     for j, (name, value) in enumerate(bars):
         ax.bar([i + (j - (len(bars) - 1) / 2) * width for i in x], [value(k, r) for k, _, r in rows],
                width, label=name)
-    final = results.get("final")
+    final = results.final
     ax.set_xticks(list(x), [label + (" *" if k == final else "") for k, label, _ in rows])
     ax.set_ylim(0, 1)
-    ax.set_title(f"{results['task']} ({results['backend']}: {results['base_model']})"
+    ax.set_title(f"{results.task} ({results.backend}: {results.base_model})"
                  + ("; * the final model" if final else ""), fontsize=9)
     ax.legend(fontsize=8)
     return _save(plt, fig, path)
@@ -240,19 +247,20 @@ def _bucket_figure(plt, rows: list[dict], path: Path) -> Path:
     return _save(plt, fig, path)
 
 
-def _evidence_figure(plt, results: dict, path: Path) -> Path:
+def _evidence_figure(plt, results: Results, path: Path) -> Path:
     """The guard's last comparison, question by question: the probability each model put on
     the right answer (the incumbent across, the candidate up); above the diagonal the
     evolved model is surer of the right answer."""
-    v = results["validation"]
+    v = results.validation
     c = v["comparisons"][-1]
     inc, cand = ({r["id"]: r["p_right"] for r in v["evidence"][k]} for k in (c["incumbent"], c["candidate"]))
     fig, ax = plt.subplots(figsize=(4.2, 4.0))
     ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
     ax.scatter([inc[q] for q in cand], [cand[q] for q in cand], alpha=0.6)
-    names = {"sft": "SFT", "vanilla": "vanilla"}
-    ax.set_xlabel(f"{names.get(c['incumbent'], 'round ' + c['incumbent'][1:])}: P(right answer)")
-    ax.set_ylabel(f"SemiEvol round {c['candidate'][1:]}: P(right answer)")
+    incumbent = Round.parse(c["incumbent"])
+    ax.set_xlabel(f"{f'round {incumbent.number}' if incumbent else _namer({})(c['incumbent'])}"
+                  ": P(right answer)")
+    ax.set_ylabel(f"SemiEvol round {Round.parse(c['candidate']).number}: P(right answer)")
     ax.set_xlim(-0.03, 1.03)
     ax.set_ylim(-0.03, 1.03)
     ax.set_title(f"{c['n']} validation questions: Brier difference {c['difference']:+.2f}\n"

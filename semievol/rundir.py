@@ -21,14 +21,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
+import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 from .types import Usage
+
+log = logging.getLogger("semievol")
+T = TypeVar("T")
 
 
 def digest(data: str | bytes) -> str:
@@ -109,6 +115,34 @@ class RunDir:
         atomic_write_json(self.path / "manifest.json", self.manifest)
 
     # -- stages ------------------------------------------------------------------------
+    def once(self, name: str, compute: Callable[[], dict[str, Any] | None],
+             load: Callable[[], T] | None = None, *, model: str | None = None,
+             timed: bool = True) -> T | dict:
+        """Stage ``name``, done once however often the run resumes: unless the manifest
+        marks it done, ``compute()`` does its work and the stage is marked done; then
+        ``load()`` reads what it made back (by default its manifest entry).
+
+        ``compute`` writes what it makes (records as they finish, a JSON file) and returns
+        what the manifest keeps of it: a ``usage`` (counted in the same write that marks
+        the stage done), a ``model``, counts. An item-wise stage's ``compute`` skips the
+        records it finds. ``model``: the model the stage works on, noted before it starts;
+        a stage found done (or begun) for another model is forgotten and done again.
+        ``timed``: its seconds are added to ``timings_s``, a kill's included."""
+        if model is not None and self.stage_info(name).get("model", model) != model:
+            self.restart(name)  # it worked on another model: the run had other rounds then
+        if not self.done(name):
+            if model is not None:
+                self.begin(name, model=model)
+            start = time.perf_counter()
+            log.info("stage %s", name)
+            try:
+                info = compute() or {}
+            finally:
+                if timed:
+                    self.add_time(name, time.perf_counter() - start)
+            self.finish(name, **({"model": model} if model is not None else {}), **info)
+        return load() if load is not None else self.stage_info(name)
+
     def done(self, stage: str) -> bool:
         return self.manifest["stages"].get(stage, {}).get("status") == "done"
 
@@ -176,6 +210,12 @@ class RunDir:
                 f.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+    def write_records(self, name: str, records: Iterable[dict]) -> None:
+        """All of ``name``.jsonl at once, replacing what a stage killed part-way left."""
+        self._appending.discard(name)
+        atomic_write_text(self.path / f"{name}.jsonl", "".join(
+            json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records))
 
     def write_json(self, name: str, data) -> None:
         atomic_write_json(self.path / name, data)

@@ -194,3 +194,75 @@ def _is_number(text: str | None) -> bool:
         return math.isfinite(float(text.replace(",", "").strip()))
     except ValueError:
         return False
+
+
+# --- the labels of what a run makes: its models and stages ------------------------------
+
+Baseline = Literal["vanilla", "sft"]
+"""The models a run scores before evolving: the base model, and the warm-up (SFT)."""
+
+
+def _stage(kind: str) -> property:
+    """The name of a label's stage of this kind: ``evolve_r1``, ``collaborate_r2``."""
+    return property(lambda label: f"{kind}_{label}")
+
+
+@dataclass(frozen=True)
+class Round:
+    """A round of mining the unlabeled questions, and the model it evolves: ``r1``, ``r2``,
+    ... (results.json's ``validation`` keys). Recipe 'auto' evolves its first round twice,
+    with the labeled examples replayed and without (``variant``: ``r1_replay``,
+    ``r1_alone``). Every stage the round makes is named from it."""
+
+    number: int
+    variant: Literal["replay", "alone"] | None = None
+
+    def __str__(self) -> str:
+        return f"r{self.number}" + (f"_{self.variant}" if self.variant else "")
+
+    @classmethod
+    def parse(cls, label: str) -> "Round | None":
+        """The round a label names ("r2" -> Round(2)); None for another model's ("sft")."""
+        number, _, variant = label.removeprefix("r").partition("_")
+        if not label.startswith("r") or not number.isdigit():
+            return None
+        return cls(int(number), variant or None)  # type: ignore[arg-type]
+
+    def of(self, variant: Literal["replay", "alone"] | None) -> "Round":
+        return Round(self.number, variant)
+
+    retrieve = _stage("retrieve")
+    collaborate = _stage("collaborate")
+    selection = _stage("selection")
+    evolve = _stage("evolve")
+
+    @property
+    def seed_offset(self) -> int:
+        """Mining's seed is the run's plus this: each round samples afresh."""
+        return 1000 * self.number
+
+
+@dataclass(frozen=True)
+class Trial:
+    """Recipe 'auto' mining the validation questions (answers hidden) under one of
+    guard.MINING's settings, with the ordinary stages under these names."""
+
+    settings: tuple[tuple[str, object], ...]
+    """The RunConfig fields the trial sets, in guard.MINING's order."""
+
+    def __str__(self) -> str:
+        return "_".join(f"{k}-{v}" for k, v in self.settings)
+
+    retrieve = "retrieve_choose"
+    """The retrieved examples of the validation questions (the same for every trial)."""
+
+    @property
+    def collaborate(self) -> str:
+        return f"choose_{self}"
+
+    seed_offset = 999
+
+
+def validation_stage(label: Baseline | Round) -> str:
+    """The stage that scores a model on the validation slice (``eval_validation_sft``)."""
+    return f"eval_validation_{label}"

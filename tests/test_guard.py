@@ -10,39 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from semievol import RunConfig, load_backend, report
+from semievol import RunConfig, guard, load_backend, report
 from semievol.data import load_task
 from semievol.demo import make_task
 from semievol.guard import SAMPLES, brier, choose, compare, significantly_better, size, split
 from semievol.pipeline import run
-from semievol.demo import TEAMS
-from semievol.types import Example, Generation
+from semievol.types import Example
 
-from test_pipeline import _unit, team_of, ticket_rule
+from worlds import (Recorder, collapsing, other, question, retrieval_helps, say, steady, team_of,
+                    ticket_rule)
 
 
 @pytest.fixture()
 def task_dir(tmp_path):
     return make_task(tmp_path / "data", sizes={"labeled": 40, "unlabeled": 120, "test": 60})
-
-
-class Recorder:
-    """Wraps a rule; keeps every prompt's earlier messages (the retrieved shots)."""
-
-    def __init__(self, rule):
-        self.rule, self.shown = rule, []
-
-    def __call__(self, call):
-        self.shown += [m["content"] for m in call.messages[:-1]]
-        return self.rule(call)
-
-
-def trained_on_pseudo_labels(call, unlabeled: set[str]) -> bool:
-    return any(_question(ex[-2]["content"]) in unlabeled for ex in call.trained)
-
-
-def _question(user: str) -> str:
-    return user.split("\nOptions:")[0]
 
 
 def world(task_dir, tmp_path, rule, **options):
@@ -55,18 +36,16 @@ def assert_validation_never_trained_or_shown(results, backend, task_dir):
     task = load_task(task_dir)
     held = {ex.question for ex in task.labeled if ex.id in set(results["validation"]["ids"])}
     assert len(held) == results["validation"]["n"] == 8  # 20% of 40
-    trained = {_question(m["content"]) for _, examples in backend.trained.values()
+    trained = {question(m["content"]) for _, examples in backend.trained.values()
                for ex in examples for m in ex if m["role"] == "user"}
     assert trained and not held & trained
-    shown = {_question(text) for text in backend.rule.shown}
+    shown = {question(text) for text in backend.rule.shown}
     assert shown and not held & shown  # no retrieval pool holds them either
 
 
 def test_when_pseudo_labels_hurt_the_warm_up_is_final(task_dir, tmp_path):
-    unlabeled = {ex.question for ex in load_task(task_dir).unlabeled}
-
-    def collapses(call):  # evolving on pseudo-labels teaches it one answer
-        return "billing" if trained_on_pseudo_labels(call, unlabeled) else ticket_rule(call)
+    # evolving on pseudo-labels teaches it one answer
+    collapses = collapsing({ex.question for ex in load_task(task_dir).unlabeled})
 
     results, backend = world(task_dir, tmp_path, collapses, rounds=2)
     scores = results["validation"]["scores"]
@@ -102,17 +81,6 @@ def test_when_more_data_helps_semievol_is_final(task_dir, tmp_path):
     assert "![validation](validation.png)" in text and (tmp_path / "run" / "validation.png").exists()
 
 
-def steady(call):
-    """A model that training does not change: right 70% of the time, sure or not at random
-    (the same for every model: the slice cannot tell them apart, as fpb's 13 questions
-    could not tell SFT from SemiEvol)."""
-    truth, u = team_of(call.user), _unit(call.user, call.sample, call.seed)
-    if "Candidate answers" in call.user or u < 0.7:
-        return Generation(truth, (truth,), (-0.1 - u,))
-    wrong = [t for t in TEAMS if t != truth][int(u * 100) % 2]
-    return Generation(wrong, (wrong,), (-1.0 - u,))
-
-
 def test_without_evidence_of_harm_the_evolved_model_is_kept(task_dir, tmp_path):
     results, backend = world(task_dir, tmp_path, steady, justify="vote")
     v = results["validation"]
@@ -140,10 +108,7 @@ def test_no_validation_returns_the_evolved_model(task_dir, tmp_path):
 
 
 def test_refit_gives_the_slice_back_to_the_model_the_guard_chose(task_dir, tmp_path):
-    unlabeled = {ex.question for ex in load_task(task_dir).unlabeled}
-
-    def collapses(call):
-        return "billing" if trained_on_pseudo_labels(call, unlabeled) else ticket_rule(call)
+    collapses = collapsing({ex.question for ex in load_task(task_dir).unlabeled})
 
     for name, rule, final in (("helped", ticket_rule, "semievol"), ("hurt", collapses, "sft")):
         results, backend = world(task_dir, tmp_path / name, rule, refit=True)
@@ -221,25 +186,6 @@ def test_a_run_made_before_validation_resumes_without_one(task_dir, tmp_path):
 
 # --- recipe 'auto' -------------------------------------------------------------------
 
-def _say(team, h):
-    return Generation(team, (team,), (-h,))
-
-
-def _other(truth, k=0):
-    return [t for t in TEAMS if t != truth][k]
-
-
-def retrieval_helps(call):
-    """Shown solved examples, every sample is right; without, the samples disagree and the
-    wrong ones are surer, so only self-justify (which always finds the truth) gets them."""
-    if "Candidate answers" in call.user:
-        return _say(team_of(call.user), 0.1 + _unit(call.user) / 10)
-    truth = team_of(call.user)
-    if len(call.messages) > 2 or call.temperature == 0 and call.trained:
-        return _say(truth, 0.05)
-    return _say(truth, 0.9) if call.sample % 2 else _say(_other(truth), 0.1)
-
-
 def auto(task_dir, tmp_path, rule, **options):
     return world(task_dir, tmp_path, rule, **{**options, "auto_recipe": True})
 
@@ -261,11 +207,11 @@ def test_auto_takes_retrieval_where_it_makes_the_pseudo_labels_right(task_dir, t
 def test_auto_settles_disagreements_by_vote_when_the_model_cannot(task_dir, tmp_path):
     def vote_wins(call):  # self-justify names a wrong team; 3 samples of 4 are right
         if "Candidate answers" in call.user:
-            return _say(_other(team_of(call.user)), 0.1)
+            return say(other(team_of(call.user)), 0.1)
         truth = team_of(call.user)
         if call.temperature == 0:
-            return _say(truth, 0.05)
-        return _say(_other(truth), 0.5) if call.sample == 0 else _say(truth, 0.2)
+            return say(truth, 0.05)
+        return say(other(truth), 0.5) if call.sample == 0 else say(truth, 0.2)
 
     results, _ = auto(task_dir, tmp_path, vote_wins)
     assert results["recipe"]["chosen"]["justify"] == "vote"
@@ -277,7 +223,7 @@ def test_auto_keeps_labeled_replay_only_where_it_helps(task_dir, tmp_path):
 
     def forgets_without_replay(call):
         """A model evolved on pseudo-labels alone forgets what it learned of the labels."""
-        replays = sum(_question(ex[-2]["content"]) in labeled for ex in call.trained)
+        replays = sum(question(ex[-2]["content"]) in labeled for ex in call.trained)
         if call.trained and replays == 32 and len(call.trained) > 32:
             return "billing"
         return ticket_rule(call)
@@ -293,13 +239,40 @@ def test_auto_keeps_labeled_replay_only_where_it_helps(task_dir, tmp_path):
                               "eval_validation_sft.jsonl", "eval_validation_vanilla.jsonl"]
 
     def overfits_with_replay(call):  # a third pass over the labels overfits them
-        replays = sum(_question(ex[-2]["content"]) in labeled for ex in call.trained)
+        replays = sum(question(ex[-2]["content"]) in labeled for ex in call.trained)
         return "billing" if replays > 32 else ticket_rule(call)
 
     # 20 validation questions: on 8, this collapse is five questions won to one lost (p = 0.11)
     results, _ = auto(task_dir, tmp_path / "2", overfits_with_replay, validation=20)
     assert results["recipe"]["chosen"]["replay_labeled"] is False
     assert results["models"]["evolved"].endswith("r1_alone") and results["final"] == "semievol"
+
+
+def test_a_run_killed_while_choosing_the_recipe_resumes_its_trials(task_dir, tmp_path):
+    """Recipe 'auto' mines with the ordinary stages, so a trial finished before a kill is not
+    mined again, and one killed part-way goes on after its last finished batch."""
+    calls = {"n": 0}
+
+    def crashing(call):
+        calls["n"] += 1
+        # 8 + 8 greedy validation answers, 8 x 4 samples of the first trial, then 4 x 4 of
+        # the second trial's first batch and at most 4 verdicts: the kill is in its second
+        if calls["n"] > 8 + 8 + 32 + 16 + 4:
+            raise KeyboardInterrupt("killed")
+        return ticket_rule(call)
+
+    with pytest.raises(KeyboardInterrupt):
+        auto(task_dir, tmp_path, crashing, generation_batch=4)
+    stages = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]
+    assert stages["choose_icp-False_justify-vote"]["status"] == "done"
+    assert "choose_icp-False_justify-model" not in stages
+    first = (tmp_path / "run" / "choose_icp-False_justify-vote.jsonl").read_text()
+    assert len((tmp_path / "run" / "choose_icp-False_justify-model.jsonl").read_text().splitlines()) == 4
+    results, backend = auto(task_dir, tmp_path, ticket_rule, generation_batch=4)
+    trials = [c for c in backend.calls_of("generate") if c["seed"] == 999 and c["n"] == 4]
+    assert sum(c["n_prompts"] for c in trials) == 4 + 8 + 8  # the second's rest, the last two
+    assert (tmp_path / "run" / "choose_icp-False_justify-vote.jsonl").read_text() == first
+    assert [c["settings"] for c in results["recipe"]["candidates"]] == guard.MINING
 
 
 def test_a_choice_departs_from_the_default_only_on_evidence():
@@ -364,10 +337,7 @@ def test_guard_benchmark_re_decides_runs_and_measures_regret(task_dir, tmp_path)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import guard as bench
 
-    unlabeled = {ex.question for ex in load_task(task_dir).unlabeled}
-
-    def collapses(call):
-        return "billing" if trained_on_pseudo_labels(call, unlabeled) else ticket_rule(call)
+    collapses = collapsing({ex.question for ex in load_task(task_dir).unlabeled})
 
     hurt, _ = world(task_dir, tmp_path / "hurt", collapses)
     helped, _ = world(task_dir, tmp_path / "helped", ticket_rule)

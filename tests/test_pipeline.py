@@ -2,45 +2,18 @@
 the hidden unlabeled answers are never read by the algorithm."""
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
 
 from semievol import RunConfig, load_backend, selection
 from semievol.collaborate import make_views
-from semievol.demo import PROBLEMS, TEAMS, make_task
+from semievol.demo import make_task
 from semievol.errors import ConfigError
 from semievol.pipeline import run
-from semievol.types import Generation, PseudoLabel, Usage
+from semievol.types import PseudoLabel
 
-
-def team_of(text: str) -> str:
-    ticket = text.split("Ticket:")[-1].lower()
-    return next(t for t, phrases in PROBLEMS.items() if any(p.lower() in ticket for p in phrases))
-
-
-def _unit(*parts) -> float:
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64
-
-
-def ticket_rule(call):
-    """A model that knows more the more it was trained on: right answers come with low
-    entropy, wrong ones with high entropy; self-justify picks the right candidate."""
-    if "Candidate answers" in call.user:
-        truth, u = team_of(call.user), _unit(call.user, "justify")
-        if u < 0.7:
-            return Generation(truth, (truth,), (-0.2 - 0.3 * u,))
-        wrong = next(t for t in TEAMS if t != truth)
-        return Generation(wrong, (wrong,), (-1.5,))
-    truth = team_of(call.user)
-    skill = min(0.95, 0.35 + 0.01 * len(call.trained))
-    u = _unit(call.user, call.sample, call.seed) if call.temperature > 0 else _unit(call.user)
-    if u < skill:
-        return Generation(truth, (truth,), (-0.05 - 0.1 * u,))
-    wrong = [t for t in TEAMS if t != truth][int(u * 100) % 2]
-    return Generation(wrong, (wrong,), (-1.0 - u,))
+from worlds import Metered, ticket_rule
 
 
 @pytest.fixture()
@@ -225,9 +198,9 @@ def test_hidden_answers_are_never_read_by_the_algorithm(task_dir, tmp_path, monk
     task.hidden = hidden = Tripwire(task.hidden)
     report = pipeline._results
 
-    def reporting(*args):
+    def reporting(*args, **kwargs):
         hidden.reporting = True
-        return report(*args)
+        return report(*args, **kwargs)
 
     monkeypatch.setattr(pipeline, "_results", reporting)
     results = run(RunConfig(data=str(task_dir), backend="fake"),
@@ -318,7 +291,7 @@ def test_usage_survives_a_kill_mid_stage(task_dir, tmp_path):
     import sys
     from pathlib import Path
 
-    script = ("import os, sys; sys.path.insert(0, sys.argv[1]); import test_pipeline as t; "
+    script = ("import os, sys; sys.path.insert(0, sys.argv[1]); import worlds as t; "
               "from semievol import RunConfig, load_backend; from semievol.pipeline import run\n"
               "calls = [0]\n"
               "def dying(call):\n"
@@ -339,29 +312,6 @@ def test_usage_survives_a_kill_mid_stage(task_dir, tmp_path):
     for kind in ("prompt_tokens", "completion_tokens", "trained_tokens"):
         assert resumed["usage"][kind] == manifest["usage"][kind] + getattr(metered.used, kind)
     assert resumed["usage_by_stage"]["collaborate_r1"]["prompt_tokens"] > mining["prompt_tokens"]
-
-
-class Metered:
-    """A backend that sums the usage each call reports (what this process used)."""
-
-    def __init__(self, backend):
-        self.backend, self.used = backend, Usage()
-
-    def __getattr__(self, name):
-        return getattr(self.backend, name)
-
-    def _count(self, result):
-        self.used += result.usage
-        return result
-
-    def finetune(self, *args, **options):
-        return self._count(self.backend.finetune(*args, **options))
-
-    def generate_with_logprobs(self, *args, **options):
-        return self._count(self.backend.generate_with_logprobs(*args, **options))
-
-    def embed(self, *args, **options):
-        return self._count(self.backend.embed(*args, **options))
 
 
 def test_resume_reads_an_older_config_and_lets_batch_sizes_change(task_dir, tmp_path):
