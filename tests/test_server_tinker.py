@@ -14,7 +14,7 @@ import csv
 import numpy as np
 import pytest
 from conftest import need, require
-from test_server import running_server
+from serverkit import fake_backend, running_server, served
 
 tinker = need("tinker")
 need("torch")
@@ -260,10 +260,14 @@ def test_checkpoints_are_listed_after_a_restart(server, shared, tokenizer):
 
 
 def test_a_backend_without_torch_refuses_tinker_training_clearly(tmp_path):
-    """The fake backend serves the other dialects; Tinker training needs the hf backend."""
-    with running_server("fake", tmp_path / "state", auth=("--api-key", KEY)) as fake:
-        service = tinker.ServiceClient(base_url=root(fake), api_key=KEY)
-        models = tinker.RestClient(base_url=root(fake), api_key=KEY) \
+    """The fake backend serves the other dialects; Tinker training needs the hf backend.
+    (The SDK over real HTTP, to uvicorn in a thread: no process needed.)"""
+    from semievol.server import create_app
+
+    with served(create_app(fake_backend(), tmp_path / "state", KEY)) as port:
+        url = f"http://127.0.0.1:{port}"
+        service = tinker.ServiceClient(base_url=url, api_key=KEY)
+        models = tinker.RestClient(base_url=url, api_key=KEY) \
             .get_server_capabilities().result().supported_models
         assert [m.model_name for m in models] == ["fake-base"]
         with pytest.raises(tinker.BadRequestError, match="--backend hf"):

@@ -4,18 +4,25 @@ fine-tuning client, our own OpenAI backend first, can evolve a local model. It s
 Together's dialect too, on the same port, so the together backend can as well, and the
 Tinker API's (on the hf backend, with the ``tinker`` package), so the tinker SDK can.
 
-    app.py       the routes, errors, auth and body limits
-    together.py  Together's dialect on the same port (/v1/files/upload, /v1/fine-tunes,
-                 /v1/hardware, /v1/endpoints)
-    tinker.py    Tinker's dialect on the same port (/api/v1/...: sessions, forward_backward,
-                 optim_step, checkpoints, sampling, futures); tinker_wire.py its
-                 request bodies and protobuf messages
-    schemas.py   request bodies (pydantic)
-    chat.py      chat choices, stop sequences, logprobs and embedding rows
-    jobs.py      the fine-tuning worker and the hyperparameter mapping
-    store.py     the state directory: files, jobs, events, fine-tuned models, endpoints,
-                 Tinker training runs and checkpoints
-                 (training files are checked by ../chatfile.py, the way OpenAI checks them)
+    app.py           assembles the app: the state, the worker, the plumbing, the dialects
+    http.py          the plumbing: Server, the Dialect hooks, errors, auth and body limits
+                     (auth is checked from the headers, before any body is read)
+    service.py       what every dialect shares: upload, submit a job, resolve a model name
+    openai.py        OpenAI's dialect (/v1/files, /v1/fine_tuning/jobs, /v1/chat/completions,
+                     /v1/embeddings, /v1/models); schemas.py its request bodies (pydantic),
+                     chat.py its choices, stop sequences, logprobs and embedding rows
+    together.py      Together's dialect on the same port (/v1/files/upload, /v1/fine-tunes,
+                     /v1/hardware, /v1/endpoints), and its hooks: integer chat logprobs,
+                     dedicated endpoints
+    tinker.py        Tinker's dialect on the same port (/api/v1/...: sessions, sampling,
+                     futures); tinker_train.py its training runs and checkpoints
+                     (forward_backward, optim_step, saves and loads), tinker_state.py the
+                     state both share, tinker_wire.py its request bodies and protobuf messages
+    __main__.py      ``python -m semievol.server``: the arguments of ``semievol serve``
+    jobs.py          the fine-tuning worker and the hyperparameter mapping
+    store.py         the state directory: files, jobs, events, fine-tuned models, endpoints,
+                     Tinker training runs and checkpoints
+                     (training files are checked by ../chatfile.py, the way OpenAI checks them)
 
 Where it differs from the real API: one base model is served (the backend's default, or
 ``--model``), and other names are refused rather than loaded, since the backend would read a
@@ -43,14 +50,16 @@ __all__ = ["create_app", "serve", "default_state_dir"]
 log = logging.getLogger("semievol.server")
 
 
-def create_app(backend, state_dir: str | Path, api_key: str | None = None, **options):
+def create_app(backend, state_dir: str | Path, api_key: str | None = None, *,
+               dedicated_lora: bool = False, **options):
     """The ASGI app over a built backend, in OpenAI's, Together's and Tinker's dialects (see
-    :func:`semievol.server.app.create_app` for the options)."""
+    :func:`semievol.server.app.create_app` for the options; ``dedicated_lora``:
+    :func:`semievol.server.together.dialect`)."""
+    from . import tinker, together
     from .app import create_app as build
-    from .tinker import router as tinker
-    from .together import router as together
 
-    return build(backend, state_dir, api_key, dialects=(together, tinker), **options)
+    return build(backend, state_dir, api_key, **options,
+                 dialects=(together.dialect(dedicated_lora), tinker.dialect()))
 
 
 def default_state_dir() -> Path:
@@ -69,7 +78,8 @@ def serve(backend: str, model: str | None = None, host: str = "127.0.0.1", port:
     The backend is ``load_backend(backend, model=model, workdir=<state_dir>/backend)``
     (``model`` only when given; on hf, ``dtype`` when given, and ``vllm_url``: generate on
     that vLLM server). ``dedicated_lora``: serve the fine-tunes of Together's dialect
-    only on dedicated endpoints, as api.together.ai does for some models. ``api_key`` falls back to the contents of ``api_key_file``, then to
+    only on dedicated endpoints, as api.together.ai does for some models. ``api_key``
+    falls back to the contents of ``api_key_file``, then to
     ``$SEMIEVOL_API_KEY`` (either keeps the key out of ``ps``); without any, requests need
     no key, so the server binds to loopback by default."""
     from ..backends import load_backend

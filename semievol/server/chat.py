@@ -6,8 +6,7 @@ Backend gaps and how they are filled (deviations from the real API):
   stop sequence, and so are tokens and logprobs (a token that starts before the cut is
   kept). The backend still generated up to ``max_tokens``.
 - ``top_logprobs`` is always ``[]``: the Backend protocol returns only the chosen token's
-  log-probability. ``bytes`` is the token's UTF-8 encoding. Together's integer
-  ``logprobs=k`` is answered with the sampled tokens' logprobs only, in its shape.
+  log-probability. ``bytes`` is the token's UTF-8 encoding.
 - Log-probabilities are the model's raw ones (not temperature-scaled), as the protocol
   defines them; OpenAI's are the same quantity.
 """
@@ -39,27 +38,19 @@ def cut_at_stop(gen: Generation, stops: Sequence[str]) -> Generation:
                       logprobs=gen.logprobs[:keep], finish_reason="stop")
 
 
-def together_dialect(logprobs) -> bool:
-    """Whether a chat request is Together's: its ``logprobs`` is an integer, not a bool."""
-    return isinstance(logprobs, int) and not isinstance(logprobs, bool)
+def finish_reason(gen: Generation) -> str:
+    """OpenAI's ``finish_reason`` of a generation: ``length`` or ``stop``."""
+    return gen.finish_reason if gen.finish_reason in ("stop", "length") else "stop"
 
 
 def choice(index: int, gen: Generation, *, logprobs: bool | int | None) -> dict:
-    """One ``choices[i]`` entry of a chat completion. With OpenAI's ``logprobs=true`` the
-    token logprobs are ``logprobs.content``; with Together's integer they are
-    ``logprobs.tokens`` and ``logprobs.token_logprobs`` (``top_logprobs`` stays empty)."""
-    if together_dialect(logprobs):
-        return {"index": index, "finish_reason": gen.finish_reason if gen.finish_reason in
-                ("stop", "length") else "stop",
-                "message": {"role": "assistant", "content": gen.text},
-                "logprobs": {"tokens": list(gen.tokens),
-                             "token_logprobs": list(gen.logprobs)}}
+    """One ``choices[i]`` entry of a chat completion; with ``logprobs`` the token logprobs
+    are ``logprobs.content``."""
     content = None
     if logprobs:
         content = [{"token": tok, "logprob": lp, "bytes": list(tok.encode("utf-8")),
                     "top_logprobs": []} for tok, lp in zip(gen.tokens, gen.logprobs)]
-    return {"index": index, "finish_reason": gen.finish_reason if gen.finish_reason in
-            ("stop", "length") else "stop",
+    return {"index": index, "finish_reason": finish_reason(gen),
             "message": {"role": "assistant", "content": gen.text, "refusal": None,
                         "annotations": []},
             "logprobs": {"content": content, "refusal": None} if logprobs else None}

@@ -23,9 +23,9 @@ Hyperparameters (OpenAI's names -> :class:`~semievol.config.FinetuneConfig`):
   LoRA learning rate); "auto" = 1.0.
 - ``seed`` -> ``seed`` (a random one when not given, reported on the job like OpenAI).
 
-A job created in another dialect (Together's: learning rate, LoRA rank and alpha given
-directly) carries those FinetuneConfig fields in its private ``_finetune``; they win. Its
-``_min_examples`` (Together's minimum is 1) replaces the server's.
+A job's private ``_finetune`` (FinetuneConfig fields a dialect took directly, such as a
+learning rate or a LoRA rank) wins over this mapping, and its ``_min_examples`` over the
+server's minimum (both set through :func:`~semievol.server.service.submit_job`).
 """
 from __future__ import annotations
 

@@ -78,8 +78,8 @@ class ChatRequest(_Body):
     max_tokens: int | None = Field(None, ge=1, le=MAX_COMPLETION_TOKENS)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_COMPLETION_TOKENS)
     logprobs: bool | int | None = False
-    """OpenAI's boolean, or Together's integer (top-k, 0-20): the integer asks for the
-    answer in Together's shape (see :func:`semievol.server.chat.choice`)."""
+    """OpenAI's boolean, or an integer (top-k, 0-20) as Together's dialect sends it, whose
+    ``chat`` hook then answers in its shape (:mod:`semievol.server.together`)."""
     top_logprobs: int | None = Field(None, ge=0, le=20)
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     stream: bool | None = False

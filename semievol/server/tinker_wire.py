@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from .app import ApiError
+from .http import ApiError
 
 PROTO = "application/x-protobuf"
 MAX_CONTEXT = 8192

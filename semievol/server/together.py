@@ -8,10 +8,12 @@ client of either finds its paths, over one store, one trainer and one backend.
     GET /v1/hardware   POST /v1/endpoints   GET /v1/endpoints
     GET|PATCH|DELETE /v1/endpoints/{id}
 
-Chat completions with an integer ``logprobs`` and embeddings share OpenAI's routes (see
-``chat.py``). A Together job is a job of the store like any other (so each dialect lists
-every job), created through :func:`~semievol.server.app.submit_job`; this module only maps
-Together's request onto it and shows the record in Together's shape:
+Chat completions and embeddings are OpenAI's routes; this module's hooks into them
+(:func:`dialect`) answer a chat request with an integer ``logprobs`` in Together's shape and
+serve the names of its dedicated endpoints. A Together job is a job of the store like any
+other (so each dialect lists every job), created through
+:func:`~semievol.server.service.submit_job`; this module only maps Together's request onto
+it and shows the record in Together's shape:
 
 - ``learning_rate``, ``training_type.lora_r`` / ``lora_alpha`` / ``lora_dropout``,
   ``warmup_ratio`` and the scheduler go to the backend's FinetuneConfig as given;
@@ -36,14 +38,19 @@ import uuid
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
+from functools import partial
+
 from fastapi import APIRouter, BackgroundTasks, Depends, Form, Query, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import FinetuneConfig
-from .app import (ORGANIZATION, ApiError, IdempotencyKey, Server, ServerDep, authorize,
-                  job_or_404, save_upload, submit_job)
-from .store import now
+from ..types import Generation
+from .chat import finish_reason
+from .http import ApiError, Dialect, Server, ServerDep, authorize
 from .jobs import BASE_LEARNING_RATE
+from .service import (ORGANIZATION, IdempotencyKey, cancel, job_or_404, save_upload,
+                      submit_job)
+from .store import now
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 
@@ -137,8 +144,8 @@ def create(server: ServerDep, body: FineTuneCreate, background: BackgroundTasks,
         validation_file=None, hyperparameters=hyper, seed=body.random_seed, suffix=suffix,
         name=lambda root, job_id: f"{ORGANIZATION}/{root.split('/')[-1]}"
                                   f"{'-' + suffix if suffix else ''}-{job_id[6:14]}",
-        private={"_finetune": finetune, "_from_checkpoint": body.from_checkpoint,
-                 "_min_examples": MIN_SAMPLES}, idempotency_key=idempotency_key)
+        finetune=finetune, min_examples=MIN_SAMPLES,
+        private={"_from_checkpoint": body.from_checkpoint}, idempotency_key=idempotency_key)
     return job_view(record)
 
 
@@ -161,6 +168,11 @@ def _checkpoint(server: Server, checkpoint: str) -> str:
 @router.get("/fine-tunes")
 def list_jobs(server: ServerDep):
     return {"data": [job_view(j) for j in server.store.jobs()]}
+
+
+@router.get("/fine-tunes/{job_id}")
+def retrieve(server: ServerDep, job_id: str):
+    return job_view(job_or_404(server, job_id))
 
 
 @router.get("/fine-tunes/models/limits")
@@ -194,19 +206,9 @@ def estimate_price(server: ServerDep, body: PriceRequest):
             "estimated_eval_token_count": 0}
 
 
-@router.get("/fine-tunes/{job_id}")
-def retrieve(server: ServerDep, job_id: str):
-    return job_view(job_or_404(server, job_id))
-
-
 @router.post("/fine-tunes/{job_id}/cancel")
-def cancel(server: ServerDep, job_id: str):
-    record = job_or_404(server, job_id)
-    cancelled = server.trainer.cancel(job_id)
-    if cancelled is None:
-        raise ApiError(400, f"Job {job_id} is already {STATUS[record['status']]}; it cannot "
-                       "be cancelled.", param="id")
-    return job_view(cancelled)
+def cancel_job(server: ServerDep, job_id: str):
+    return job_view(cancel(server, job_id, _finished))
 
 
 @router.get("/fine-tunes/{job_id}/events")
@@ -322,6 +324,12 @@ def endpoint_view(record: dict) -> dict:
                                       "state", "autoscaling", "inactive_timeout")}}
 
 
+def _finished(job: dict) -> ApiError:
+    """Why a finished job cannot be cancelled, in Together's words."""
+    return ApiError(400, f"Job {job['id']} is already {STATUS[job['status']]}; it cannot be "
+                    "cancelled.", param="id")
+
+
 def job_view(record: dict) -> dict:
     """A store job as Together shows a fine-tune."""
     hyper, finetune = record["hyperparameters"], record.get("_finetune", {})
@@ -352,3 +360,40 @@ def job_view(record: dict) -> dict:
 
 def _iso(timestamp: int) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat()
+
+
+# -- hooks into the shared layers ---------------------------------------------------------
+def dialect(dedicated_lora: bool = False) -> Dialect:
+    """Together's dialect. ``dedicated_lora``: serve the LoRA fine-tunes made here only on
+    a dedicated endpoint (as api.together.ai does for some base models), refusing them by
+    name."""
+    return Dialect(router, upload_paths=("/v1/files/upload",),
+                   resolve=partial(_resolve, dedicated_lora=dedicated_lora), chat=_chat)
+
+
+def _resolve(server: Server, name: str, entry: dict | None, *,
+             dedicated_lora: bool) -> str | None:
+    """A started dedicated endpoint, by its name; with ``dedicated_lora``, a fine-tune
+    made here in Together's dialect (not an ``ft:`` name) is refused by name."""
+    if entry is None:
+        served = [e for e in server.store.endpoints() if e["name"] == name]
+        return served[0]["ref"] if served and served[0]["state"] == "STARTED" else None
+    if dedicated_lora and not name.startswith("ft:"):
+        raise ApiError(400, f"Unable to access non-serverless model {name}. Please "
+                       f"visit https://api.together.ai/models/{name} to create and "
+                       "start a new dedicated endpoint for the model.",
+                       code="model_not_available")
+    return None
+
+
+def _chat(request, generations: list[Generation], answer: dict) -> dict:
+    """Together's integer ``logprobs=k`` (not OpenAI's boolean) asks for its shape: the
+    sampled tokens' logprobs as ``logprobs.tokens`` and ``logprobs.token_logprobs`` (no
+    top-k), and a ``prompt`` list."""
+    if isinstance(request.logprobs, bool) or not isinstance(request.logprobs, int):
+        return answer
+    choices = [{"index": i, "finish_reason": finish_reason(g),
+                "message": {"role": "assistant", "content": g.text},
+                "logprobs": {"tokens": list(g.tokens), "token_logprobs": list(g.logprobs)}}
+               for i, g in enumerate(generations)]
+    return {**answer, "choices": choices, "prompt": []}
