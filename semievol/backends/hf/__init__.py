@@ -43,13 +43,13 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext, redirect_stdout
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import (AutoModel, AutoModelForCausalLM, AutoTokenizer, PrinterCallback,
+from transformers import (AutoModelForCausalLM, AutoTokenizer, PrinterCallback,
                           ProgressCallback, Trainer, TrainingArguments, set_seed)
 
 from ...errors import BackendError, FinetuneFailed
@@ -57,8 +57,9 @@ from ...rundir import slug
 from ...types import ChatExample, Embeddings, Generation, Generations, Message, ModelRef, Usage
 from .. import ddp, library_versions
 from ..vllm import VLLMServer
-from .decode import (decode, input_device, last_hidden, left_pad, output_device, stop_ids,
-                     teacher_forced, token_ids)
+from .decode import (decode, input_device, left_pad, output_device, stop_ids, teacher_forced,
+                     token_ids)
+from .embedding import load_embedder, mean_pooled
 from ...chatfile import encode_example
 from .training import RECORD, AnswerCollator, TrainingBar, peft_wrapping, publish
 from .weights import (GGUF_MODELS, cached, default_device, dense_gguf, export_model, locate,
@@ -242,26 +243,12 @@ class HFBackend:
     def _embed_rows(self, texts: Sequence[str]) -> tuple[np.ndarray, int]:
         """This rank's rows, and the tokens read."""
         if self.embed_model is not None:
-            tok, model = self._embedding_model()
-            context = nullcontext(model)
-        else:
-            context = self.active(self._resolve(self.default_model)[0])
-            tok = None
-        rows: list[np.ndarray] = []
-        tokens = 0
-        with context as model, torch.inference_mode():
-            tok = tok or self._tokenizer
-            for start in range(0, len(texts), self.batch_size):
-                batch = tok(list(texts[start:start + self.batch_size]), padding=True,
-                            padding_side="right", return_tensors="pt").to(input_device(model))
-                hidden = last_hidden(model, batch, causal=self.embed_model is None)
-                tokens += int(batch["attention_mask"].sum())
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-                rows.append(torch.nn.functional.normalize(mean.float(), dim=-1).cpu().numpy())
-            if not rows:
-                return np.zeros((0, model.config.hidden_size), dtype=np.float32), 0
-        return np.concatenate(rows), tokens
+            if self._embedder is None:
+                self._embedder = load_embedder(self.embed_model, self.dtype, self.device)
+            tok, model = self._embedder
+            return mean_pooled(model, tok, texts, self.batch_size, causal=False)
+        with self.active(self._resolve(self.default_model)[0]) as model:
+            return mean_pooled(model, self._tokenizer, texts, self.batch_size, causal=True)
 
     def runtime(self) -> dict:
         """Where and how this backend computes, for ``results.json``."""
@@ -499,18 +486,3 @@ class HFBackend:
                 logprobs=tuple(lps[:length]),
                 finish_reason="stop" if length < max_tokens else "length"))
         return gens
-
-    def _embedding_model(self):
-        if self._embedder is None:
-            try:
-                tok = AutoTokenizer.from_pretrained(self.embed_model)
-                model = AutoModel.from_pretrained(self.embed_model, dtype=self.dtype,
-                                                  device_map=self.device).eval()
-            except (OSError, ValueError) as e:
-                raise BackendError(f"cannot load embedding model {self.embed_model!r}: {e}") from e
-            if tok.pad_token_id is None:
-                tok.pad_token = tok.eos_token
-            self._embedder = tok, model
-        return self._embedder
-
-
