@@ -168,25 +168,16 @@ class Tripwire(dict):
     def _note(self):
         self.early_reads += not self.reporting
 
-    def get(self, *a):
-        self._note()
-        return super().get(*a)
 
-    def __getitem__(self, k):
+def _noting(name):
+    def read(self, *a):
         self._note()
-        return super().__getitem__(k)
+        return getattr(dict, name)(self, *a)
+    return read
 
-    def __iter__(self):
-        self._note()
-        return super().__iter__()
 
-    def __contains__(self, k):
-        self._note()
-        return super().__contains__(k)
-
-    def __len__(self):
-        self._note()
-        return super().__len__()
+for _name in ("get", "__getitem__", "__iter__", "__contains__", "__len__"):
+    setattr(Tripwire, _name, _noting(_name))
 
 
 def test_hidden_answers_are_never_read_by_the_algorithm(task_dir, tmp_path, monkeypatch):

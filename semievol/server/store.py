@@ -167,8 +167,7 @@ class Store:
 
     def files(self) -> list[dict]:
         """Every readable file, newest first."""
-        rows = self._all("file", "SELECT id, record FROM files")
-        return sorted(rows, key=lambda f: (f["created_at"], f["id"]), reverse=True)
+        return self._newest_first("file", "files")
 
     def file_path(self, file_id: str) -> Path:
         """Where a known file's bytes are (call only with an id :meth:`file` returned);
@@ -187,6 +186,10 @@ class Store:
         (self.files_dir / f"{file_id}.bin").unlink(missing_ok=True)
         return bool(deleted)
 
+    def _newest_first(self, kind: str, table: str) -> list[dict]:
+        rows = self._all(kind, f"SELECT id, record FROM {table}")
+        return sorted(rows, key=lambda r: (r["created_at"], r["id"]), reverse=True)
+
     # -- jobs ---------------------------------------------------------------------------
     def add_job(self, record: dict) -> dict:
         with self._change() as db:
@@ -200,8 +203,7 @@ class Store:
 
     def jobs(self) -> list[dict]:
         """Every readable job, newest first (the order the API lists them in)."""
-        rows = self._all("job", "SELECT id, record FROM jobs")
-        return sorted(rows, key=lambda j: (j["created_at"], j["id"]), reverse=True)
+        return self._newest_first("job", "jobs")
 
     def update_job(self, job_id: str, changes: dict, *, only_from: Iterable[str] | None = None,
                    event: str | None = None, level: str = "info") -> dict | None:
