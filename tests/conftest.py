@@ -23,6 +23,13 @@ SHARED = REPO.parent / "shared"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    # Under pytest-xdist (`-n 2`) each worker, and every process a test starts (servers,
+    # runs, ranks: they inherit it), gets its share of the cores: two torch processes at
+    # the default thread count on two cores made a LoRA step 16-40x slower
+    # (../shared/ENVIRONMENT.md), two at one thread each use both cores.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
 
 _connect = socket.socket.connect
 
@@ -74,6 +81,28 @@ def hf_backend(tmp_path_factory):
     from semievol.backends import load_backend
 
     return load_backend("hf", workdir=tmp_path_factory.mktemp("hf-work"), quiet=True)
+
+
+def password(place: str) -> list[dict]:
+    return [{"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": f"What is the password of the {place}?"}]
+
+
+PLACES = ["castle", "garden", "lighthouse", "library", "bakery", "harbor", "museum", "temple",
+          "tower", "bridge", "forest", "cellar", "station", "palace", "market", "chapel"]
+
+
+@pytest.fixture(scope="session")
+def taught(hf_backend) -> str:
+    """One adapter on ``hf_backend`` (LoRA r=16 on all linear layers, 16 steps) that answers
+    every "password of the X" question with "Zorblax": trained once for test_hf.py's
+    fine-tuning tests and test_vllm.py's adapter tests."""
+    from semievol.config import FinetuneConfig
+
+    examples = [password(p) + [{"role": "assistant", "content": "Zorblax"}] for p in PLACES]
+    fast = FinetuneConfig(learning_rate=1e-3, epochs=4, batch_size=4, warmup_ratio=0.0,
+                          lora_dropout=0.0)  # test_hf.py's FAST
+    return hf_backend.finetune("smollm2-135m", examples, fast, key="zorblax")
 
 
 VLLM_PYTHON = REPO / ".vllm-venv" / "bin" / "python"

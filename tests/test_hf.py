@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import require  # noqa: E402
+from conftest import PLACES, password, require  # noqa: E402
 
 require(importlib.util.find_spec("peft") is not None, 'needs the hf extra: pip install "semievol[hf]"')
 import torch  # noqa: E402
@@ -29,19 +29,14 @@ from semievol.types import Generation  # noqa: E402
 
 BASE = "smollm2-135m"
 SYSTEM = {"role": "system", "content": "Answer in one word."}
-PLACES = ["castle", "garden", "lighthouse", "library", "bakery", "harbor", "museum", "temple",
-          "tower", "bridge", "forest", "cellar", "station", "palace", "market", "chapel"]
 FAST = FinetuneConfig(learning_rate=1e-3, epochs=4, batch_size=4, warmup_ratio=0.0,
                       lora_dropout=0.0)
-"""Few steps that reliably teach a 135M model a one-word answer."""
+"""Few steps that reliably teach a 135M model a one-word answer (conftest's ``taught``
+adapter, which every fine-tuning test here shares with test_vllm.py, is trained so)."""
 
 
 def ask(question: str) -> list[dict]:
     return [SYSTEM, {"role": "user", "content": question}]
-
-
-def password(place: str) -> list[dict]:
-    return ask(f"What is the password of the {place}?")
 
 
 def colour(place: str) -> list[dict]:
@@ -51,13 +46,6 @@ def colour(place: str) -> list[dict]:
 def greedy(backend, model: str, prompts) -> list[str]:
     return [gens[0].text for gens in
             backend.generate_with_logprobs(model, prompts, max_tokens=8)]
-
-
-@pytest.fixture(scope="module")
-def taught(hf_backend) -> str:
-    """An adapter trained to answer every "password of the X" question with "Zorblax"."""
-    examples = [password(p) + [{"role": "assistant", "content": "Zorblax"}] for p in PLACES]
-    return hf_backend.finetune(BASE, examples, FAST, key="zorblax")
 
 
 # -- without the model -------------------------------------------------------------------

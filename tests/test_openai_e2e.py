@@ -22,14 +22,19 @@ from test_server import API_KEY, running_server
 
 pytestmark = pytest.mark.slow
 
+SLICE = ["--limit-labeled", "24", "--validation", "4", "--limit-unlabeled", "16",
+         "--limit-test", "16", "--recipe", "small", "--epochs", "2", "--batch-size", "8",
+         "--max-tokens", "8", "--quiet"]
+"""20 labels to train on (the SFT model must beat the base), 4 held out for the guard (its
+16 samples a question at temperature 1 are most of a run's generation), 16 test items
+(parity to one of them), 16 to mine."""
+
 
 def test_openai_backend_through_semievol_serve(shared, tmp_path):
     out = tmp_path / "run"
     with running_server("hf", tmp_path / "state") as server:
         common = [sys.executable, "-m", "semievol", "run", "--data", str(shared / "data" / "fpb"),
-                  "--model", "smollm2-135m", "--limit-labeled", "24", "--limit-unlabeled", "32",
-                  "--limit-test", "16", "--recipe", "small", "--epochs", "2", "--batch-size", "8",
-                  "--max-tokens", "12", "--quiet"]
+                  "--model", "smollm2-135m", *SLICE]
         args = common + ["--backend", "openai", "--base-url", server.url, "--out", str(out),
                          "--lr-multiplier", "4"]
         env = {**os.environ, "OPENAI_API_KEY": API_KEY}

@@ -1,6 +1,11 @@
 """`semievol run --backend hf` on a real slice of fpb with the embedded model: the results
-schema, and a run killed (SIGKILL) during inference that resumes with nothing lost or
-repeated and no second warm-up fine-tune."""
+schema and the export of a whole run, a run killed (SIGKILL) during inference that resumes
+with nothing lost or repeated and no second warm-up fine-tune, and runs killed at random
+points that resume to the uninterrupted run's results.
+
+Each run is the smallest that still shows its point (two fine-tunes, items in several
+batches); the whole run is made once and shared. The guard's validation slice on the real
+model is test_openai_e2e.py's part (its local run)."""
 from __future__ import annotations
 
 import json
@@ -15,8 +20,10 @@ from conftest import need
 
 pytestmark = pytest.mark.slow
 
-SLICE = ["--limit-labeled", "24", "--limit-unlabeled", "24", "--limit-test", "24",
-         "--epochs", "1", "--lr", "4e-4", "--max-tokens", "12", "--generation-batch", "8", "--quiet"]
+SLICE = ["--epochs", "1", "--lr", "4e-4", "--quiet"]
+TINY = ["--limit-labeled", "8", "--limit-unlabeled", "8", "--limit-test", "8", "--validation",
+        "0", "--n", "2", "--max-tokens", "6", "--generation-batch", "4"]
+"""With SLICE: a run of a minute or two on two CPU cores, both fine-tunes included."""
 
 
 def run_cli(shared, out, *extra, wait=True):
@@ -60,14 +67,22 @@ def check_schema(results: dict) -> None:
     assert "semievol" in runtime["versions"]
 
 
-def test_run_on_fpb_slice(shared, tmp_path):
-    out = tmp_path / "run"
-    result = run_cli(shared, out)
+@pytest.fixture(scope="module")
+def whole(shared, tmp_path_factory):
+    """One uninterrupted TINY run: (its directory, its process, its seconds)."""
+    out = tmp_path_factory.mktemp("whole") / "run"
+    start = time.time()
+    result = run_cli(shared, out, *TINY)
     assert result.returncode == 0, result.stdout + result.stderr
+    return out, result, time.time() - start
+
+
+def test_run_on_fpb_slice(shared, whole, tmp_path):
+    out, result, _ = whole
     results = json.loads((out / "results.json").read_text())
     check_schema(results)
     assert results["backend"] == "hf" and results["base_model"] == "smollm2-135m"
-    assert results["eval"]["semievol"]["n"] == 24 and results["unlabeled"]["total"] == 24
+    assert results["eval"]["semievol"]["n"] == 8 and results["unlabeled"]["total"] == 8
     assert results["usage"]["trained_tokens"] > 0 and results["usage"]["prompt_tokens"] > 0
     assert {"warmup", "collaborate_r1", "eval_semievol"} <= set(results["timings_s"])
     assert "SemiEvol" in result.stdout
@@ -99,8 +114,8 @@ def check_export(shared, run_dir, results, out):
     base = cached("smollm2-135m")  # the embedded GGUF as a plain float32 folder
     tok = AutoTokenizer.from_pretrained(base)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(out)).eval()
-    task = load_task(str(shared / "data" / "fpb"), limits={"labeled": 24, "unlabeled": 24,
-                                                            "test": 24})
+    task = load_task(str(shared / "data" / "fpb"), limits={"labeled": 8, "unlabeled": 8,
+                                                            "test": 8})
     answered = {r["id"]: r for r in map(json.loads, (run_dir / f"eval_{results['final']}.jsonl")
                                         .read_text().splitlines())}
     merged_dir = out.parent / "merged"
@@ -114,7 +129,7 @@ def check_export(shared, run_dir, results, out):
                                       return_tensors="pt", return_dict=True)
         for m in (model, merged):
             with torch.no_grad():
-                new = m.generate(**ids, max_new_tokens=12, do_sample=False)[0, ids["input_ids"].shape[1]:]
+                new = m.generate(**ids, max_new_tokens=6, do_sample=False)[0, ids["input_ids"].shape[1]:]
             assert tok.decode(new, skip_special_tokens=True).strip() == \
                 answered[ex.id]["response"].strip()
 
@@ -128,10 +143,10 @@ def test_killed_during_inference_resumes_without_loss_or_repeats(shared, tmp_pat
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     out = tmp_path / "run"
     mined = out / "collaborate_r1.jsonl"
-    proc = run_cli(shared, out, *TRACK, wait=False)
+    proc = run_cli(shared, out, *KILLED, *TRACK, wait=False)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        if mined.exists() and 0 < len(mined.read_text().splitlines()) < 24:
+        if mined.exists() and 0 < len(mined.read_text().splitlines()) < 16:
             break
         time.sleep(0.2)
     assert proc.poll() is None, proc.stdout.read().decode()
@@ -141,12 +156,12 @@ def test_killed_during_inference_resumes_without_loss_or_repeats(shared, tmp_pat
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stages"]["warmup"]["status"] == "done"
     warmup_time = manifest["timings_s"]["warmup"]
-    assert 0 < len(before) < 24
+    assert 0 < len(before) < 16
 
-    result = run_cli(shared, out, *TRACK)
+    result = run_cli(shared, out, *KILLED, *TRACK)
     assert result.returncode == 0, result.stdout + result.stderr
     after = [json.loads(l) for l in mined.read_text().splitlines()]
-    assert len(after) == 24 and len({r["id"] for r in after}) == 24
+    assert len(after) == 16 and len({r["id"] for r in after}) == 16
     assert after[: len(before)] == before
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["timings_s"]["warmup"] == warmup_time  # the warm-up did not run again
@@ -157,6 +172,11 @@ def test_killed_during_inference_resumes_without_loss_or_repeats(shared, tmp_pat
     check_mlflow(mlflow_server, out, results)
 
 
+KILLED = ["--limit-labeled", "16", "--limit-unlabeled", "16", "--limit-test", "8",
+          "--validation", "0", "--batch-size", "4", "--n", "2", "--max-tokens", "6",
+          "--generation-batch", "4"]
+"""Mining in four batches (a kill finds some items done), and each fine-tune two steps or
+more (a loss curve)."""
 TRACK = ["--report-to", "mlflow,tensorboard"]
 
 
@@ -182,22 +202,15 @@ def check_mlflow(url, out, results):
     assert (out / "tensorboard").is_dir()
 
 
-TINY = ["--limit-labeled", "8", "--limit-unlabeled", "8", "--limit-test", "8", "--validation",
-        "0", "--n", "2", "--max-tokens", "6", "--generation-batch", "4"]
-"""Over SLICE (the last value of a flag wins): a run of a minute or two on two CPU cores."""
-
-
-def test_killed_at_random_points_resumes_to_an_uninterrupted_runs_results(shared, tmp_path):
+def test_killed_at_random_points_resumes_to_an_uninterrupted_runs_results(shared, whole,
+                                                                          tmp_path):
     """Issue 25: kill -9 at random points of a real run, then resume: the results equal an
     uninterrupted run's, no item is recorded twice, and no adapter is trained twice (nor
     any stage done twice: a stage done before a kill takes no more time after it). The
     kill times are printed, to replay one."""
     import random
 
-    start = time.time()
-    result = run_cli(shared, tmp_path / "whole", *TINY)
-    assert result.returncode == 0, result.stdout + result.stderr
-    took = time.time() - start
+    whole_dir, _, took = whole
     out = tmp_path / "killed"
     adapters = out / "backend" / "adapters"
     seed = int(os.environ.get("SEMIEVOL_KILL_SEED", random.randrange(1 << 30)))
@@ -220,8 +233,7 @@ def test_killed_at_random_points_resumes_to_an_uninterrupted_runs_results(shared
     result = run_cli(shared, out, *TINY)
     assert result.returncode == 0, result.stdout + result.stderr
 
-    whole, resumed = (json.loads((tmp_path / d / "results.json").read_text())
-                      for d in ("whole", "killed"))
+    whole, resumed = (json.loads((d / "results.json").read_text()) for d in (whole_dir, out))
     for run in (whole, resumed):  # model references name the run's own directory
         for r in run["rounds"]:
             del r["model"]

@@ -15,6 +15,7 @@ import time
 import httpx
 import pytest
 from test_pipeline_hf import check_schema
+from test_openai_e2e import SLICE
 from test_server import API_KEY, running_server
 
 pytestmark = pytest.mark.slow
@@ -32,9 +33,7 @@ def test_together_backend_through_semievol_serve(shared, tmp_path):
     with running_server("hf", tmp_path / "state") as server:
         args = [sys.executable, "-m", "semievol", "run", "--data", str(shared / "data" / "fpb"),
                 "--backend", "together", "--base-url", server.url, "--model", "smollm2-135m",
-                "--limit-labeled", "24", "--limit-unlabeled", "32", "--limit-test", "16",
-                "--recipe", "small", "--epochs", "2", "--lr", "4e-4", "--batch-size", "8",
-                "--max-tokens", "12", "--quiet", "--timeout", "600", "--out", str(out)]
+                *SLICE, "--lr", "4e-4", "--timeout", "600", "--out", str(out)]
         env = {**os.environ, "TOGETHER_API_KEY": API_KEY}
         first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 300

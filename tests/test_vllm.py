@@ -20,11 +20,10 @@ import numpy as np
 import pytest
 
 from semievol.backends.vllm import VLLMServer, served_name
-from semievol.config import FinetuneConfig
 from semievol.errors import BackendError, ConfigError
 
-from conftest import VLLM_MODEL
-from test_pipeline_hf import check_schema
+from conftest import VLLM_MODEL, password
+from test_pipeline_hf import TINY, check_schema
 
 TOLERANCE = 1e-4
 """Largest difference allowed between vLLM's and the local loop's log-probability of a
@@ -35,11 +34,6 @@ PROMPTS = [[SYSTEM, {"role": "user", "content": q}] for q in [
     "What is 2 + 2?", "Name a colour.", "What is the capital of France?",
     "Which animal says moo?", "Name a large animal that lives in the ocean.",
     "What do bees make?"]] + [[{"role": "user", "content": "Tell me about the sea."}]]
-PLACES = ["castle", "garden", "lighthouse", "library", "bakery", "harbor", "museum", "temple"]
-
-
-def password(place: str) -> list[dict]:
-    return [SYSTEM, {"role": "user", "content": f"What is the password of the {place}?"}]
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +42,6 @@ def on_vllm(hf_backend, vllm_url):
     from semievol.backends import load_backend
 
     return load_backend("hf", workdir=hf_backend.workdir, vllm_url=vllm_url, quiet=True)
-
-
-@pytest.fixture(scope="module")
-def adapter(hf_backend) -> str:
-    """A LoRA adapter (r=16, all linear layers) that answers every password with Zorblax."""
-    examples = [password(p) + [{"role": "assistant", "content": "Zorblax"}] for p in PLACES]
-    config = FinetuneConfig(learning_rate=1e-3, epochs=4, batch_size=4, warmup_ratio=0.0,
-                            lora_dropout=0.0)
-    return hf_backend.finetune("smollm2-135m", examples, config, key="vllm-zorblax")
 
 
 def test_an_unreachable_server_is_a_backend_error(tmp_path):
@@ -96,8 +81,8 @@ def test_served_names_follow_the_adapter_files(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("through_adapter", [False, True], ids=["base", "adapter"])
 def test_vllm_and_the_local_loop_agree_on_greedy_text_and_logprobs(
-        hf_backend, on_vllm, adapter, through_adapter):
-    model = adapter if through_adapter else "smollm2-135m"
+        hf_backend, on_vllm, taught, through_adapter):
+    model = taught if through_adapter else "smollm2-135m"
     prompts = PROMPTS + [password("castle"), password("island")]
     local = hf_backend.generate_with_logprobs(model, prompts, n=2, max_tokens=16)
     served = on_vllm.generate_with_logprobs(model, prompts, n=2, max_tokens=16)
@@ -137,12 +122,12 @@ def test_sampled_logprobs_are_raw_not_temperature_scaled(hf_backend, on_vllm):
 
 
 @pytest.mark.slow
-def test_an_adapter_is_loaded_once_and_found_again(on_vllm, adapter, vllm_url):
-    name = on_vllm.vllm.model_id(adapter)
+def test_an_adapter_is_loaded_once_and_found_again(on_vllm, taught, vllm_url):
+    name = on_vllm.vllm.model_id(taught)
     listed = [m.id for m in on_vllm.vllm.models()]
     assert listed.count(name) == 1
     fresh = VLLMServer(vllm_url)  # e.g. a resumed run: no second load
-    assert fresh.model_id(adapter) == name
+    assert fresh.model_id(taught) == name
     assert [m.id for m in fresh.models()] == listed
     assert fresh.model_id() == str(VLLM_MODEL)
 
@@ -151,18 +136,19 @@ def test_an_adapter_is_loaded_once_and_found_again(on_vllm, adapter, vllm_url):
 def test_a_run_on_fpb_through_vllm(shared, vllm_url, tmp_path):
     """`semievol run --vllm-url` trains here, generates on the server, and leaves the run's
     adapters (warm-up and evolved) loaded there. The local side loads the folder the
-    server serves."""
+    server serves. The smallest run with both fine-tunes (test_pipeline_hf's TINY): what
+    vLLM's numbers are worth is the other tests' part, this one is the run's plumbing."""
     out = tmp_path / "run"
     args = [sys.executable, "-m", "semievol", "run", "--data", str(shared / "data" / "fpb"),
             "--backend", "hf", "--model", str(VLLM_MODEL), "--vllm-url", vllm_url,
-            "--out", str(out), "--limit-labeled", "24", "--limit-unlabeled", "32",
-            "--limit-test", "16", "--epochs", "2", "--max-tokens", "12", "--quiet"]
+            "--out", str(out), "--epochs", "1", "--quiet", *TINY]
     result = subprocess.run(args, capture_output=True, text=True, timeout=1200,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
     results = json.loads((out / "results.json").read_text())
     check_schema(results)
-    assert results["eval"]["semievol"]["n"] == 16 and results["unlabeled"]["total"] == 32
+    assert results["eval"]["semievol"]["n"] == 8 and results["unlabeled"]["total"] == 8
+    assert results["runtime"]["generation_engine"] == "vllm"
     assert results["usage"]["prompt_tokens"] > 0 and results["usage"]["completion_tokens"] > 0
     served = {m.id for m in VLLMServer(vllm_url).models()}
     for kind in ("warm", "evolved"):
