@@ -77,7 +77,9 @@ demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/semievol demo
 
 TEST_DEPS ?= install vllm mlflow labelstudio $(PRISM)
-test-deps: $(TEST_DEPS)
+# the venvs and Prism install side by side (downloads, mostly): -j
+test-deps:
+	$(MAKE) -j4 $(TEST_DEPS)
 
 test: test-deps
 	$(VENV)/bin/pytest -v --durations=30 $(XDIST) $(PYTEST_ARGS)
