@@ -143,7 +143,7 @@ class HostedBackend:
         returns the model it made. Reuses or resumes the job of ``key``."""
         epochs = whole_epochs(config.epochs, self.api.title)
         record = self.records.read("jobs", key) or {"key": key}
-        job = self._find_job(record)
+        job = self.find_job(record)
         if job is None:
             plan = self.api.prepare(self, base, examples, config, epochs=epochs, key=key)
             stats = plan.stats
@@ -169,7 +169,7 @@ class HostedBackend:
         return ModelRef(job.output, self.spending.add(Usage(trained_tokens=job.trained_tokens,
                                                             cost_usd=usd)))
 
-    def _find_job(self, record: dict) -> Job | None:
+    def find_job(self, record: dict) -> Job | None:
         """The job already made for this key, if it succeeded or is still going: the one in
         the record, else one the API lists for the key. A failed one is left behind (a
         rerun is a new attempt, with a fresh upload)."""

@@ -38,6 +38,7 @@ description does not describe and that would not reach a local server.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -157,19 +158,17 @@ class Together:
         a retry after a lost answer would make (and bill) a second job. After a failure that
         may have made one, the job is looked for by the step's suffix before trying again."""
         client, tries = backend.client.with_options(max_retries=0), backend.client.max_retries
-        for attempt in range(tries + 1):
+        for attempt in itertools.count():
             try:
                 return _job(create(client))
             except (together.APIConnectionError, together.RateLimitError,
                     together.InternalServerError):
                 if attempt == tries:
                     raise
-            found = [job for job in self.find(backend, record["key"])
-                     if job.status not in self.failed]
-            if found:
-                return max(found, key=lambda job: job.created_at)
+            job = backend.find_job(record)
+            if job is not None:
+                return job
             time.sleep(min(8.0, 0.5 * 2 ** attempt))
-        raise AssertionError("unreachable")
 
     def estimate(self, backend, file_id: str, request: dict):
         """Together's own estimate of the job ``request`` describes, or None when it gives
