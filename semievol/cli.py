@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+log = logging.getLogger("semievol")
+
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 """What a full, read-only or forbidden disk raises: said in one line, not a traceback."""
 
@@ -303,13 +305,27 @@ def _cmd_run(args) -> int:
             results = pipeline.run(config, backend, here, task=task,
                                    quiet=args.quiet or ranks.rank() > 0,
                                    report_to=trackers if ranks.rank() == 0 else ())
-        finally:
-            if hasattr(backend, "close"):  # a hosted backend's dedicated endpoints
-                backend.close()
+        except BaseException:
+            _close(backend, failed=True)
+            raise
+        _close(backend)
     if ranks.rank() == 0:
         print(report.summary(results))
         print(f"\nrun directory: {out}   (semievol report {out})")
     return 0
+
+
+def _close(backend, failed: bool = False) -> None:
+    """Release what a hosted backend holds (Together's dedicated endpoints). After a failed
+    run the run's own error is the one raised: a failure to close is logged beside it."""
+    if not hasattr(backend, "close"):
+        return
+    try:
+        backend.close()
+    except Exception as e:
+        if not failed:
+            raise
+        log.error("after the run failed, closing the backend failed too: %s", e)
 
 
 def default_out(task, backend: str) -> Path:

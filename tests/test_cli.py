@@ -370,3 +370,30 @@ def test_fractional_and_odd_epochs_run_on_the_fake_backend(tmp_path, capsys):
                      "--out", str(out), "--limit-unlabeled", "20", "--limit-test", "10",
                      "--quiet"]) == 0
         assert (out / "results.json").is_file()
+
+
+def test_when_a_run_fails_and_closing_its_backend_fails_too_the_runs_error_is_the_one_said(
+        tmp_path, monkeypatch, capsys, caplog):
+    from semievol import cli
+    from semievol.errors import BackendError
+
+    made = cli.make_backend
+
+    def failing(*args, **kwargs):
+        backend = made(*args, **kwargs)
+
+        def generate(*a, **k):
+            raise BackendError("the model went away")
+
+        def close():
+            raise BackendError("deleting dedicated endpoint ep-1 failed")
+        backend.generate_with_logprobs, backend.close = generate, close
+        return backend
+    monkeypatch.setattr(cli, "make_backend", failing)
+    data = make_task(tmp_path / "data")
+    args = ["run", "--data", str(data), "--backend", "fake", "--out", str(tmp_path / "run"),
+            "--limit-unlabeled", "20", "--limit-test", "10", "--quiet"]
+    assert main(args) == 2
+    said = capsys.readouterr().err
+    assert "the model went away" in said and "ep-1" not in said
+    assert "ep-1" in caplog.text  # logged beside it: the endpoint to delete by hand
