@@ -397,3 +397,14 @@ def test_when_a_run_fails_and_closing_its_backend_fails_too_the_runs_error_is_th
     said = capsys.readouterr().err
     assert "the model went away" in said and "ep-1" not in said
     assert "ep-1" in caplog.text  # logged beside it: the endpoint to delete by hand
+
+
+@pytest.mark.parametrize("backend", ["openai", "together"])
+@pytest.mark.parametrize("quiet", [True, False])
+def test_quiet_reaches_a_hosted_backends_progress_bars_and_notes(backend, quiet, tmp_path):
+    from semievol.cli import _parser, make_backend
+
+    need(backend)
+    argv = ["run", "--data", "d", "--backend", backend, "--api-key", "sk-test"]
+    hosted = make_backend(_parser().parse_args(argv + ["--quiet"] * quiet), tmp_path)
+    assert hosted.quiet is quiet

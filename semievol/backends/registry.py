@@ -112,7 +112,8 @@ def _hosted_options(args) -> dict:
     return {"model": args.model, "base_url": args.base_url, "api_key": args.api_key,
             "timeout": args.timeout, "batch_mode": args.openai_batch,
             "prices": prices(args.price or []),
-            "report_to": track.parse(getattr(args, "report_to", None))}
+            "report_to": track.parse(getattr(args, "report_to", None)),
+            "quiet": getattr(args, "quiet", False)}
 
 
 def prices(given: list[str]) -> dict[str, cost.Price]:
