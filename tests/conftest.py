@@ -17,6 +17,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+settings.register_profile("full", max_examples=300, deadline=None, database=None,
+                          derandomize=True)
+settings.register_profile("fast", settings.get_profile("full"), max_examples=50)
+settings.load_profile("full")
+"""test_data_fuzz.py's inputs: 300 a test, the same every run; 50 under `make test-fast`
+(``--hypothesis-profile fast``), the inner loop."""
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -30,6 +38,21 @@ if WORKERS > 1:
     # the default thread count on two cores made a LoRA step 16-40x slower
     # (../shared/ENVIRONMENT.md), two at one thread each use both cores.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
+
+HEAVIEST_FIRST = ("test_openai_e2e.py", "test_pipeline_hf.py", "test_vllm.py",
+                  "test_together_e2e.py", "test_hf_bf16.py", "test_hf.py",
+                  "test_pipeline_ddp.py", "test_tinker_backend.py", "test_server.py",
+                  "test_server_tinker.py", "test_examples.py")
+"""The test files that take longest (`make test`'s --durations), longest first. Under
+pytest-xdist they are handed out first, so that the workers finish together (longest
+processing time first); a file's tests stay together on one worker (`--dist loadfile`)."""
+
+
+def pytest_collection_modifyitems(config, items):
+    if WORKERS > 1:  # each worker collects; the scheduler keeps their order
+        rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
 
 _connect = socket.socket.connect
 

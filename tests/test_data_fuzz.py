@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from semievol.data import MAX_FIELD_CHARS, load_split
 from semievol.errors import DataError
 
-FUZZ = settings(max_examples=300, deadline=None, database=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+FUZZ = settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture])
+"""Over the profile conftest.py loads: 300 examples a test, derandomized."""
 
 SYNTAX = ("invalid JSON", "malformed CSV", "nested too deeply", "expected a JSON object",
           "the split is empty", "values but the header has", "is not valid UTF-8")

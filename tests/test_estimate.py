@@ -70,8 +70,9 @@ def serving(backend, state_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", sorted(RECIPES))
-@pytest.mark.parametrize("views", VIEWS)
+@pytest.mark.parametrize(("recipe", "views"), zip(sorted(RECIPES), VIEWS))
+# each recipe once and each kind of views once: a recipe decides the stages (auto's trials),
+# the views how a prompt's samples are drawn, and the estimate counts the two apart
 def test_the_estimate_is_within_10_percent_of_a_real_run(recipe, views, tmp_path):
     data = make_task(tmp_path / "data")
     config = RunConfig.recipe(recipe, data=str(data), backend="openai", icp=True, views=views,

@@ -130,9 +130,19 @@ def test_an_adapter_resumes_from_disk_and_continues(bf16, taught, tmp_path):
     fresh = HFBackend(bf16.default_model, dtype="bfloat16", quiet=True, workdir=tmp_path)
     assert outputs(fresh, taught, prompts) == outputs(bf16, taught, prompts)
     examples = [ask(f"What is the favourite colour of the {p}?")
-                + [{"role": "assistant", "content": "Blorpt"}] for p in PLACES[:4]]
-    evolved = fresh.finetune(taught, examples, FAST, key="blorpt-bf16")
+                + [{"role": "assistant", "content": "Blorpt"}] for p in PLACES[:2]]
+    evolved = fresh.finetune(taught, examples, ONE_STEP, key="blorpt-bf16")
     assert json.loads((Path(evolved) / "semievol.json").read_text())["parent"] == taught
-    answer = fresh.generate_with_logprobs(
-        evolved, [ask("What is the favourite colour of the castle?")], max_tokens=8)
-    assert "Blorpt" in answer[0][0].text
+    assert lora_weights(evolved) != lora_weights(taught)  # it trained...
+    answer = fresh.generate_with_logprobs(evolved, [password("castle")], max_tokens=8)
+    assert "Zorblax" in answer[0][0].text  # ...from the taught adapter, not from scratch
+
+
+ONE_STEP = FinetuneConfig(learning_rate=1e-4, epochs=1, batch_size=2, warmup_ratio=0.0,
+                          lora_dropout=0.0)
+"""One small step: what continues an adapter is its weights, not more learning (which
+test_finetuning_in_bf16_teaches_the_adapter shows); a bf16 step is slow on this CPU."""
+
+
+def lora_weights(adapter: str) -> bytes:
+    return (Path(adapter) / "adapter_model.safetensors").read_bytes()

@@ -1,12 +1,13 @@
 """End to end over real HTTP: `semievol run --backend openai` against a local
 `semievol serve --backend hf` (the embedded model) on a slice of fpb. The run is killed
 (SIGKILL) while its warm-up fine-tuning job runs and started again: it finishes, and the
-server saw exactly two fine-tuning jobs (warm-up and evolve), none paid twice. The same run
-with `--backend hf` gives the same vanilla and SFT accuracies within one test item (backend
-parity: greedy answers, the same seeded fine-tune). Mining samples, and a server draws each
-request's samples apart while the local backend draws a batch's together, so the evolved
-models differ (on 16 test items by up to 5 of them); in both runs the guard returns the model
-its sampled evidence points to (SFT only on evidence that evolving did harm)."""
+server saw exactly two fine-tuning jobs (warm-up and evolve), none paid twice, and the guard
+returns the model its sampled evidence points to (SFT only on evidence that evolving did
+harm). The same warm-up with `--backend hf` gives the same vanilla and SFT accuracies within
+one test item (backend parity: greedy answers, the same seeded fine-tune). Past the warm-up
+the two paths part: mining samples, and a server draws each request's samples apart while
+the local backend draws a batch's together (the evolved models differed on up to 5 of 16
+test items), so the local run mines one item and stops there."""
 from __future__ import annotations
 
 import json
@@ -23,11 +24,12 @@ from test_server import API_KEY, running_server
 pytestmark = pytest.mark.slow
 
 SLICE = ["--limit-labeled", "24", "--validation", "4", "--limit-unlabeled", "16",
-         "--limit-test", "16", "--recipe", "small", "--epochs", "2", "--batch-size", "8",
-         "--max-tokens", "8", "--quiet"]
-"""20 labels to train on (the SFT model must beat the base), 4 held out for the guard (its
-16 samples a question at temperature 1 are most of a run's generation), 16 test items
-(parity to one of them), 16 to mine."""
+         "--limit-test", "16", "--recipe", "small", "--epochs", "2", "--evolve-epochs", "1",
+         "--batch-size", "8", "--max-tokens", "8", "--quiet"]
+"""20 labels to train on for two epochs (the SFT model must beat the base), 4 held out for
+the guard (its 16 samples a question at temperature 1 are most of a run's generation), 16
+test items (parity to one of them), 16 to mine. The evolve step trains one epoch: it must
+continue the warm-up's model as a second job, not learn more."""
 
 
 def test_openai_backend_through_semievol_serve(shared, tmp_path):
@@ -65,7 +67,9 @@ def test_openai_backend_through_semievol_serve(shared, tmp_path):
             if path.is_file():
                 assert API_KEY not in path.read_text(errors="ignore")
 
-        local = subprocess.run(common + ["--backend", "hf", "--lr", "4e-4", "--out", str(tmp_path / "hf")],
+        # the same warm-up and test items locally; one item to mine: no evolve step to pay for
+        local = subprocess.run(common + ["--backend", "hf", "--lr", "4e-4", "--limit-unlabeled", "1",
+                                         "--out", str(tmp_path / "hf")],
                                capture_output=True, text=True, timeout=1200,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert local.returncode == 0, local.stdout + local.stderr
@@ -74,11 +78,10 @@ def test_openai_backend_through_semievol_serve(shared, tmp_path):
                       for stage in ("vanilla", "sft")}  # greedy answers of the same seeded fine-tune
         for local_accuracy, hosted_accuracy in accuracies.values():
             assert abs(local_accuracy - hosted_accuracy) <= 1 / 16, accuracies
-        for r in (hf, results):  # mining samples: the paths draw different pseudo-labels
-            v = r["validation"]
-            (verdict,) = v["comparisons"]
-            assert v["chosen"] == ("sft" if verdict["harm"] else "r1")
-            assert [e["id"] for e in v["evidence"]["r1"]] == v["ids"]
-            assert r["eval"]["final"] == r["eval"][r["final"]]
+        v = results["validation"]  # the guard returns the model its evidence points to
+        (verdict,) = v["comparisons"]
+        assert v["chosen"] == ("sft" if verdict["harm"] else "r1")
+        assert [e["id"] for e in v["evidence"]["r1"]] == v["ids"]
+        assert results["eval"]["final"] == results["eval"][results["final"]]
         assert hf["eval"]["sft"]["accuracy"] > hf["eval"]["vanilla"]["accuracy"]
         assert results["eval"]["sft"]["accuracy"] > results["eval"]["vanilla"]["accuracy"]
