@@ -70,7 +70,7 @@ def serving(backend, state_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("recipe", "views"), zip(sorted(RECIPES), VIEWS))
+@pytest.mark.parametrize(("recipe", "views"), list(zip(sorted(RECIPES), VIEWS)))
 # each recipe once and each kind of views once: a recipe decides the stages (auto's trials),
 # the views how a prompt's samples are drawn, and the estimate counts the two apart
 def test_the_estimate_is_within_10_percent_of_a_real_run(recipe, views, tmp_path):
