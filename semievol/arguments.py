@@ -91,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, only=None, skip=(), *,
                            default=None if unset or required else default,
                            metavar=f.metadata.get("metavar", None if flag.choices else
                                                   name[2:].replace("-", "_").upper()))
-        parser.add_argument(name, **options)
+        parser.add_argument(name, *f.metadata.get("aliases", ()), **options)
 
 
 def read_arguments(args: argparse.Namespace, cls, only=None, skip=()) -> dict:

@@ -50,7 +50,7 @@ significantly better, and choose the selection (see guard.py and
 def arg(default=dataclasses.MISSING, help: str = "", **flag):
     """A field that ``semievol run`` sets by a flag (read by :mod:`semievol.arguments`):
     ``help`` is its documentation and the flag's help; ``flag`` says where the flag differs
-    from ``--field-name`` (``flag``, ``metavar``, ``words``, ``choices``)."""
+    from ``--field-name`` (``flag``, ``metavar``, ``words``, ``choices``, ``aliases``)."""
     return field(default=default, metadata={"help": help, **flag})
 
 
@@ -101,7 +101,9 @@ class RunConfig:
                                                for e in registry.BACKENDS.values()),
                        choices=registry.names)
     model: str | None = arg(None, "model reference (default: the backend's default)")
-    n: int = arg(4, "collaborating inferences per question")
+    n: int = arg(4, "collaborating inferences per question (--samples under torchrun, "
+                 "whose parser takes --n for an abbreviation of its own options)",
+                 aliases=("--samples",))
     k: int = arg(3, "retrieved labeled examples per question, for in-context "
                 "propagation")
     theta: float = arg(0.5, "entropy percentile to keep: pseudo-labels whose entropy is "

@@ -140,7 +140,7 @@ def test_the_python_recipe_is_the_one_semievol_run_uses(backend, recipe):
 
 
 RUN_FLAGS = """--data --backend --model --base-url --api-key --timeout --price --openai-batch
---together-endpoint --vllm-url --dtype --out --n --k --theta --rounds --recipe --epochs --lr
+--together-endpoint --vllm-url --dtype --out --n --samples --k --theta --rounds --recipe --epochs --lr
 --evolve-lr --evolve-epochs --lr-multiplier --batch-size --generation-batch --temperature
 --max-tokens --prompt-style --justify --selection --views --replay-labeled --no-replay-labeled
 --icp --no-icp --no-iwp --no-cl --no-as --columns --limit-labeled --limit-unlabeled --limit-test

@@ -52,3 +52,18 @@ def test_two_ranks_split_the_work_and_both_get_the_whole_result():
     assert mine0 == [0, 2, 4, 6] and mine1 == [1, 3, 5]
     assert all0 == all1 == [i * i for i in range(7)]
     assert seed0 == 5 and seed1 != 5
+
+
+def test_torchrun_passes_samples_through_where_it_refuses_n():
+    """torchrun's own parser takes ``--n`` for an abbreviation of its options (--nnodes,
+    --nproc-per-node...) and stops; ``--samples``, the same flag, reaches semievol."""
+    from torch.distributed.run import get_args_parser
+
+    from semievol.cli import _parser, _run_config
+
+    launch = ["--nproc_per_node", "2", "-m", "semievol", "run", "--data", "d",
+              "--backend", "hf"]
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args(launch + ["--n", "2"])
+    passed = get_args_parser().parse_args(launch + ["--samples", "2"]).training_script_args
+    assert _run_config(_parser().parse_args(passed)).n == 2
