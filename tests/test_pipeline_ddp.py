@@ -24,11 +24,11 @@ pytestmark = pytest.mark.slow
 need("peft")
 
 SLICE = ["--limit-labeled", "16", "--validation", "4", "--limit-unlabeled", "8",
-         "--limit-test", "8", "--epochs", "1", "--max-tokens", "6",
+         "--limit-test", "8", "--epochs", "1", "--samples", "2", "--max-tokens", "6",
          "--generation-batch", "2", "--quiet"]
 """Every stage split over the ranks, the guard's included, at the smallest size that
-still gives each rank several batches. (No ``--n``: torchrun's own parser takes it for an
-abbreviation of its options and stops.)"""
+still gives each rank several batches. ``--samples`` is ``--n``, which torchrun's own
+parser takes for an abbreviation of its options."""
 
 
 def free_port() -> int:
