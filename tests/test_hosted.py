@@ -214,6 +214,7 @@ def examples(count=4):
 def test_a_new_provider_is_one_adapter_and_one_registry_entry(world, tmp_path, capsys):
     """Registered, the toy runs the whole pipeline from the command line (two fine-tunes,
     generation, retrieval), priced from its own list, and the dry run prices it too."""
+    world.polls = 1        # trained at the first look (the CLI polls at 5 s, not the toy's)
     data = make_task(tmp_path / "data")
     flags = ["run", "--data", str(data), "--backend", "toy", "--limit-unlabeled", "16",
              "--limit-test", "8", "--quiet"]

@@ -275,7 +275,8 @@ def test_dry_run_prints_a_dollar_estimate_offline(shared, tmp_path):
            "TOGETHER_API_KEY": "tg-dry-run-key-0123"}
     result = subprocess.run(
         [sys.executable, "-m", "semievol", "run", "--backend", "together", "--model", MODEL,
-         "--data", str(shared / "data" / "fpb"), "--dry-run"],
+         "--data", str(shared / "data" / "fpb"), "--limit-unlabeled", "100", "--limit-test",
+         "50", "--dry-run"],  # (the full task's estimate: test_openai_backend)
         capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     total = next(line for line in result.stdout.splitlines() if line.startswith("total"))

@@ -44,6 +44,7 @@ def on_vllm(hf_backend, vllm_url):
     return load_backend("hf", workdir=hf_backend.workdir, vllm_url=vllm_url, quiet=True)
 
 
+@pytest.mark.slow  # the hf backend it builds imports transformers and peft (6 s)
 def test_an_unreachable_server_is_a_backend_error(tmp_path):
     from semievol.backends import load_backend
 
