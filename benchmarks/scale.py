@@ -84,6 +84,18 @@ def one(size: int, labeled: int, test: int) -> dict:
             "stages_s": {k: round(v, 2) for k, v in results["timings_s"].items()}}
 
 
+SPREAD = ("us_per_item", "overhead_us_per_item", "peak_mib")
+"""The figures given for every run of a size, beside the median run's."""
+
+
+def child(size: int, args) -> dict:
+    """One run of ``size`` items in a fresh process: its figures (``one``)."""
+    done = subprocess.run([sys.executable, __file__, "--one", str(size), "--labeled",
+                           str(args.labeled), "--test", str(args.test)],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="10000,100000,1000000")
@@ -101,21 +113,16 @@ def main(argv=None) -> dict:
     print(f"{'unlabeled':>10} {'seconds':>9} {'us/item':>9} {'overhead':>9} {'peak MiB':>9}"
           "  slowest stages (median of %d runs)" % args.repeats)
     for size in [int(s) for s in args.sizes.split(",")]:
-        runs = [json.loads(subprocess.run(
-            [sys.executable, __file__, "--one", str(size), "--labeled", str(args.labeled),
-             "--test", str(args.test)], capture_output=True, text=True, check=True)
-            .stdout.strip().splitlines()[-1]) for _ in range(args.repeats)]
+        runs = [child(size, args) for _ in range(args.repeats)]
         row = {**sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2],
-               **{f"{key}_all": [r[key] for r in runs]
-                  for key in ("us_per_item", "overhead_us_per_item", "peak_mib")}}
+               **{f"{key}_all": [r[key] for r in runs] for key in SPREAD}}
         rows.append(row)
         slow = sorted(row["stages_s"].items(), key=lambda kv: -kv[1])[:3]
         print(f"{size:>10,} {row['seconds']:>9.1f} {row['us_per_item']:>9.1f} "
               f"{row['overhead_us_per_item']:>9.1f} {row['peak_mib']:>9.0f}  "
               + ", ".join(f"{k} {v:.1f}s" for k, v in slow), flush=True)
     print("load average (1, 5, 15 min) at the end: %.1f %.1f %.1f" % os.getloadavg())
-    keys = ("size", "us_per_item", "overhead_us_per_item", "peak_mib", "us_per_item_all",
-            "overhead_us_per_item_all", "peak_mib_all")
+    keys = ("size", *SPREAD, *(f"{key}_all" for key in SPREAD))
     summary = {"rows": [{k: r[k] for k in keys} for r in rows],
                "per_item_ratio_largest_to_smallest":
                    round(rows[-1]["us_per_item"] / rows[0]["us_per_item"], 2)}

@@ -40,10 +40,10 @@ if WORKERS > 1:
     # (../shared/ENVIRONMENT.md), two at one thread each use both cores.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
 
-HEAVIEST_FIRST = ("test_openai_e2e.py", "test_pipeline_hf.py", "test_vllm.py",
-                  "test_together_e2e.py", "test_hf_bf16.py", "test_hf.py",
-                  "test_pipeline_ddp.py", "test_tinker_backend.py", "test_server.py",
-                  "test_server_tinker.py", "test_examples.py")
+HEAVIEST_FIRST = ("test_openai_e2e.py", "test_pipeline_hf.py", "test_pipeline_ddp.py",
+                  "test_vllm.py", "test_hf_bf16.py", "test_tinker_backend.py", "test_hf.py",
+                  "test_together_e2e.py", "test_server.py", "test_server_tinker.py",
+                  "test_examples.py")
 """The test files that take longest (`make test`'s --durations), longest first. Under
 pytest-xdist they are handed out first, so that the workers finish together (longest
 processing time first); a file's tests stay together on one worker (`--dist loadfile`)."""

@@ -7,7 +7,8 @@ harm). The same warm-up with `--backend hf` gives the same vanilla and SFT accur
 one test item (backend parity: greedy answers, the same seeded fine-tune). Past the warm-up
 the two paths part: mining samples, and a server draws each request's samples apart while
 the local backend draws a batch's together (the evolved models differed on up to 5 of 16
-test items), so the local run mines one item and stops there."""
+test items), so the local run mines only one item; its evolve step (that item and the
+replayed labels) still runs, and nothing is asserted of it."""
 from __future__ import annotations
 
 import json
@@ -67,7 +68,7 @@ def test_openai_backend_through_semievol_serve(shared, tmp_path):
             if path.is_file():
                 assert API_KEY not in path.read_text(errors="ignore")
 
-        # the same warm-up and test items locally; one item to mine: no evolve step to pay for
+        # the same warm-up and test items locally; one item to mine, the least mining there is
         local = subprocess.run(common + ["--backend", "hf", "--lr", "4e-4", "--limit-unlabeled", "1",
                                          "--out", str(tmp_path / "hf")],
                                capture_output=True, text=True, timeout=1200,
